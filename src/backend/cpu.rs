@@ -1,0 +1,448 @@
+//! The f32 CPU backend: faer GEMMs (multi-threaded through rayon), element-wise kernels
+//! parallel over rows.
+
+use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+use super::{Activation, AttentionShape, Backend, GramUpdate};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "CpuTensor data length");
+        CpuTensor { rows, cols, data }
+    }
+
+    fn view(&self) -> MatRef<'_, f32> {
+        MatRef::from_row_major_slice(&self.data, self.rows, self.cols)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+fn par() -> Par {
+    Par::rayon(0)
+}
+
+fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        Err(Error::Backend(what()))
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
+        check(data.len() == rows * cols, || {
+            format!("upload of {} values as [{rows}, {cols}]", data.len())
+        })?;
+        Ok(CpuTensor::new(data.to_vec(), rows, cols))
+    }
+
+    fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data.clone())
+    }
+
+    fn shape(&self, t: &CpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor::new(vec![0.0; rows * cols], rows, cols))
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
+        check(x.cols == w.rows, || {
+            format!(
+                "linear: x [{}, {}] · w [{}, {}]",
+                x.rows, x.cols, w.rows, w.cols
+            )
+        })?;
+        let mut out = vec![0.0f32; x.rows * w.cols];
+        {
+            let dst = MatMut::from_row_major_slice_mut(&mut out, x.rows, w.cols);
+            matmul(dst, Accum::Replace, x.view(), w.view(), 1.0, par());
+        }
+        if let Some(b) = bias {
+            check(b.data.len() == w.cols, || {
+                format!("linear: bias of {} for {} outputs", b.data.len(), w.cols)
+            })?;
+            out.par_chunks_mut(w.cols).for_each(|row| {
+                row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b);
+            });
+        }
+        Ok(CpuTensor::new(out, x.rows, w.cols))
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        let d = x.cols;
+        check(gamma.data.len() == d && beta.data.len() == d, || {
+            "layer_norm: parameter size".into()
+        })?;
+        let mut out = vec![0.0f32; x.data.len()];
+        out.par_chunks_mut(d)
+            .zip(x.data.par_chunks(d))
+            .for_each(|(o, row)| {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                let rstd = 1.0 / (var + eps as f64).sqrt();
+                for i in 0..d {
+                    o[i] = ((row[i] as f64 - mean) * rstd) as f32 * gamma.data[i] + beta.data[i];
+                }
+            });
+        Ok(CpuTensor::new(out, x.rows, x.cols))
+    }
+
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        check(x.rows == y.rows && x.cols == y.cols, || {
+            "add_assign: shapes differ".into()
+        })?;
+        x.data
+            .par_iter_mut()
+            .zip(&y.data)
+            .for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn activate(&self, x: &mut CpuTensor, act: Activation) -> Result<()> {
+        match act {
+            Activation::GeluNew => x.data.par_iter_mut().for_each(|v| {
+                let x = *v;
+                let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                *v = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh());
+            }),
+            Activation::QuickGelu => x.data.par_iter_mut().for_each(|v| {
+                let x = *v;
+                *v = x / (1.0 + (-1.702 * x).exp());
+            }),
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        qkv: &CpuTensor,
+        s: AttentionShape,
+        key_mask: Option<&[u8]>,
+    ) -> Result<CpuTensor> {
+        let d = s.heads * s.head_dim;
+        check(qkv.rows == s.batch * s.seq && qkv.cols == 3 * d, || {
+            format!("attention: qkv [{}, {}] for {s:?}", qkv.rows, qkv.cols)
+        })?;
+        if let Some(m) = key_mask {
+            check(m.len() == qkv.rows, || "attention: mask length".into())?;
+        }
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let mut out = vec![0.0f32; s.batch * s.seq * d];
+        out.par_chunks_mut(s.seq * d)
+            .enumerate()
+            .for_each(|(b, out_b)| {
+                let block = &qkv.data[b * s.seq * 3 * d..(b + 1) * s.seq * 3 * d];
+                let mask = key_mask.map(|m| &m[b * s.seq..(b + 1) * s.seq]);
+                let mut scores = vec![0.0f32; s.seq * s.seq];
+                for h in 0..s.heads {
+                    let col = |part: usize| &block[part * d + h * s.head_dim..];
+                    let view = |part: usize| {
+                        MatRef::from_row_major_slice_with_stride(
+                            col(part),
+                            s.seq,
+                            s.head_dim,
+                            3 * d,
+                        )
+                    };
+                    let (q, k, v) = (view(0), view(1), view(2));
+                    {
+                        let dst = MatMut::from_row_major_slice_mut(&mut scores, s.seq, s.seq);
+                        matmul(dst, Accum::Replace, q, k.transpose(), scale, Par::Seq);
+                    }
+                    for i in 0..s.seq {
+                        let row = &mut scores[i * s.seq..(i + 1) * s.seq];
+                        for (j, x) in row.iter_mut().enumerate() {
+                            let masked = (s.causal && j > i) || mask.is_some_and(|m| m[j] == 0);
+                            if masked {
+                                *x = f32::NEG_INFINITY;
+                            }
+                        }
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        if max == f32::NEG_INFINITY {
+                            // Every key masked (an empty sequence): the output row is zero.
+                            row.iter_mut().for_each(|x| *x = 0.0);
+                            continue;
+                        }
+                        let mut sum = 0.0f32;
+                        for x in row.iter_mut() {
+                            *x = (*x - max).exp();
+                            sum += *x;
+                        }
+                        row.iter_mut().for_each(|x| *x /= sum);
+                    }
+                    // A strided row-major view built as the transpose of a column-major one:
+                    // faer 0.24's `from_row_major_slice_with_stride_mut` swaps the strides.
+                    let dst = MatMut::from_column_major_slice_with_stride_mut(
+                        &mut out_b[h * s.head_dim..],
+                        s.head_dim,
+                        s.seq,
+                        d,
+                    )
+                    .transpose_mut();
+                    let p = MatRef::from_row_major_slice(&scores, s.seq, s.seq);
+                    matmul(dst, Accum::Replace, p, v, 1.0, Par::Seq);
+                }
+            });
+        Ok(CpuTensor::new(out, s.batch * s.seq, d))
+    }
+
+    fn embed_tokens(
+        &self,
+        wte: &CpuTensor,
+        wpe: &CpuTensor,
+        ids: &[u32],
+        seq: usize,
+    ) -> Result<CpuTensor> {
+        let d = wte.cols;
+        check(seq <= wpe.rows, || {
+            format!("embed: sequence of {seq} beyond {} positions", wpe.rows)
+        })?;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= wte.rows) {
+            return Err(Error::Backend(format!(
+                "embed: token id {bad} ≥ vocabulary size {}",
+                wte.rows
+            )));
+        }
+        let mut out = vec![0.0f32; ids.len() * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+            let id = ids[r] as usize;
+            let pos = r % seq;
+            for i in 0..d {
+                o[i] = wte.data[id * d + i] + wpe.data[pos * d + i];
+            }
+        });
+        Ok(CpuTensor::new(out, ids.len(), d))
+    }
+
+    fn clip_tokens(
+        &self,
+        patches: &CpuTensor,
+        class: &CpuTensor,
+        pos: &CpuTensor,
+        batch: usize,
+    ) -> Result<CpuTensor> {
+        let d = patches.cols;
+        let n_patches = patches.rows / batch.max(1);
+        let tokens = n_patches + 1;
+        check(
+            pos.rows == tokens && pos.cols == d && class.data.len() == d,
+            || format!("clip_tokens: {} positions for {tokens} tokens", pos.rows),
+        )?;
+        let mut out = vec![0.0f32; batch * tokens * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+            let (b, t) = (r / tokens, r % tokens);
+            let src = if t == 0 {
+                &class.data[..]
+            } else {
+                &patches.data[(b * n_patches + t - 1) * d..(b * n_patches + t) * d]
+            };
+            for i in 0..d {
+                o[i] = src[i] + pos.data[t * d + i];
+            }
+        });
+        Ok(CpuTensor::new(out, batch * tokens, d))
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let mut out = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            check(r < x.rows, || format!("gather_rows: row {r} of {}", x.rows))?;
+            out.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+        }
+        Ok(CpuTensor::new(out, rows.len(), x.cols))
+    }
+
+    fn gram_update(
+        &self,
+        acc: &mut CpuTensor,
+        x: &CpuTensor,
+        row_mask: Option<&[u8]>,
+        update: GramUpdate,
+    ) -> Result<()> {
+        let d = x.cols;
+        check(acc.rows == d && acc.cols == d, || {
+            format!("gram_update: acc [{}, {}] for d {d}", acc.rows, acc.cols)
+        })?;
+        let compacted;
+        let rows: MatRef<'_, f32> = match row_mask {
+            Some(mask) => {
+                check(mask.len() == x.rows, || "gram_update: mask length".into())?;
+                let mut buf = Vec::with_capacity(x.data.len());
+                for (r, &m) in mask.iter().enumerate() {
+                    if m != 0 {
+                        buf.extend_from_slice(&x.data[r * d..(r + 1) * d]);
+                    }
+                }
+                compacted = buf;
+                MatRef::from_row_major_slice(&compacted, compacted.len() / d.max(1), d)
+            }
+            None => x.view(),
+        };
+        let n = rows.nrows();
+        let lower_gram = |dst: MatMut<'_, f32>, beta: Accum| {
+            triangular::matmul(
+                dst,
+                BlockStructure::TriangularLower,
+                beta,
+                rows.transpose(),
+                BlockStructure::Rectangular,
+                rows,
+                BlockStructure::Rectangular,
+                1.0,
+                par(),
+            )
+        };
+        match update {
+            GramUpdate::Sum => {
+                lower_gram(
+                    MatMut::from_row_major_slice_mut(&mut acc.data, d, d),
+                    Accum::Add,
+                );
+            }
+            GramUpdate::RunningMean { seen } => {
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut xtx = vec![0.0f32; d * d];
+                lower_gram(
+                    MatMut::from_row_major_slice_mut(&mut xtx, d, d),
+                    Accum::Replace,
+                );
+                // The same f32 operations in the same order as FusionBench's hook.
+                let (seen_f, total_f) = (seen as f32, (seen + n as u64) as f32);
+                acc.data
+                    .par_chunks_mut(d)
+                    .zip(xtx.par_chunks(d))
+                    .enumerate()
+                    .for_each(|(i, (a, x))| {
+                        for j in 0..=i {
+                            a[j] = (a[j] * seen_f + x[j]) / total_f;
+                        }
+                    });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gram_lower_triangle_matches_f64_and_skips_masked_rows() {
+        let (n, d) = (37, 19);
+        let x = CpuTensor::new(rand_vec(n * d, 1), n, d);
+        let mask: Vec<u8> = (0..n).map(|r| (r % 3 != 0) as u8).collect();
+        let mut acc = CpuBackend.zeros(d, d).unwrap();
+        CpuBackend
+            .gram_update(&mut acc, &x, Some(&mask), GramUpdate::Sum)
+            .unwrap();
+        for i in 0..d {
+            for j in 0..=i {
+                let want: f64 = (0..n)
+                    .filter(|r| mask[*r] != 0)
+                    .map(|r| x.data[r * d + i] as f64 * x.data[r * d + j] as f64)
+                    .sum();
+                let got = acc.data[i * d + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "({i},{j}) {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn running_mean_equals_mean_over_all_rows() {
+        let d = 5;
+        let a = CpuTensor::new(rand_vec(7 * d, 2), 7, d);
+        let b = CpuTensor::new(rand_vec(4 * d, 3), 4, d);
+        let mut acc = CpuBackend.zeros(d, d).unwrap();
+        CpuBackend
+            .gram_update(&mut acc, &a, None, GramUpdate::RunningMean { seen: 0 })
+            .unwrap();
+        CpuBackend
+            .gram_update(&mut acc, &b, None, GramUpdate::RunningMean { seen: 7 })
+            .unwrap();
+        let mut sum = CpuBackend.zeros(d, d).unwrap();
+        CpuBackend
+            .gram_update(&mut sum, &a, None, GramUpdate::Sum)
+            .unwrap();
+        CpuBackend
+            .gram_update(&mut sum, &b, None, GramUpdate::Sum)
+            .unwrap();
+        for i in 0..d {
+            for j in 0..=i {
+                let want = sum.data[i * d + j] / 11.0;
+                assert!((acc.data[i * d + j] - want).abs() < 1e-6, "({i},{j})");
+            }
+        }
+    }
+
+    #[test]
+    fn attention_respects_causal_and_padding_masks() {
+        // One head, head_dim 1, q = k = 0 so scores are equal: the output is the mean of
+        // the allowed values, which exposes exactly which keys were allowed.
+        let seq = 4;
+        let mut qkv = vec![0.0f32; seq * 3];
+        for t in 0..seq {
+            qkv[t * 3 + 2] = (t + 1) as f32;
+        }
+        let x = CpuTensor::new(qkv, seq, 3);
+        let shape = AttentionShape {
+            batch: 1,
+            seq,
+            heads: 1,
+            head_dim: 1,
+            causal: true,
+        };
+        let mask = [1u8, 1, 0, 1];
+        let out = CpuBackend.attention(&x, shape, Some(&mask)).unwrap();
+        let want = [1.0, 1.5, 1.5, (1.0 + 2.0 + 4.0) / 3.0];
+        for (g, w) in out.data.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{:?}", out.data);
+        }
+    }
+}

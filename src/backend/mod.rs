@@ -1,0 +1,100 @@
+//! Compute backends. Models are written once against [`Backend`]; the CPU backend is the
+//! f32 reference (and the oracle for the GPU one). Tensors are row-major 2-D matrices:
+//! a batch of sequences is `[batch·seq, features]`.
+
+pub mod cpu;
+
+pub use cpu::{CpuBackend, CpuTensor};
+
+use crate::error::Result;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// GPT-2's tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+    GeluNew,
+    /// CLIP's x·σ(1.702·x).
+    QuickGelu,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub causal: bool,
+}
+
+/// How a Gram accumulator absorbs XᵀX of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GramUpdate {
+    /// acc += XᵀX (normalised by the caller at the end).
+    Sum,
+    /// FusionBench's running mean: acc = (acc·seen + XᵀX) / (seen + rows), in f32.
+    RunningMean { seen: u64 },
+}
+
+pub trait Backend {
+    /// A row-major f32 matrix resident on the backend's device.
+    type Tensor;
+
+    fn name(&self) -> String;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+
+    /// `x[rows, in] · w[in, out] + bias[out]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    /// Row-wise LayerNorm with biased variance, as torch computes it.
+    fn layer_norm(
+        &self,
+        x: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    fn activate(&self, x: &mut Self::Tensor, act: Activation) -> Result<()>;
+    /// Multi-head attention over a fused `[batch·seq, 3·heads·head_dim]` q|k|v projection:
+    /// scores scaled by 1/√head_dim, keys whose `key_mask` is 0 and (when causal) later
+    /// keys masked out, softmax in f32. Returns `[batch·seq, heads·head_dim]`.
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        shape: AttentionShape,
+        key_mask: Option<&[u8]>,
+    ) -> Result<Self::Tensor>;
+    /// GPT-2 input embeddings `wte[ids] + wpe[position]`, ids laid out `[batch·seq]`.
+    fn embed_tokens(
+        &self,
+        wte: &Self::Tensor,
+        wpe: &Self::Tensor,
+        ids: &[u32],
+        seq: usize,
+    ) -> Result<Self::Tensor>;
+    /// CLIP tokens: per image `[class; patches] + position`, patches `[batch·n_patches, d]`.
+    fn clip_tokens(
+        &self,
+        patches: &Self::Tensor,
+        class: &Self::Tensor,
+        pos: &Self::Tensor,
+        batch: usize,
+    ) -> Result<Self::Tensor>;
+    /// Rows of `x` picked by index.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+    /// Updates the lower triangle (diagonal included) of the `[d, d]` accumulator with XᵀX
+    /// over the rows of `x` whose `row_mask` entry is non-zero (every row when None).
+    fn gram_update(
+        &self,
+        acc: &mut Self::Tensor,
+        x: &Self::Tensor,
+        row_mask: Option<&[u8]>,
+        update: GramUpdate,
+    ) -> Result<()>;
+}

@@ -1,0 +1,293 @@
+//! The merge configuration: mergekit-style YAML with FusionBench's parameter names.
+
+use std::path::{Path, PathBuf};
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::io::{Arch, Dtype};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeMethod {
+    /// RegMean: the closed-form least-squares merge of every linear layer.
+    Regmean,
+    /// The plain mean of every parameter (FusionBench `simple_average`), for comparison.
+    SimpleAverage,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub model: PathBuf,
+    /// Task data: `.jsonl` token ids, or `.safetensors` with `pixel_values`.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    /// Precomputed Gram statistics (from `regmean-gpu grams`), in place of `data`.
+    #[serde(default)]
+    pub grams: Option<PathBuf>,
+    /// A display name (defaults to the model directory's name).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl ModelEntry {
+    pub fn display_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| self.model.display().to_string())
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Parameters {
+    pub num_regmean_examples: usize,
+    pub batch_size: usize,
+    /// None: the architecture's FusionBench default (GPT-2 0.6, CLIP 0.95).
+    pub reduce_non_diagonal_ratio: Option<f64>,
+    pub exclude_param_names_regex: Vec<String>,
+    pub fusionbench_compat: bool,
+    pub max_length: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+}
+
+impl Default for Parameters {
+    fn default() -> Self {
+        Parameters {
+            num_regmean_examples: 256,
+            batch_size: 32,
+            reduce_non_diagonal_ratio: None,
+            exclude_param_names_regex: Vec::new(),
+            fusionbench_compat: false,
+            max_length: 512,
+            seed: 0,
+            shuffle: true,
+        }
+    }
+}
+
+impl Parameters {
+    pub fn ratio_for(&self, arch: Arch) -> f64 {
+        self.reduce_non_diagonal_ratio.unwrap_or(match arch {
+            Arch::Gpt2 => 0.6,
+            Arch::ClipVision => 0.95,
+        })
+    }
+
+    /// Which examples are drawn and how they are batched.
+    pub fn sampling(&self) -> crate::data::Sampling {
+        crate::data::Sampling {
+            num_examples: self.num_regmean_examples,
+            batch_size: self.batch_size,
+            shuffle: self.shuffle,
+            seed: self.seed,
+            whole_batches: self.fusionbench_compat,
+        }
+    }
+
+    /// The options that determine a model's Gram matrices (recorded in statistics files).
+    pub fn gram_options(&self) -> GramOptions {
+        GramOptions {
+            fusionbench_compat: self.fusionbench_compat,
+            num_regmean_examples: self.num_regmean_examples,
+            batch_size: self.batch_size,
+            max_length: self.max_length,
+            seed: self.seed,
+            shuffle: self.shuffle,
+        }
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::config(
+                path,
+                "parameters.batch_size must be at least 1",
+            ));
+        }
+        if self.num_regmean_examples == 0 {
+            return Err(Error::config(
+                path,
+                "parameters.num_regmean_examples must be at least 1",
+            ));
+        }
+        if self.max_length == 0 {
+            return Err(Error::config(
+                path,
+                "parameters.max_length must be at least 1",
+            ));
+        }
+        if let Some(r) = self.reduce_non_diagonal_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(Error::config(
+                    path,
+                    format!("parameters.reduce_non_diagonal_ratio must lie in [0, 1], found {r}"),
+                ));
+            }
+        }
+        ExcludeSet::new(&self.exclude_param_names_regex).map_err(|m| Error::config(path, m))?;
+        Ok(())
+    }
+}
+
+/// The options a Gram matrix depends on.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct GramOptions {
+    pub fusionbench_compat: bool,
+    pub num_regmean_examples: usize,
+    pub batch_size: usize,
+    pub max_length: usize,
+    pub seed: u64,
+    pub shuffle: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeConfig {
+    pub merge_method: MergeMethod,
+    pub base_model: PathBuf,
+    pub models: Vec<ModelEntry>,
+    #[serde(default)]
+    pub parameters: Parameters,
+    /// float32, float16 or bfloat16; default: the base model's dtype.
+    #[serde(default)]
+    pub out_dtype: Option<String>,
+}
+
+impl MergeConfig {
+    /// Reads and validates a config; relative paths are taken relative to the config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut cfg: MergeConfig =
+            serde_yaml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                dir.join(p)
+            }
+        };
+        cfg.base_model = resolve(&cfg.base_model);
+        for m in &mut cfg.models {
+            m.model = resolve(&m.model);
+            m.data = m.data.as_deref().map(resolve);
+            m.grams = m.grams.as_deref().map(resolve);
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        if self.models.is_empty() {
+            return Err(Error::config(
+                path,
+                "`models` is empty: list at least one task model",
+            ));
+        }
+        self.parameters.validate(path)?;
+        self.out_dtype()?;
+        if self.merge_method == MergeMethod::Regmean {
+            for (i, m) in self.models.iter().enumerate() {
+                match (&m.data, &m.grams) {
+                    (Some(_), Some(_)) => return Err(Error::config(path, format!("models[{i}] gives both `data` and `grams`: keep one"))),
+                    (None, None) => return Err(Error::config(path, format!("models[{i}] needs `data` (task examples) or `grams` (a Gram statistics file)"))),
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn out_dtype(&self) -> Result<Option<Dtype>> {
+        match &self.out_dtype {
+            None => Ok(None),
+            Some(s) => Dtype::parse_float(s).map(Some).ok_or_else(|| {
+                Error::invalid(format!(
+                    "out_dtype `{s}` is not one of float32, float16, bfloat16"
+                ))
+            }),
+        }
+    }
+}
+
+/// `exclude_param_names_regex` with Python `re.match` semantics: a pattern matches when it
+/// matches at the start of the name (not necessarily the whole name).
+#[derive(Clone, Debug, Default)]
+pub struct ExcludeSet {
+    patterns: Vec<Regex>,
+}
+
+impl ExcludeSet {
+    pub fn new(patterns: &[String]) -> std::result::Result<Self, String> {
+        let patterns = patterns
+            .iter()
+            .map(|p| {
+                Regex::new(&format!("^(?:{p})")).map_err(|e| {
+                    format!(
+                        "exclude_param_names_regex `{p}` is not a valid regular expression: {e}"
+                    )
+                })
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(ExcludeSet { patterns })
+    }
+
+    pub fn excludes(&self, name: &str) -> bool {
+        self.patterns.iter().any(|r| r.is_match(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclude_follows_python_re_match() {
+        let set = ExcludeSet::new(&["h\\.1\\.".into(), ".*ln_".into()]).unwrap();
+        assert!(set.excludes("h.1.mlp.c_fc.weight"));
+        assert!(!set.excludes("h.11.mlp.c_fc.weight"));
+        assert!(!set.excludes("xh.1.mlp"), "anchored at the start");
+        assert!(
+            set.excludes("h.0.ln_1.weight"),
+            "prefix match, not full match"
+        );
+        assert!(ExcludeSet::new(&["(".into()])
+            .unwrap_err()
+            .contains("not a valid regular expression"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.yaml");
+        std::fs::write(
+            &p,
+            "merge_method: regmean\nbase_model: b\nmodels: []\nparamters: {}\n",
+        )
+        .unwrap();
+        let e = MergeConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field `paramters`"), "{e}");
+        std::fs::write(&p, "merge_method: regmean\nbase_model: b\nmodels:\n - model: a\n   data: d.jsonl\nparameters: {num_regmean_exampels: 3}\n").unwrap();
+        let e = MergeConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field `num_regmean_exampels`"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.yaml");
+        std::fs::write(&p, "merge_method: regmean\nbase_model: ./b\nmodels:\n - model: a\n   grams: g.safetensors\n").unwrap();
+        let c = MergeConfig::load(&p).unwrap();
+        assert_eq!(c.base_model, dir.path().join("./b"));
+        assert_eq!(
+            c.models[0].grams.as_deref(),
+            Some(dir.path().join("g.safetensors").as_path())
+        );
+    }
+}

@@ -1,0 +1,64 @@
+//! One error type for the whole crate. Every variant that concerns a file names it, so
+//! the CLI can print a single line a user can act on.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file (checkpoint, data, Gram statistics, config) is malformed or inconsistent.
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+
+    /// The operating system refused a read or write.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The merge configuration is invalid.
+    #[error("config {}: {msg}", path.display())]
+    Config { path: PathBuf, msg: String },
+
+    /// Inputs that are individually fine but do not fit together, or a bad argument.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// A numerical failure that has no fallback.
+    #[error("{0}")]
+    Numerical(String),
+
+    /// A failure inside a compute backend (the GPU backend adds its driver errors here).
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::File {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    pub fn config(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Config {
+            path: path.as_ref().to_path_buf(),
+            msg: msg.into(),
+        }
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::Invalid(msg.into())
+    }
+}

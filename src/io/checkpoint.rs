@@ -1,0 +1,312 @@
+//! Hugging Face model directories: `config.json` plus `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`. Tensor names are mapped to one canonical backbone layout
+//! per architecture, so that checkpoints saved by different heads and transformers versions
+//! merge together:
+//! - GPT-2: `GPT2Model` names (`h.0.attn.c_attn.weight`); a `transformer.` prefix (from
+//!   `GPT2ForSequenceClassification`) is stripped and heads such as `score` are not backbone.
+//! - CLIP vision: `CLIPVisionModel` names of transformers 4.x (`vision_model.encoder...`);
+//!   bare keys (`encoder.layers...`) get the prefix, and a full `CLIPModel`'s text tower and
+//!   projections are not backbone.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::safetensors::{Dtype, SafetensorsFile, TensorEntry};
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Gpt2,
+    ClipVision,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Gpt2 => "gpt2",
+            Arch::ClipVision => "clip_vision",
+        }
+    }
+
+    /// The canonical backbone name of a stored tensor name, or None when the tensor is not
+    /// part of the backbone (a classification head, a text tower).
+    fn canonical(self, stored: &str) -> Option<String> {
+        match self {
+            Arch::Gpt2 => {
+                let name = stored.strip_prefix("transformer.").unwrap_or(stored);
+                ["wte.", "wpe.", "h.", "ln_f."]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+                    .then(|| name.to_string())
+            }
+            Arch::ClipVision => {
+                if stored.starts_with("vision_model.") {
+                    Some(stored.to_string())
+                } else if [
+                    "embeddings.",
+                    "encoder.",
+                    "pre_layrnorm.",
+                    "post_layernorm.",
+                ]
+                .iter()
+                .any(|p| stored.starts_with(p))
+                {
+                    Some(format!("vision_model.{stored}"))
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+pub struct Checkpoint {
+    dir: PathBuf,
+    config: serde_json::Value,
+    arch: Arch,
+    files: Vec<SafetensorsFile>,
+    /// canonical name → (index into `files`, name as stored)
+    backbone: BTreeMap<String, (usize, String)>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        if !dir.is_dir() {
+            return Err(Error::file(
+                &dir,
+                "not a model directory (expected a folder with config.json and model.safetensors)",
+            ));
+        }
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&config_path, format!("invalid JSON: {e}")))?;
+        let arch = match config.get("model_type").and_then(|v| v.as_str()) {
+            Some("gpt2") => Arch::Gpt2,
+            Some("clip") | Some("clip_vision_model") => Arch::ClipVision,
+            Some(other) => return Err(Error::file(
+                &config_path,
+                format!(
+                    "unsupported model_type `{other}` (supported: gpt2, clip, clip_vision_model)"
+                ),
+            )),
+            None => return Err(Error::file(&config_path, "no `model_type` field")),
+        };
+
+        let files = open_weight_files(&dir)?;
+        let mut backbone = BTreeMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for stored in f.tensors().keys() {
+                if let Some(canonical) = arch.canonical(stored) {
+                    if let Some((_, prev)) = backbone.insert(canonical.clone(), (i, stored.clone()))
+                    {
+                        return Err(Error::file(
+                            f.path(),
+                            format!("tensors `{prev}` and `{stored}` both map to `{canonical}`"),
+                        ));
+                    }
+                }
+            }
+        }
+        if backbone.is_empty() {
+            return Err(Error::file(
+                &dir,
+                format!("no {} backbone tensors found", arch.name()),
+            ));
+        }
+        Ok(Checkpoint {
+            dir,
+            config,
+            arch,
+            files,
+            backbone,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// The raw config.json.
+    pub fn config(&self) -> &serde_json::Value {
+        &self.config
+    }
+
+    /// Canonical backbone tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.backbone.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.backbone.contains_key(name)
+    }
+
+    fn locate(&self, name: &str) -> Result<(&SafetensorsFile, &str)> {
+        let (i, stored) = self
+            .backbone
+            .get(name)
+            .ok_or_else(|| Error::file(&self.dir, format!("missing tensor `{name}`")))?;
+        Ok((&self.files[*i], stored))
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        let (f, stored) = self.locate(name)?;
+        f.entry(stored)
+    }
+
+    /// The file holding a tensor, for error messages.
+    pub fn file_of(&self, name: &str) -> PathBuf {
+        self.locate(name)
+            .map(|(f, _)| f.path().to_path_buf())
+            .unwrap_or_else(|_| self.dir.clone())
+    }
+
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let (f, stored) = self.locate(name)?;
+        f.bytes(stored)
+    }
+
+    /// A float tensor as f32, checked for NaN and Inf (a merge must never propagate them).
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let (f, stored) = self.locate(name)?;
+        let v = f.to_f32(stored)?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::file(
+                f.path(),
+                format!(
+                    "tensor `{stored}` holds a non-finite value ({}) at element {i}",
+                    v[i]
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// A float tensor with an expected shape.
+    pub fn f32_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.expect_shape(name, shape)?;
+        self.f32(name)
+    }
+
+    pub fn expect_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
+        let e = self.entry(name)?;
+        if e.shape != shape {
+            return Err(Error::file(
+                self.file_of(name),
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {:?} from config.json",
+                    e.shape, shape
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A content fingerprint of the backbone: names, dtypes, shapes and bytes of every tensor.
+    /// Two checkpoints with the same backbone weights in different key layouts agree.
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut h = Sha256::new();
+        h.update(self.arch.name().as_bytes());
+        for name in self.backbone.keys() {
+            let e = self.entry(name)?;
+            h.update(name.as_bytes());
+            h.update(e.dtype.name().as_bytes());
+            for d in &e.shape {
+                h.update((*d as u64).to_le_bytes());
+            }
+            h.update(self.bytes(name)?);
+        }
+        Ok(format!("sha256:{:x}", h.finalize()))
+    }
+
+    /// The float dtype most backbone tensors are stored in (the default output dtype).
+    pub fn dominant_float_dtype(&self) -> Dtype {
+        let mut counts: BTreeMap<&str, (usize, Dtype)> = BTreeMap::new();
+        for name in self.backbone.keys() {
+            if let Ok(e) = self.entry(name) {
+                if e.dtype.is_float() {
+                    counts
+                        .entry(e.dtype.name())
+                        .or_insert((0, e.dtype.clone()))
+                        .0 += e.numel();
+                }
+            }
+        }
+        counts
+            .into_values()
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, d)| d)
+            .unwrap_or(Dtype::F32)
+    }
+}
+
+fn open_weight_files(dir: &Path) -> Result<Vec<SafetensorsFile>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![SafetensorsFile::open(&single)?]);
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    if !index_path.is_file() {
+        let hint = if dir.join("pytorch_model.bin").exists() {
+            " (pytorch_model.bin is not read: re-save the model with save_pretrained(..., safe_serialization=True))"
+        } else {
+            ""
+        };
+        return Err(Error::file(
+            dir,
+            format!("no model.safetensors or model.safetensors.index.json{hint}"),
+        ));
+    }
+    let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+    let index: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&index_path, format!("invalid JSON: {e}")))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::file(&index_path, "no `weight_map` object"))?;
+    let mut shard_names: Vec<&str> = Vec::new();
+    for (tensor, shard) in map {
+        let shard = shard.as_str().ok_or_else(|| {
+            Error::file(
+                &index_path,
+                format!("weight_map entry `{tensor}` is not a file name"),
+            )
+        })?;
+        if shard.contains('/') || shard.contains('\\') || shard == ".." {
+            return Err(Error::file(
+                &index_path,
+                format!("shard name `{shard}` is not a plain file name"),
+            ));
+        }
+        if !shard_names.contains(&shard) {
+            shard_names.push(shard);
+        }
+    }
+    shard_names.sort_unstable();
+    let files = shard_names
+        .iter()
+        .map(|s| SafetensorsFile::open(dir.join(s)))
+        .collect::<Result<Vec<_>>>()?;
+    // The index must agree with the shards: every listed tensor is where it says.
+    for (tensor, shard) in map {
+        let shard = shard.as_str().unwrap_or_default();
+        let i = shard_names.binary_search(&shard).expect("listed above");
+        if !files[i].tensors().contains_key(tensor) {
+            return Err(Error::file(
+                files[i].path(),
+                format!(
+                    "missing tensor `{tensor}` that {} places in this shard",
+                    index_path.display()
+                ),
+            ));
+        }
+    }
+    Ok(files)
+}

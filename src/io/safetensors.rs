@@ -1,0 +1,374 @@
+//! Safetensors files: a memory-mapped reader that converts float tensors to f32 on demand,
+//! and a streaming writer. Parsing and validation of the header (size cap, offsets, dtype
+//! × shape against byte length) are the `safetensors` crate's; this module adds file names
+//! to every error and the dtype conversions the engine needs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::error::{Error, Result};
+
+/// Element types the engine distinguishes. Floats are computed in f32; everything else is
+/// carried through byte for byte.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dtype {
+    F64,
+    F32,
+    F16,
+    BF16,
+    /// Any non-float (or exotic float) type, by its safetensors name, e.g. "I64".
+    Other(String),
+}
+
+impl Dtype {
+    pub fn name(&self) -> &str {
+        match self {
+            Dtype::F64 => "F64",
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::Other(s) => s,
+        }
+    }
+
+    fn from_name(s: &str) -> Dtype {
+        match s {
+            "F64" => Dtype::F64,
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            other => Dtype::Other(other.to_string()),
+        }
+    }
+
+    pub fn is_float(&self) -> bool {
+        !matches!(self, Dtype::Other(_))
+    }
+
+    /// Bytes per element for the float types this crate writes.
+    pub fn float_size(&self) -> Option<usize> {
+        match self {
+            Dtype::F64 => Some(8),
+            Dtype::F32 => Some(4),
+            Dtype::F16 | Dtype::BF16 => Some(2),
+            Dtype::Other(_) => None,
+        }
+    }
+
+    /// Parses the user-facing names of `out_dtype` (torch spellings accepted).
+    pub fn parse_float(s: &str) -> Option<Dtype> {
+        match s.to_ascii_lowercase().as_str() {
+            "float32" | "f32" | "fp32" => Some(Dtype::F32),
+            "float16" | "f16" | "fp16" | "half" => Some(Dtype::F16),
+            "bfloat16" | "bf16" => Some(Dtype::BF16),
+            _ => None,
+        }
+    }
+
+    /// The torch spelling, as config.json's `torch_dtype` expects.
+    pub fn torch_name(&self) -> &str {
+        match self {
+            Dtype::F64 => "float64",
+            Dtype::F32 => "float32",
+            Dtype::F16 => "float16",
+            Dtype::BF16 => "bfloat16",
+            Dtype::Other(s) => s,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the memory map (header included in the offset).
+    range: std::ops::Range<usize>,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A memory-mapped safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    tensors: BTreeMap<String, TensorEntry>,
+    metadata: HashMap<String, String>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        // SAFETY: the map is read-only and private to this process. A file truncated or
+        // rewritten by another process while we hold the map could fault on access; that is
+        // the documented contract of every memory-mapped reader (the safetensors crate's too).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut tensors = BTreeMap::new();
+        for (name, info) in meta.tensors() {
+            let dtype_name = serde_json::to_value(info.dtype)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| format!("{:?}", info.dtype));
+            let (start, end) = info.data_offsets;
+            tensors.insert(
+                name,
+                TensorEntry {
+                    dtype: Dtype::from_name(&dtype_name),
+                    shape: info.shape.clone(),
+                    range: data_start + start..data_start + end,
+                },
+            );
+        }
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        Ok(SafetensorsFile {
+            path,
+            mmap,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn tensors(&self) -> &BTreeMap<String, TensorEntry> {
+        &self.tensors
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.tensors
+            .get(name)
+            .ok_or_else(|| Error::file(&self.path, format!("missing tensor `{name}`")))
+    }
+
+    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        Ok(&self.mmap[e.range.clone()])
+    }
+
+    /// The tensor converted to f32 (F32, F16, BF16, F64 accepted).
+    pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self.entry(name)?;
+        let bytes = &self.mmap[e.range.clone()];
+        decode_f32(&e.dtype, bytes).ok_or_else(|| {
+            Error::file(
+                &self.path,
+                format!("tensor `{name}` has non-float dtype {}", e.dtype.name()),
+            )
+        })
+    }
+}
+
+/// Converts little-endian float bytes to f32; None for non-float dtypes.
+pub fn decode_f32(dtype: &Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    // from_le_bytes per element: tensor data in a safetensors file need not be aligned.
+    Some(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
+            .collect(),
+        Dtype::Other(_) => return None,
+    })
+}
+
+/// What a written tensor holds: f32 values converted to the tensor's dtype on the way out,
+/// or raw bytes written as they are.
+pub enum TensorData<'a> {
+    F32(&'a [f32]),
+    Raw(&'a [u8]),
+}
+
+pub struct OutTensor<'a> {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: TensorData<'a>,
+}
+
+impl OutTensor<'_> {
+    pub fn byte_len(&self) -> usize {
+        match &self.data {
+            TensorData::F32(v) => v.len() * self.dtype.float_size().unwrap_or(4),
+            TensorData::Raw(b) => b.len(),
+        }
+    }
+}
+
+/// Writes a safetensors file, streaming tensor data (no second copy of the model), and
+/// flushes it to disk so that a full disk surfaces here, not later.
+pub fn write_file(
+    path: &Path,
+    tensors: &[OutTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("string map"),
+        );
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        let len = t.byte_len();
+        if let TensorData::F32(v) = &t.data {
+            if t.dtype.float_size().is_none() {
+                return Err(Error::invalid(format!(
+                    "tensor `{}`: cannot write f32 data as {}",
+                    t.name,
+                    t.dtype.name()
+                )));
+            }
+            debug_assert_eq!(v.len(), t.shape.iter().product::<usize>());
+        }
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+    // Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(&header_bytes).map_err(io)?;
+    let mut buf = Vec::with_capacity(1 << 16);
+    for t in tensors {
+        match &t.data {
+            TensorData::Raw(b) => w.write_all(b).map_err(io)?,
+            TensorData::F32(values) => {
+                for chunk in values.chunks(1 << 14) {
+                    buf.clear();
+                    encode_f32(&t.dtype, chunk, &mut buf);
+                    w.write_all(&buf).map_err(io)?;
+                }
+            }
+        }
+    }
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::io(path, e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(())
+}
+
+fn encode_f32(dtype: &Dtype, values: &[f32], out: &mut Vec<u8>) {
+    match dtype {
+        Dtype::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        Dtype::F16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes())),
+        Dtype::BF16 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes())),
+        Dtype::F64 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&(*v as f64).to_le_bytes())),
+        Dtype::Other(_) => unreachable!("checked before writing"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_all_float_dtypes_and_raw_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let vals = [1.0f32, -2.5, 0.333_333_34, 65504.0];
+        let raw: Vec<u8> = (0i64..3).flat_map(|v| v.to_le_bytes()).collect();
+        let tensors = vec![
+            OutTensor {
+                name: "a".into(),
+                dtype: Dtype::F32,
+                shape: vec![2, 2],
+                data: TensorData::F32(&vals),
+            },
+            OutTensor {
+                name: "b".into(),
+                dtype: Dtype::F16,
+                shape: vec![4],
+                data: TensorData::F32(&vals),
+            },
+            OutTensor {
+                name: "c".into(),
+                dtype: Dtype::BF16,
+                shape: vec![4],
+                data: TensorData::F32(&vals),
+            },
+            OutTensor {
+                name: "ids".into(),
+                dtype: Dtype::Other("I64".into()),
+                shape: vec![3],
+                data: TensorData::Raw(&raw),
+            },
+        ];
+        let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        write_file(&path, &tensors, &meta).unwrap();
+        let f = SafetensorsFile::open(&path).unwrap();
+        assert_eq!(f.metadata()["format"], "pt");
+        assert_eq!(f.to_f32("a").unwrap(), vals);
+        assert_eq!(f.to_f32("b").unwrap(), vec![1.0, -2.5, 0.33325195, 65504.0]);
+        assert_eq!(f.to_f32("c").unwrap(), vec![1.0, -2.5, 0.33398438, 65536.0]);
+        assert_eq!(f.bytes("ids").unwrap(), &raw[..]);
+        assert!(f
+            .to_f32("ids")
+            .unwrap_err()
+            .to_string()
+            .contains("non-float dtype I64"));
+        assert!(f
+            .to_f32("zz")
+            .unwrap_err()
+            .to_string()
+            .contains("missing tensor `zz`"));
+    }
+
+    #[test]
+    fn truncated_file_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, [200u8, 0, 0, 0, 0, 0, 0, 0, b'{']).unwrap();
+        let err = SafetensorsFile::open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("bad.safetensors") && err.contains("not a valid safetensors file"),
+            "{err}"
+        );
+    }
+}

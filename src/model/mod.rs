@@ -1,0 +1,245 @@
+//! Native forward passes, written once against the [`Backend`] trait, with a hook at every
+//! linear layer's input ("site") where the Gram accumulator observes the activations.
+
+pub mod clip;
+pub mod gpt2;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::io::{Arch, Checkpoint};
+
+/// One linear layer fed by a site.
+#[derive(Clone, Debug)]
+pub struct LinearModule {
+    /// Canonical name of its weight, e.g. `h.0.attn.c_attn.weight`.
+    pub weight: String,
+    /// True when stored `[out, in]` (`nn.Linear`), false when `[in, out]` (GPT-2 `Conv1D`).
+    pub transposed: bool,
+    pub in_dim: usize,
+    pub out_dim: usize,
+}
+
+/// A place in the forward pass where one input feeds one or more linear layers (CLIP's
+/// q, k and v share theirs, so their Gram is computed once).
+#[derive(Clone, Debug)]
+pub struct Site {
+    /// Stable name used in Gram statistics files.
+    pub name: String,
+    pub dim: usize,
+    pub modules: Vec<LinearModule>,
+}
+
+/// Receives the input of every site during a forward pass.
+pub trait GramSink<B: Backend> {
+    /// `row_mask` marks real (non-padding) rows; None when every row is real.
+    fn observe(&mut self, site: usize, x: &B::Tensor, row_mask: Option<&[u8]>) -> Result<()>;
+}
+
+/// A batch of model inputs on the host.
+#[derive(Clone, Debug)]
+pub enum Batch {
+    /// Token ids `[batch·seq]`, right-padded, with the attention mask (1 real, 0 padding).
+    Tokens {
+        ids: Vec<u32>,
+        mask: Vec<u8>,
+        batch: usize,
+        seq: usize,
+    },
+    /// Pixel values `[batch, 3, H, W]`.
+    Pixels { values: Vec<f32>, batch: usize },
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        match self {
+            Batch::Tokens { batch, .. } | Batch::Pixels { batch, .. } => *batch,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a forward pass returns.
+pub struct ForwardOutput<B: Backend> {
+    /// GPT-2: after `ln_f`; CLIP: the encoder's last hidden state (`last_hidden_state`).
+    pub last_hidden: B::Tensor,
+    /// CLIP: `post_layernorm` of the class token (`pooler_output`).
+    pub pooled: Option<B::Tensor>,
+}
+
+/// Options of one forward pass.
+#[derive(Default)]
+pub struct ForwardHooks<'a, B: Backend> {
+    pub grams: Option<&'a mut dyn GramSink<B>>,
+    /// Receives every hidden state as transformers' `output_hidden_states` lists them.
+    pub hidden_states: Option<&'a mut Vec<Vec<f32>>>,
+}
+
+/// A model loaded onto a backend.
+pub enum Model<B: Backend> {
+    Gpt2(gpt2::Gpt2<B>),
+    Clip(clip::ClipVision<B>),
+}
+
+/// The architecture-level description of a checkpoint, without its weights on a backend.
+#[derive(Clone, Debug)]
+pub enum ModelConfig {
+    Gpt2(gpt2::Gpt2Config),
+    Clip(clip::ClipVisionConfig),
+}
+
+impl ModelConfig {
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self> {
+        let path = ckpt.dir().join("config.json");
+        match ckpt.arch() {
+            Arch::Gpt2 => Ok(ModelConfig::Gpt2(gpt2::Gpt2Config::from_json(
+                ckpt.config(),
+                &path,
+            )?)),
+            Arch::ClipVision => Ok(ModelConfig::Clip(clip::ClipVisionConfig::from_json(
+                ckpt.config(),
+                &path,
+            )?)),
+        }
+    }
+
+    pub fn arch(&self) -> Arch {
+        match self {
+            ModelConfig::Gpt2(_) => Arch::Gpt2,
+            ModelConfig::Clip(_) => Arch::ClipVision,
+        }
+    }
+
+    /// Every site of the forward pass, in execution order.
+    pub fn sites(&self) -> Vec<Site> {
+        match self {
+            ModelConfig::Gpt2(c) => c.sites(),
+            ModelConfig::Clip(c) => c.sites(),
+        }
+    }
+
+    /// Every backbone tensor with its expected shape.
+    pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            ModelConfig::Gpt2(c) => c.expected_shapes(),
+            ModelConfig::Clip(c) => c.expected_shapes(),
+        }
+    }
+
+    /// Checks that a checkpoint holds every tensor this architecture needs, in its shape.
+    pub fn check_checkpoint(&self, ckpt: &Checkpoint) -> Result<()> {
+        for (name, shape) in self.expected_shapes() {
+            if !ckpt.contains(&name) {
+                return Err(Error::file(ckpt.dir(), format!("missing tensor `{name}`")));
+            }
+            ckpt.expect_shape(&name, &shape)?;
+        }
+        Ok(())
+    }
+
+    /// Two configs describe the same architecture and sizes (so their weights can merge).
+    pub fn same_shape(&self, other: &ModelConfig) -> bool {
+        self.expected_shapes() == other.expected_shapes()
+    }
+}
+
+impl<B: Backend> Model<B> {
+    pub fn load(backend: &B, ckpt: &Checkpoint) -> Result<Self> {
+        match ModelConfig::from_checkpoint(ckpt)? {
+            ModelConfig::Gpt2(c) => Ok(Model::Gpt2(gpt2::Gpt2::load(backend, ckpt, c)?)),
+            ModelConfig::Clip(c) => Ok(Model::Clip(clip::ClipVision::load(backend, ckpt, c)?)),
+        }
+    }
+
+    pub fn forward(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        hooks: ForwardHooks<'_, B>,
+    ) -> Result<ForwardOutput<B>> {
+        match self {
+            Model::Gpt2(m) => m.forward(backend, batch, hooks),
+            Model::Clip(m) => m.forward(backend, batch, hooks),
+        }
+    }
+}
+
+/// Reads an optional field with a default, checking its type.
+pub(crate) fn field_usize(
+    v: &serde_json::Value,
+    key: &str,
+    default: usize,
+    path: &std::path::Path,
+) -> Result<usize> {
+    match v.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("`{key}` must be a non-negative integer, found {x}"),
+            )
+        }),
+    }
+}
+
+pub(crate) fn field_f32(
+    v: &serde_json::Value,
+    key: &str,
+    default: f32,
+    path: &std::path::Path,
+) -> Result<f32> {
+    match v.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(x) => x
+            .as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| Error::file(path, format!("`{key}` must be a number, found {x}"))),
+    }
+}
+
+/// Uploads a linear weight as `[in, out]`, transposing `nn.Linear`'s `[out, in]`.
+pub(crate) fn upload_linear<B: Backend>(
+    backend: &B,
+    ckpt: &Checkpoint,
+    m: &LinearModule,
+) -> Result<B::Tensor> {
+    backend.upload(&linear_in_out(ckpt, m)?, m.in_dim, m.out_dim)
+}
+
+/// A linear weight as a row-major `[in, out]` host matrix, whatever its stored layout.
+pub fn linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
+    let shape = if m.transposed {
+        [m.out_dim, m.in_dim]
+    } else {
+        [m.in_dim, m.out_dim]
+    };
+    let w = ckpt.f32_shaped(&m.weight, &shape)?;
+    Ok(if m.transposed {
+        transpose(&w, m.out_dim, m.in_dim)
+    } else {
+        w
+    })
+}
+
+pub(crate) fn upload_vector<B: Backend>(
+    backend: &B,
+    ckpt: &Checkpoint,
+    name: &str,
+    len: usize,
+) -> Result<B::Tensor> {
+    let v = ckpt.f32_shaped(name, &[len])?;
+    backend.upload(&v, 1, len)
+}
+
+/// Row-major `[rows, cols]` → `[cols, rows]`.
+pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = a[r * cols + c];
+        }
+    }
+    out
+}

@@ -1,0 +1,262 @@
+//! Gram accumulation during the forward pass, and the host-side Gram matrices it produces.
+
+use crate::backend::{Backend, GramUpdate};
+use crate::config::Parameters;
+use crate::data::{make_batch, select, Dataset, TextPadding};
+use crate::error::{Error, Result};
+use crate::io::Checkpoint;
+use crate::model::{Batch, ForwardHooks, GramSink, Model, ModelConfig, Site};
+use crate::progress::{Event, Observer};
+
+/// The normalised Gram matrix of one site: G = Σ XᵀX / rows, full `[dim, dim]`, f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SiteGram {
+    pub name: String,
+    pub dim: usize,
+    pub rows: u64,
+    pub gram: Vec<f32>,
+}
+
+/// Every site's Gram of one model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelGrams {
+    pub sites: Vec<SiteGram>,
+    /// Examples that went through the forward pass.
+    pub examples: usize,
+}
+
+/// Accumulates one model's Grams on the backend; FusionBench's running mean in compat mode,
+/// a plain sum over non-padding rows otherwise.
+pub struct GramAccumulator<'b, B: Backend> {
+    backend: &'b B,
+    sites: Vec<Site>,
+    acc: Vec<B::Tensor>,
+    rows: Vec<u64>,
+    compat: bool,
+}
+
+impl<'b, B: Backend> GramAccumulator<'b, B> {
+    pub fn new(backend: &'b B, sites: Vec<Site>, compat: bool) -> Result<Self> {
+        let acc = sites
+            .iter()
+            .map(|s| backend.zeros(s.dim, s.dim))
+            .collect::<Result<_>>()?;
+        let rows = vec![0; sites.len()];
+        Ok(GramAccumulator {
+            backend,
+            sites,
+            acc,
+            rows,
+            compat,
+        })
+    }
+
+    /// Downloads, normalises and symmetrises the accumulators.
+    pub fn finish(self, examples: usize) -> Result<ModelGrams> {
+        let mut out = Vec::with_capacity(self.sites.len());
+        for ((site, acc), rows) in self.sites.into_iter().zip(&self.acc).zip(self.rows) {
+            if rows == 0 {
+                return Err(Error::invalid(format!(
+                    "site `{}` saw no rows: the data has no real tokens",
+                    site.name
+                )));
+            }
+            let mut g = self.backend.download(acc)?;
+            let d = site.dim;
+            let n = rows as f32;
+            for i in 0..d {
+                for j in 0..=i {
+                    let v = if self.compat {
+                        g[i * d + j]
+                    } else {
+                        g[i * d + j] / n
+                    };
+                    g[i * d + j] = v;
+                    g[j * d + i] = v;
+                }
+            }
+            out.push(SiteGram {
+                name: site.name,
+                dim: d,
+                rows,
+                gram: g,
+            });
+        }
+        Ok(ModelGrams {
+            sites: out,
+            examples,
+        })
+    }
+}
+
+impl<B: Backend> GramSink<B> for GramAccumulator<'_, B> {
+    fn observe(&mut self, site: usize, x: &B::Tensor, row_mask: Option<&[u8]>) -> Result<()> {
+        let (n, _) = self.backend.shape(x);
+        if self.compat {
+            // FusionBench counts every row, padding included.
+            let seen = self.rows[site];
+            self.backend.gram_update(
+                &mut self.acc[site],
+                x,
+                None,
+                GramUpdate::RunningMean { seen },
+            )?;
+            self.rows[site] += n as u64;
+        } else {
+            self.backend
+                .gram_update(&mut self.acc[site], x, row_mask, GramUpdate::Sum)?;
+            self.rows[site] += row_mask.map_or(n, |m| m.iter().filter(|&&v| v != 0).count()) as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a model over its task data and returns its Grams.
+pub fn compute_grams<B: Backend>(
+    backend: &B,
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    data: &Dataset,
+    params: &Parameters,
+    observer: &dyn Observer,
+) -> Result<ModelGrams> {
+    let (indices, warning) = select(data.len(), &params.sampling());
+    if let Some(w) = warning {
+        observer.event(Event::Warning(format!("{}: {w}", data.path().display())));
+    }
+    let padding = check_data(config, data, params)?;
+    let model = Model::load(backend, ckpt)?;
+    let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
+    let mut done = 0;
+    for chunk in indices.chunks(params.batch_size) {
+        let batch = make_batch(data, chunk, padding)?;
+        model.forward(
+            backend,
+            &batch,
+            ForwardHooks {
+                grams: Some(&mut acc),
+                hidden_states: None,
+            },
+        )?;
+        done += chunk.len();
+        observer.event(Event::Examples { done });
+    }
+    acc.finish(indices.len())
+}
+
+/// Checks that the data fits the model (kind, token ids, lengths, image size) and returns
+/// the text padding rule.
+pub fn check_data(
+    config: &ModelConfig,
+    data: &Dataset,
+    params: &Parameters,
+) -> Result<TextPadding> {
+    match (config, data) {
+        (ModelConfig::Gpt2(c), Dataset::Tokens { path, sequences }) => {
+            let limit = params.max_length.min(c.n_positions);
+            if params.fusionbench_compat && params.max_length > c.n_positions {
+                return Err(Error::invalid(format!(
+                    "max_length {} exceeds the model's n_positions {}: lower parameters.max_length",
+                    params.max_length, c.n_positions
+                )));
+            }
+            for (i, s) in sequences.iter().enumerate() {
+                if let Some(id) = s.iter().find(|&&id| id as usize >= c.vocab_size) {
+                    return Err(Error::file(
+                        path,
+                        format!(
+                            "example {}: token id {id} ≥ vocab_size {}",
+                            i + 1,
+                            c.vocab_size
+                        ),
+                    ));
+                }
+                if s.len() > c.n_positions && params.max_length > c.n_positions {
+                    return Err(Error::file(
+                        path,
+                        format!("example {}: {} tokens exceed the model's n_positions {} (set parameters.max_length to truncate)", i + 1, s.len(), c.n_positions),
+                    ));
+                }
+            }
+            Ok(TextPadding {
+                pad_id: c.pad_token_id,
+                max_length: limit,
+                to_max_length: params.fusionbench_compat,
+            })
+        }
+        (ModelConfig::Clip(c), Dataset::Pixels { file, shape, .. }) => {
+            let want = [c.num_channels, c.image_size, c.image_size];
+            if *shape != want {
+                return Err(Error::file(
+                    file.path(),
+                    format!(
+                        "pixel_values images are {shape:?}, the model expects {want:?} (C, H, W)"
+                    ),
+                ));
+            }
+            Ok(TextPadding {
+                pad_id: 0,
+                max_length: 0,
+                to_max_length: false,
+            })
+        }
+        (ModelConfig::Gpt2(_), d) => Err(Error::file(
+            d.path(),
+            "GPT-2 needs token data (.jsonl with input_ids), not pixel values",
+        )),
+        (ModelConfig::Clip(_), d) => Err(Error::file(
+            d.path(),
+            "a CLIP vision model needs pixel_values (.safetensors), not token ids",
+        )),
+    }
+}
+
+/// `Batch` for the `forward` command and tests: the first examples, FusionBench-free padding.
+pub fn batch_of(
+    config: &ModelConfig,
+    data: &Dataset,
+    params: &Parameters,
+    indices: &[usize],
+) -> Result<Batch> {
+    let padding = check_data(config, data, params)?;
+    make_batch(data, indices, padding)
+}
+
+/// Computes one model's Grams over its data and writes them as a statistics file
+/// (`regmean-gpu grams`).
+pub fn grams_to_file<B: Backend>(
+    backend: &B,
+    model_dir: &std::path::Path,
+    data_path: &std::path::Path,
+    params: &Parameters,
+    out: &std::path::Path,
+    observer: &dyn Observer,
+) -> Result<ModelGrams> {
+    let ckpt = Checkpoint::open(model_dir)?;
+    let config = ModelConfig::from_checkpoint(&ckpt)?;
+    config.check_checkpoint(&ckpt)?;
+    let data = Dataset::open(data_path)?;
+    let name = model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let examples = select(data.len(), &params.sampling()).0.len();
+    observer.event(Event::ModelStart {
+        index: 0,
+        total: 1,
+        name: &name,
+        examples,
+    });
+    let grams = compute_grams(backend, &ckpt, &config, &data, params, observer)?;
+    let fingerprint = ckpt.fingerprint()?;
+    let sites = config.sites();
+    let info = super::stats::GramFileInfo {
+        arch: config.arch(),
+        fingerprint: &fingerprint,
+        options: &params.gram_options(),
+        sites: &sites,
+    };
+    super::stats::write(out, &grams, &info)?;
+    observer.event(Event::ModelDone { index: 0 });
+    Ok(grams)
+}

@@ -1,0 +1,489 @@
+//! The whole merge, streaming over task models: each model is opened, its Grams computed
+//! (or read), folded into running sums, and dropped before the next, so memory does not
+//! grow with the number of models. Then every linear layer is solved, every other float
+//! parameter averaged, and the result written as a transformers model directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+
+use super::gram::{compute_grams, ModelGrams};
+use super::solve::{solve_layer, SolveOutcome};
+use super::stats::{self, GramFileInfo};
+use crate::backend::Backend;
+use crate::config::{ExcludeSet, MergeConfig, MergeMethod};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::io::safetensors::{OutTensor, TensorData};
+use crate::io::writer::{copy_sidecars, write_model_tensors, OutputDir};
+use crate::io::{Arch, Checkpoint, Dtype};
+use crate::model::{linear_in_out, transpose, LinearModule, ModelConfig, Site};
+use crate::progress::{Event, Observer};
+
+pub struct MergeOptions {
+    /// Largest shard written, in bytes.
+    pub out_shard_bytes: u64,
+    /// Replace an existing output directory.
+    pub force: bool,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        MergeOptions {
+            out_shard_bytes: 5_000_000_000,
+            force: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelReport {
+    pub name: String,
+    /// Examples run (0 when Grams came from a file).
+    pub examples: usize,
+    /// Rows of the first site's Gram (tokens or image tokens counted).
+    pub rows: u64,
+    pub from_grams_file: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub grams: Duration,
+    pub solve: Duration,
+    pub write: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct MergeReport {
+    pub arch: Arch,
+    pub method: MergeMethod,
+    pub models: Vec<ModelReport>,
+    pub layers_solved: usize,
+    /// Layers that needed the documented fallback, and how they were solved.
+    pub fallbacks: Vec<(String, SolveOutcome)>,
+    pub timings: Timings,
+    pub files: Vec<String>,
+}
+
+/// A linear weight merged by RegMean, with the running sums over models.
+struct SolvedModule {
+    module: LinearModule,
+    site: usize,
+    /// Σ G'ᵢWᵢ, `[in, out]`.
+    gw_sum: Vec<f32>,
+    /// Σ Wᵢ, `[in, out]` (for the fallback).
+    w_sum: Vec<f32>,
+}
+
+/// The running state of a merge: everything a model contributes, summed.
+struct RunningSums {
+    gram_sum: Vec<Vec<f32>>,
+    modules: Vec<SolvedModule>,
+    mean_sum: BTreeMap<String, Vec<f32>>,
+    count: usize,
+}
+
+/// Merges the models of `cfg` into `out`.
+pub fn merge<B: Backend>(
+    backend: &B,
+    cfg: &MergeConfig,
+    out: &Path,
+    opts: &MergeOptions,
+    observer: &dyn Observer,
+) -> Result<MergeReport> {
+    let params = &cfg.parameters;
+    let base = Checkpoint::open(&cfg.base_model)?;
+    let model_cfg = ModelConfig::from_checkpoint(&base)?;
+    model_cfg.check_checkpoint(&base)?;
+    let arch = model_cfg.arch();
+    let out_dtype = cfg
+        .out_dtype()?
+        .unwrap_or_else(|| base.dominant_float_dtype());
+    let exclude = ExcludeSet::new(&params.exclude_param_names_regex).map_err(Error::invalid)?;
+    let ratio = params.ratio_for(arch) as f32;
+    // FusionBench builds the multiplier as diag(1 − r) + r in f32; keep its rounding.
+    let diag_mult = (1.0f32 - ratio) + ratio;
+
+    // Fail before hours of work, not after: the output location must be usable.
+    let out_dir = OutputDir::create(out, opts.force)?;
+
+    let sites = model_cfg.sites();
+    let regmean = cfg.merge_method == MergeMethod::Regmean;
+    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean);
+    let mut reports = Vec::with_capacity(cfg.models.len());
+    let t0 = Instant::now();
+    for (index, entry) in cfg.models.iter().enumerate() {
+        let name = entry.display_name();
+        let ckpt = Checkpoint::open(&entry.model)?;
+        check_compatible(&base, &model_cfg, &ckpt)?;
+        let mut report = ModelReport {
+            name: name.clone(),
+            examples: 0,
+            rows: 0,
+            from_grams_file: entry.grams.is_some(),
+        };
+        if regmean {
+            let grams = model_grams(
+                backend, cfg, &ckpt, &model_cfg, &sites, entry, index, observer,
+            )?;
+            report.examples = grams.examples;
+            report.rows = grams.sites.first().map_or(0, |s| s.rows);
+            sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
+        }
+        sums.add_means(&ckpt)?;
+        sums.count += 1;
+        observer.event(Event::ModelDone { index });
+        reports.push(report);
+    }
+    let grams_time = t0.elapsed();
+
+    let t1 = Instant::now();
+    observer.event(Event::SolveStart {
+        layers: sums.modules.len(),
+    });
+    let k = sums.count as f32;
+    let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut fallbacks = Vec::new();
+    for (done, m) in sums.modules.iter().enumerate() {
+        let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
+        let w_mean: Vec<f32> = m.w_sum.iter().map(|v| v / k).collect();
+        let (w, outcome) = solve_layer(&sums.gram_sum[m.site], &m.gw_sum, &w_mean, d_in, d_out);
+        if outcome.is_fallback() {
+            observer.event(Event::Warning(format!(
+                "{}: {}",
+                m.module.weight,
+                describe(&outcome)
+            )));
+            fallbacks.push((m.module.weight.clone(), outcome));
+        }
+        let w = if m.module.transposed {
+            transpose(&w, d_in, d_out)
+        } else {
+            w
+        };
+        merged.insert(m.module.weight.clone(), w);
+        observer.event(Event::Solved { done: done + 1 });
+    }
+    let layers_solved = sums.modules.len();
+    for (name, sum) in std::mem::take(&mut sums.mean_sum) {
+        merged.insert(name, sum.into_iter().map(|v| v / k).collect());
+    }
+    drop(sums);
+    let solve_time = t1.elapsed();
+
+    let t2 = Instant::now();
+    observer.event(Event::Writing { path: out });
+    let files = write_output(
+        &out_dir, &base, &model_cfg, &merged, &exclude, out_dtype, cfg, opts,
+    )?;
+    out_dir.commit()?;
+    Ok(MergeReport {
+        arch,
+        method: cfg.merge_method,
+        models: reports,
+        layers_solved,
+        fallbacks,
+        timings: Timings {
+            grams: grams_time,
+            solve: solve_time,
+            write: t2.elapsed(),
+        },
+        files,
+    })
+}
+
+pub fn describe(outcome: &SolveOutcome) -> String {
+    match outcome {
+        SolveOutcome::Cholesky => "solved by Cholesky".into(),
+        SolveOutcome::Damped { epsilon, reason } => {
+            format!("{reason}; damped towards the average (λ = {epsilon:.0e}·mean diag)")
+        }
+        SolveOutcome::Average { reason } => format!("{reason}; used the simple average"),
+    }
+}
+
+/// A task model must have the base model's architecture and sizes.
+fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<()> {
+    if ckpt.arch() != base.arch() {
+        return Err(Error::file(
+            ckpt.dir(),
+            format!(
+                "is a {} model but the base model {} is {}",
+                ckpt.arch().name(),
+                base.dir().display(),
+                base.arch().name()
+            ),
+        ));
+    }
+    let cfg = ModelConfig::from_checkpoint(ckpt)?;
+    if !cfg.same_shape(base_cfg) {
+        return Err(Error::file(
+            ckpt.dir().join("config.json"),
+            format!(
+                "architecture sizes differ from the base model {} ({cfg:?} vs {base_cfg:?})",
+                base.dir().display()
+            ),
+        ));
+    }
+    base_cfg.check_checkpoint(ckpt)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn model_grams<B: Backend>(
+    backend: &B,
+    cfg: &MergeConfig,
+    ckpt: &Checkpoint,
+    model_cfg: &ModelConfig,
+    sites: &[Site],
+    entry: &crate::config::ModelEntry,
+    index: usize,
+    observer: &dyn Observer,
+) -> Result<ModelGrams> {
+    let name = entry.display_name();
+    let options = cfg.parameters.gram_options();
+    if let Some(path) = &entry.grams {
+        observer.event(Event::ModelStart {
+            index,
+            total: cfg.models.len(),
+            name: &name,
+            examples: 0,
+        });
+        let fingerprint = ckpt.fingerprint()?;
+        return stats::read(
+            path,
+            &GramFileInfo {
+                arch: model_cfg.arch(),
+                fingerprint: &fingerprint,
+                options: &options,
+                sites,
+            },
+        );
+    }
+    let data_path = entry.data.as_ref().expect("validated: data or grams");
+    let data = Dataset::open(data_path)?;
+    let expected = crate::data::select(data.len(), &cfg.parameters.sampling())
+        .0
+        .len();
+    observer.event(Event::ModelStart {
+        index,
+        total: cfg.models.len(),
+        name: &name,
+        examples: expected,
+    });
+    compute_grams(backend, ckpt, model_cfg, &data, &cfg.parameters, observer)
+}
+
+impl RunningSums {
+    fn new(model_cfg: &ModelConfig, sites: &[Site], exclude: &ExcludeSet, regmean: bool) -> Self {
+        let mut modules = Vec::new();
+        let mut gram_sum = Vec::new();
+        if regmean {
+            gram_sum = sites.iter().map(|s| vec![0.0f32; s.dim * s.dim]).collect();
+            for (si, s) in sites.iter().enumerate() {
+                for m in &s.modules {
+                    if !exclude.excludes(&m.weight) {
+                        let n = m.in_dim * m.out_dim;
+                        modules.push(SolvedModule {
+                            module: m.clone(),
+                            site: si,
+                            gw_sum: vec![0.0; n],
+                            w_sum: vec![0.0; n],
+                        });
+                    }
+                }
+            }
+        }
+        let solved: Vec<&str> = sites
+            .iter()
+            .flat_map(|s| s.modules.iter().map(|m| m.weight.as_str()))
+            .collect();
+        let mean_sum = model_cfg
+            .expected_shapes()
+            .into_iter()
+            .filter(|(name, _)| {
+                !exclude.excludes(name) && !(regmean && solved.contains(&name.as_str()))
+            })
+            .map(|(name, shape)| (name, vec![0.0f32; shape.iter().product()]))
+            .collect();
+        RunningSums {
+            gram_sum,
+            modules,
+            mean_sum,
+            count: 0,
+        }
+    }
+
+    fn add_regmean(
+        &mut self,
+        ckpt: &Checkpoint,
+        grams: ModelGrams,
+        ratio: f32,
+        diag_mult: f32,
+    ) -> Result<()> {
+        let mut reduced: Vec<Vec<f32>> = Vec::with_capacity(grams.sites.len());
+        for (site, sum) in grams.sites.into_iter().zip(&mut self.gram_sum) {
+            let d = site.dim;
+            let mut g = site.gram;
+            for i in 0..d {
+                for j in 0..d {
+                    g[i * d + j] *= if i == j { diag_mult } else { ratio };
+                }
+            }
+            sum.iter_mut().zip(&g).for_each(|(s, v)| *s += v);
+            reduced.push(g);
+        }
+        for m in &mut self.modules {
+            let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
+            let w = linear_in_out(ckpt, &m.module)?;
+            let g = &reduced[m.site];
+            let mut gw = vec![0.0f32; d_in * d_out];
+            matmul(
+                MatMut::from_row_major_slice_mut(&mut gw, d_in, d_out),
+                Accum::Replace,
+                MatRef::from_row_major_slice(g, d_in, d_in),
+                MatRef::from_row_major_slice(&w, d_in, d_out),
+                1.0,
+                Par::rayon(0),
+            );
+            m.gw_sum.iter_mut().zip(&gw).for_each(|(s, v)| *s += v);
+            m.w_sum.iter_mut().zip(&w).for_each(|(s, v)| *s += v);
+        }
+        Ok(())
+    }
+
+    fn add_means(&mut self, ckpt: &Checkpoint) -> Result<()> {
+        for (name, sum) in &mut self.mean_sum {
+            let v = ckpt.f32(name)?;
+            sum.iter_mut().zip(&v).for_each(|(s, x)| *s += x);
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_output(
+    out_dir: &OutputDir,
+    base: &Checkpoint,
+    model_cfg: &ModelConfig,
+    merged: &HashMap<String, Vec<f32>>,
+    exclude: &ExcludeSet,
+    out_dtype: Dtype,
+    cfg: &MergeConfig,
+    opts: &MergeOptions,
+) -> Result<Vec<String>> {
+    let params: std::collections::HashSet<String> = model_cfg
+        .expected_shapes()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    // Excluded parameters keep the base model's values; they are converted to the output dtype.
+    let mut kept: HashMap<&str, Vec<f32>> = HashMap::new();
+    for name in base.names() {
+        if params.contains(name) && !merged.contains_key(name) && exclude.excludes(name) {
+            kept.insert(name, base.f32(name)?);
+        }
+    }
+    let mut tensors = Vec::new();
+    for name in base.names() {
+        let e = base.entry(name)?;
+        let data = match merged.get(name).or_else(|| kept.get(name)) {
+            Some(v) => {
+                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::Numerical(format!("merged `{name}` has a non-finite value at element {i}; nothing was written")));
+                }
+                OutTensor {
+                    name: name.to_string(),
+                    dtype: out_dtype.clone(),
+                    shape: e.shape.clone(),
+                    data: TensorData::F32(v),
+                }
+            }
+            // Buffers (position ids, causal masks) pass through byte for byte.
+            None => OutTensor {
+                name: name.to_string(),
+                dtype: e.dtype.clone(),
+                shape: e.shape.clone(),
+                data: TensorData::Raw(base.bytes(name)?),
+            },
+        };
+        tensors.push(data);
+    }
+    let mut files = write_model_tensors(out_dir.path(), &tensors, opts.out_shard_bytes)?;
+    let config = output_config(base, out_dtype.torch_name());
+    out_dir.write_text(
+        "config.json",
+        &serde_json::to_string_pretty(&config).expect("json"),
+    )?;
+    files.push("config.json".into());
+    files.extend(copy_sidecars(base.dir(), out_dir.path())?);
+    out_dir.write_text("README.md", &model_card(cfg, base.arch()))?;
+    files.push("README.md".into());
+    Ok(files)
+}
+
+/// config.json of the merged model: the base model's, as the backbone class
+/// (`GPT2Model` / `CLIPVisionModel`, the vision config of a `CLIPModel`), dtype updated.
+pub fn output_config(base: &Checkpoint, torch_dtype: &str) -> serde_json::Value {
+    let src = base.config();
+    let mut c = match base.arch() {
+        Arch::ClipVision if src.get("model_type").and_then(|m| m.as_str()) == Some("clip") => {
+            let mut v = src
+                .get("vision_config")
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!({}));
+            v["model_type"] = "clip_vision_model".into();
+            if let Some(tv) = src.get("transformers_version") {
+                v["transformers_version"] = tv.clone();
+            }
+            v
+        }
+        _ => src.clone(),
+    };
+    c["architectures"] = serde_json::json!([match base.arch() {
+        Arch::Gpt2 => "GPT2Model",
+        Arch::ClipVision => "CLIPVisionModel",
+    }]);
+    // transformers 5 writes `dtype`, 4.x `torch_dtype`: update the one the base model uses.
+    if let Some(obj) = c.as_object_mut() {
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        obj.insert(key.into(), torch_dtype.into());
+    }
+    c
+}
+
+fn model_card(cfg: &MergeConfig, arch: Arch) -> String {
+    let models: Vec<String> = cfg
+        .models
+        .iter()
+        .map(|m| {
+            let src = m
+                .data
+                .as_ref()
+                .map(|d| format!("data `{}`", d.display()))
+                .or_else(|| m.grams.as_ref().map(|g| format!("grams `{}`", g.display())));
+            format!(
+                "- `{}` ({})",
+                m.model.display(),
+                src.unwrap_or_else(|| "no data".into())
+            )
+        })
+        .collect();
+    let p = &cfg.parameters;
+    format!(
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- regmean\n---\n\n# Merged model\n\nMerged by regmean-gpu {version} with `{method:?}` from the base model `{base}` and:\n\n{models}\n\n## Parameters\n\n```yaml\n{params}reduce_non_diagonal_ratio_used: {ratio}\nout_dtype: {dtype}\n```\n",
+        version = env!("CARGO_PKG_VERSION"),
+        method = cfg.merge_method,
+        base = cfg.base_model.display(),
+        models = models.join("\n"),
+        params = serde_yaml::to_string(p).unwrap_or_default(),
+        ratio = p.ratio_for(arch),
+        dtype = cfg.out_dtype.as_deref().unwrap_or("(base model's)"),
+    )
+}

@@ -1,0 +1,9 @@
+//! RegMean: Gram accumulation, statistics files, the per-layer solve and the streaming merge.
+
+pub mod gram;
+pub mod merge;
+pub mod solve;
+pub mod stats;
+
+pub use gram::{compute_grams, GramAccumulator, ModelGrams, SiteGram};
+pub use merge::{merge, MergeOptions, MergeReport};
