@@ -167,11 +167,16 @@ impl MergeConfig {
             serde_yaml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &Path| {
-            if p.is_absolute() {
+            // Drop `.` components so messages show `pool/task_a`, not `pool/./task_a`.
+            let joined = if p.is_absolute() {
                 p.to_path_buf()
             } else {
                 dir.join(p)
-            }
+            };
+            joined
+                .components()
+                .filter(|c| !matches!(c, std::path::Component::CurDir))
+                .collect::<PathBuf>()
         };
         cfg.base_model = resolve(&cfg.base_model);
         for m in &mut cfg.models {
@@ -284,7 +289,7 @@ mod tests {
         let p = dir.path().join("m.yaml");
         std::fs::write(&p, "merge_method: regmean\nbase_model: ./b\nmodels:\n - model: a\n   grams: g.safetensors\n").unwrap();
         let c = MergeConfig::load(&p).unwrap();
-        assert_eq!(c.base_model, dir.path().join("./b"));
+        assert_eq!(c.base_model, dir.path().join("b"));
         assert_eq!(
             c.models[0].grams.as_deref(),
             Some(dir.path().join("g.safetensors").as_path())

@@ -236,8 +236,12 @@ impl Backend for CpuBackend {
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
             let id = ids[r] as usize;
             let pos = r % seq;
-            for i in 0..d {
-                o[i] = wte.data[id * d + i] + wpe.data[pos * d + i];
+            let (tok, posv) = (
+                &wte.data[id * d..(id + 1) * d],
+                &wpe.data[pos * d..(pos + 1) * d],
+            );
+            for ((o, t), p) in o.iter_mut().zip(tok).zip(posv) {
+                *o = t + p;
             }
         });
         Ok(CpuTensor::new(out, ids.len(), d))

@@ -87,12 +87,14 @@ impl Checkpoint {
         let arch = match config.get("model_type").and_then(|v| v.as_str()) {
             Some("gpt2") => Arch::Gpt2,
             Some("clip") | Some("clip_vision_model") => Arch::ClipVision,
-            Some(other) => return Err(Error::file(
-                &config_path,
-                format!(
+            Some(other) => {
+                return Err(Error::file(
+                    &config_path,
+                    format!(
                     "unsupported model_type `{other}` (supported: gpt2, clip, clip_vision_model)"
                 ),
-            )),
+                ))
+            }
             None => return Err(Error::file(&config_path, "no `model_type` field")),
         };
 

@@ -4,17 +4,15 @@
 
 use std::path::Path;
 
-use super::{
-    field_f32, field_usize, linear_in_out, upload_linear, upload_vector, Batch, ForwardHooks,
-    ForwardOutput, LinearModule, Site,
-};
+use super::block::{BlockRun, LayerNorm, PreLnBlock};
+use super::{field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 
 pub const PREFIX: &str = "vision_model.";
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ClipVisionConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -153,85 +151,32 @@ impl ClipVisionConfig {
     }
 }
 
-struct LayerNorm<B: Backend> {
-    gamma: B::Tensor,
-    beta: B::Tensor,
-}
-
-struct Linear<B: Backend> {
-    w: B::Tensor,
-    b: B::Tensor,
-}
-
-struct Layer<B: Backend> {
-    ln1: LayerNorm<B>,
-    /// q, k and v fused into one `[d, 3d]` GEMM: they share their input.
-    qkv: Linear<B>,
-    out_proj: Linear<B>,
-    ln2: LayerNorm<B>,
-    fc1: Linear<B>,
-    fc2: Linear<B>,
-}
-
 pub struct ClipVision<B: Backend> {
     pub config: ClipVisionConfig,
     patch_w: B::Tensor,
     class: B::Tensor,
     pos: B::Tensor,
     pre_ln: LayerNorm<B>,
-    layers: Vec<Layer<B>>,
+    layers: Vec<PreLnBlock<B>>,
     post_ln: LayerNorm<B>,
 }
 
 impl<B: Backend> ClipVision<B> {
     pub fn load(backend: &B, ckpt: &Checkpoint, config: ClipVisionConfig) -> Result<Self> {
         let (d, p, ch) = (config.hidden_size, config.patch_size, config.num_channels);
-        let ln = |prefix: String| -> Result<LayerNorm<B>> {
-            Ok(LayerNorm {
-                gamma: upload_vector(backend, ckpt, &format!("{prefix}.weight"), d)?,
-                beta: upload_vector(backend, ckpt, &format!("{prefix}.bias"), d)?,
-            })
-        };
-        let bias_name = |m: &LinearModule| format!("{}.bias", m.weight.trim_end_matches(".weight"));
-        let bias = |m: &LinearModule| upload_vector(backend, ckpt, &bias_name(m), m.out_dim);
         let sites = config.sites();
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for l in 0..config.num_hidden_layers {
-            let s = &sites[4 * l..4 * l + 4];
-            let (mut w, mut b) = (Vec::with_capacity(3 * d * d), Vec::with_capacity(3 * d));
-            let qkv: Vec<Vec<f32>> = s[0]
-                .modules
-                .iter()
-                .map(|m| linear_in_out(ckpt, m))
-                .collect::<Result<_>>()?;
-            for r in 0..d {
-                for part in &qkv {
-                    w.extend_from_slice(&part[r * d..(r + 1) * d]);
-                }
-            }
-            for m in &s[0].modules {
-                b.extend(ckpt.f32_shaped(&bias_name(m), &[d])?);
-            }
-            let linear = |site: &Site| -> Result<Linear<B>> {
-                let m = &site.modules[0];
-                Ok(Linear {
-                    w: upload_linear(backend, ckpt, m)?,
-                    b: bias(m)?,
-                })
-            };
-            let pre = format!("{PREFIX}encoder.layers.{l}");
-            layers.push(Layer {
-                ln1: ln(format!("{pre}.layer_norm1"))?,
-                qkv: Linear {
-                    w: backend.upload(&w, d, 3 * d)?,
-                    b: backend.upload(&b, 1, 3 * d)?,
-                },
-                out_proj: linear(&s[1])?,
-                ln2: ln(format!("{pre}.layer_norm2"))?,
-                fc1: linear(&s[2])?,
-                fc2: linear(&s[3])?,
-            });
-        }
+        let layers = (0..config.num_hidden_layers)
+            .map(|l| {
+                let pre = format!("{PREFIX}encoder.layers.{l}");
+                PreLnBlock::load(
+                    backend,
+                    ckpt,
+                    &sites[4 * l..4 * l + 4],
+                    &format!("{pre}.layer_norm1"),
+                    &format!("{pre}.layer_norm2"),
+                )
+            })
+            .collect::<Result<_>>()?;
         // Conv weight [d, c, p, p] flattened per output channel is the [d, c·p·p] matrix
         // that multiplies an im2col row; the GEMM wants it as [c·p·p, d].
         let k = ch * p * p;
@@ -239,24 +184,19 @@ impl<B: Backend> ClipVision<B> {
             &format!("{PREFIX}embeddings.patch_embedding.weight"),
             &[d, ch, p, p],
         )?;
-        let patch_w = backend.upload(&super::transpose(&conv, d, k), k, d)?;
         let tokens = config.num_patches() + 1;
         let pos = ckpt.f32_shaped(
             &format!("{PREFIX}embeddings.position_embedding.weight"),
             &[tokens, d],
         )?;
+        let class = ckpt.f32_shaped(&format!("{PREFIX}embeddings.class_embedding"), &[d])?;
         Ok(ClipVision {
-            patch_w,
-            class: upload_vector(
-                backend,
-                ckpt,
-                &format!("{PREFIX}embeddings.class_embedding"),
-                d,
-            )?,
+            patch_w: backend.upload(&super::transpose(&conv, d, k), k, d)?,
+            class: backend.upload(&class, 1, d)?,
             pos: backend.upload(&pos, tokens, d)?,
-            pre_ln: ln(format!("{PREFIX}pre_layrnorm"))?,
+            pre_ln: LayerNorm::load(backend, ckpt, &format!("{PREFIX}pre_layrnorm"), d)?,
             layers,
-            post_ln: ln(format!("{PREFIX}post_layernorm"))?,
+            post_ln: LayerNorm::load(backend, ckpt, &format!("{PREFIX}post_layernorm"), d)?,
             config,
         })
     }
@@ -305,60 +245,33 @@ impl<B: Backend> ClipVision<B> {
             )));
         }
         let (d, tokens) = (c.hidden_size, c.num_patches() + 1);
-        let eps = c.layer_norm_eps;
-        let patches_in = backend.upload(
-            &self.im2col(values, *batch),
-            batch * c.num_patches(),
-            c.num_channels * c.patch_size * c.patch_size,
-        )?;
+        let run = BlockRun {
+            eps: c.layer_norm_eps,
+            shape: AttentionShape {
+                batch: *batch,
+                seq: tokens,
+                heads: c.num_attention_heads,
+                head_dim: d / c.num_attention_heads,
+                causal: false,
+            },
+            mask: None,
+            act: Activation::QuickGelu,
+        };
+        let k = c.num_channels * c.patch_size * c.patch_size;
+        let patches_in =
+            backend.upload(&self.im2col(values, *batch), batch * c.num_patches(), k)?;
         let patches = backend.linear(&patches_in, &self.patch_w, None)?;
         let emb = backend.clip_tokens(&patches, &self.class, &self.pos, *batch)?;
-        let mut h = backend.layer_norm(&emb, &self.pre_ln.gamma, &self.pre_ln.beta, eps)?;
-        let mut record = |t: &B::Tensor| -> Result<()> {
-            if let Some(hs) = hooks.hidden_states.as_deref_mut() {
-                hs.push(backend.download(t)?);
-            }
-            Ok(())
-        };
-        record(&h)?;
-        let mut grams = hooks.grams;
-        let mut observe = |site: usize, x: &B::Tensor| -> Result<()> {
-            match grams.as_deref_mut() {
-                Some(g) => g.observe(site, x, None),
-                None => Ok(()),
-            }
-        };
-        let shape = AttentionShape {
-            batch: *batch,
-            seq: tokens,
-            heads: c.num_attention_heads,
-            head_dim: d / c.num_attention_heads,
-            causal: false,
-        };
+        let mut h = self.pre_ln.apply(backend, &emb, run.eps)?;
+        hooks.record(backend, &h)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let a = backend.layer_norm(&h, &layer.ln1.gamma, &layer.ln1.beta, eps)?;
-            observe(4 * l, &a)?;
-            let qkv = backend.linear(&a, &layer.qkv.w, Some(&layer.qkv.b))?;
-            let att = backend.attention(&qkv, shape, None)?;
-            observe(4 * l + 1, &att)?;
-            backend.add_assign(
-                &mut h,
-                &backend.linear(&att, &layer.out_proj.w, Some(&layer.out_proj.b))?,
-            )?;
-            let m = backend.layer_norm(&h, &layer.ln2.gamma, &layer.ln2.beta, eps)?;
-            observe(4 * l + 2, &m)?;
-            let mut f = backend.linear(&m, &layer.fc1.w, Some(&layer.fc1.b))?;
-            backend.activate(&mut f, Activation::QuickGelu)?;
-            observe(4 * l + 3, &f)?;
-            backend.add_assign(
-                &mut h,
-                &backend.linear(&f, &layer.fc2.w, Some(&layer.fc2.b))?,
-            )?;
-            record(&h)?;
+            layer.forward(backend, &mut h, &run, 4 * l, &mut hooks.grams)?;
+            hooks.record(backend, &h)?;
         }
         let class_rows: Vec<usize> = (0..*batch).map(|b| b * tokens).collect();
-        let cls = backend.gather_rows(&h, &class_rows)?;
-        let pooled = backend.layer_norm(&cls, &self.post_ln.gamma, &self.post_ln.beta, eps)?;
+        let pooled =
+            self.post_ln
+                .apply(backend, &backend.gather_rows(&h, &class_rows)?, run.eps)?;
         Ok(ForwardOutput {
             last_hidden: h,
             pooled: Some(pooled),

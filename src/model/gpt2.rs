@@ -3,15 +3,13 @@
 
 use std::path::Path;
 
-use super::{
-    field_f32, field_usize, upload_linear, upload_vector, Batch, ForwardHooks, ForwardOutput,
-    LinearModule, Site,
-};
+use super::block::{BlockRun, LayerNorm, PreLnBlock};
+use super::{field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Gpt2Config {
     pub vocab_size: usize,
     pub n_positions: usize,
@@ -115,69 +113,36 @@ impl Gpt2Config {
     }
 }
 
-struct LayerNorm<B: Backend> {
-    gamma: B::Tensor,
-    beta: B::Tensor,
-}
-
-struct Linear<B: Backend> {
-    w: B::Tensor,
-    b: B::Tensor,
-}
-
-struct Block<B: Backend> {
-    ln_1: LayerNorm<B>,
-    c_attn: Linear<B>,
-    attn_proj: Linear<B>,
-    ln_2: LayerNorm<B>,
-    c_fc: Linear<B>,
-    mlp_proj: Linear<B>,
-}
-
 pub struct Gpt2<B: Backend> {
     pub config: Gpt2Config,
     wte: B::Tensor,
     wpe: B::Tensor,
-    blocks: Vec<Block<B>>,
+    blocks: Vec<PreLnBlock<B>>,
     ln_f: LayerNorm<B>,
 }
 
 impl<B: Backend> Gpt2<B> {
     pub fn load(backend: &B, ckpt: &Checkpoint, config: Gpt2Config) -> Result<Self> {
         let d = config.n_embd;
-        let ln = |prefix: &str| -> Result<LayerNorm<B>> {
-            Ok(LayerNorm {
-                gamma: upload_vector(backend, ckpt, &format!("{prefix}.weight"), d)?,
-                beta: upload_vector(backend, ckpt, &format!("{prefix}.bias"), d)?,
-            })
-        };
         let sites = config.sites();
-        let linear = |site: &Site| -> Result<Linear<B>> {
-            let m = &site.modules[0];
-            Ok(Linear {
-                w: upload_linear(backend, ckpt, m)?,
-                b: upload_vector(backend, ckpt, &format!("{}.bias", site.name), m.out_dim)?,
+        let blocks = (0..config.n_layer)
+            .map(|l| {
+                PreLnBlock::load(
+                    backend,
+                    ckpt,
+                    &sites[4 * l..4 * l + 4],
+                    &format!("h.{l}.ln_1"),
+                    &format!("h.{l}.ln_2"),
+                )
             })
-        };
-        let mut blocks = Vec::with_capacity(config.n_layer);
-        for l in 0..config.n_layer {
-            let s = &sites[4 * l..4 * l + 4];
-            blocks.push(Block {
-                ln_1: ln(&format!("h.{l}.ln_1"))?,
-                c_attn: linear(&s[0])?,
-                attn_proj: linear(&s[1])?,
-                ln_2: ln(&format!("h.{l}.ln_2"))?,
-                c_fc: linear(&s[2])?,
-                mlp_proj: linear(&s[3])?,
-            });
-        }
+            .collect::<Result<_>>()?;
         let wte = ckpt.f32_shaped("wte.weight", &[config.vocab_size, d])?;
         let wpe = ckpt.f32_shaped("wpe.weight", &[config.n_positions, d])?;
         Ok(Gpt2 {
             wte: backend.upload(&wte, config.vocab_size, d)?,
             wpe: backend.upload(&wpe, config.n_positions, d)?,
             blocks,
-            ln_f: ln("ln_f")?,
+            ln_f: LayerNorm::load(backend, ckpt, "ln_f", d)?,
             config,
         })
     }
@@ -204,55 +169,29 @@ impl<B: Backend> Gpt2<B> {
                 c.n_positions
             )));
         }
-        let eps = c.layer_norm_epsilon;
-        let shape = AttentionShape {
-            batch: *batch,
-            seq: *seq,
-            heads: c.n_head,
-            head_dim: c.n_embd / c.n_head,
-            causal: true,
-        };
-        let mut record = |t: &B::Tensor| -> Result<()> {
-            if let Some(h) = hooks.hidden_states.as_deref_mut() {
-                h.push(backend.download(t)?);
-            }
-            Ok(())
+        let run = BlockRun {
+            eps: c.layer_norm_epsilon,
+            shape: AttentionShape {
+                batch: *batch,
+                seq: *seq,
+                heads: c.n_head,
+                head_dim: c.n_embd / c.n_head,
+                causal: true,
+            },
+            mask: Some(mask),
+            act: Activation::GeluNew,
         };
         let mut h = backend.embed_tokens(&self.wte, &self.wpe, ids, *seq)?;
-        record(&h)?;
-        let mut grams = hooks.grams;
-        let mut observe = |site: usize, x: &B::Tensor| -> Result<()> {
-            match grams.as_deref_mut() {
-                Some(g) => g.observe(site, x, Some(mask)),
-                None => Ok(()),
-            }
-        };
-        for (l, b) in self.blocks.iter().enumerate() {
-            let a = backend.layer_norm(&h, &b.ln_1.gamma, &b.ln_1.beta, eps)?;
-            observe(4 * l, &a)?;
-            let qkv = backend.linear(&a, &b.c_attn.w, Some(&b.c_attn.b))?;
-            let att = backend.attention(&qkv, shape, Some(mask))?;
-            observe(4 * l + 1, &att)?;
-            backend.add_assign(
-                &mut h,
-                &backend.linear(&att, &b.attn_proj.w, Some(&b.attn_proj.b))?,
-            )?;
-            let m = backend.layer_norm(&h, &b.ln_2.gamma, &b.ln_2.beta, eps)?;
-            observe(4 * l + 2, &m)?;
-            let mut f = backend.linear(&m, &b.c_fc.w, Some(&b.c_fc.b))?;
-            backend.activate(&mut f, Activation::GeluNew)?;
-            observe(4 * l + 3, &f)?;
-            backend.add_assign(
-                &mut h,
-                &backend.linear(&f, &b.mlp_proj.w, Some(&b.mlp_proj.b))?,
-            )?;
+        hooks.record(backend, &h)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            block.forward(backend, &mut h, &run, 4 * l, &mut hooks.grams)?;
             // transformers lists the input of every block, then the final ln_f output.
             if l + 1 < self.blocks.len() {
-                record(&h)?;
+                hooks.record(backend, &h)?;
             }
         }
-        let out = backend.layer_norm(&h, &self.ln_f.gamma, &self.ln_f.beta, eps)?;
-        record(&out)?;
+        let out = self.ln_f.apply(backend, &h, run.eps)?;
+        hooks.record(backend, &out)?;
         Ok(ForwardOutput {
             last_hidden: out,
             pooled: None,

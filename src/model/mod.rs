@@ -1,6 +1,7 @@
 //! Native forward passes, written once against the [`Backend`] trait, with a hook at every
 //! linear layer's input ("site") where the Gram accumulator observes the activations.
 
+mod block;
 pub mod clip;
 pub mod gpt2;
 
@@ -70,11 +71,29 @@ pub struct ForwardOutput<B: Backend> {
 }
 
 /// Options of one forward pass.
-#[derive(Default)]
 pub struct ForwardHooks<'a, B: Backend> {
     pub grams: Option<&'a mut dyn GramSink<B>>,
     /// Receives every hidden state as transformers' `output_hidden_states` lists them.
     pub hidden_states: Option<&'a mut Vec<Vec<f32>>>,
+}
+
+impl<B: Backend> ForwardHooks<'_, B> {
+    /// Hands a hidden state to `hidden_states`, when asked for.
+    fn record(&mut self, backend: &B, t: &B::Tensor) -> Result<()> {
+        if let Some(h) = self.hidden_states.as_deref_mut() {
+            h.push(backend.download(t)?);
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Default for ForwardHooks<'_, B> {
+    fn default() -> Self {
+        ForwardHooks {
+            grams: None,
+            hidden_states: None,
+        }
+    }
 }
 
 /// A model loaded onto a backend.
@@ -143,6 +162,27 @@ impl ModelConfig {
     pub fn same_shape(&self, other: &ModelConfig) -> bool {
         self.expected_shapes() == other.expected_shapes()
     }
+
+    /// The config fields that differ, as `field: self vs other`.
+    pub fn differences(&self, other: &ModelConfig) -> String {
+        let json = |c: &ModelConfig| {
+            match c {
+                ModelConfig::Gpt2(c) => serde_json::to_value(c),
+                ModelConfig::Clip(c) => serde_json::to_value(c),
+            }
+            .expect("config serialises")
+        };
+        let (a, b) = (json(self), json(other));
+        match (a.as_object(), b.as_object()) {
+            (Some(a), Some(b)) if self.arch() == other.arch() => a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(v))
+                .map(|(k, v)| format!("{k}: {v} vs {}", b[k]))
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => format!("{} vs {}", self.arch().name(), other.arch().name()),
+        }
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -199,15 +239,6 @@ pub(crate) fn field_f32(
     }
 }
 
-/// Uploads a linear weight as `[in, out]`, transposing `nn.Linear`'s `[out, in]`.
-pub(crate) fn upload_linear<B: Backend>(
-    backend: &B,
-    ckpt: &Checkpoint,
-    m: &LinearModule,
-) -> Result<B::Tensor> {
-    backend.upload(&linear_in_out(ckpt, m)?, m.in_dim, m.out_dim)
-}
-
 /// A linear weight as a row-major `[in, out]` host matrix, whatever its stored layout.
 pub fn linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
     let shape = if m.transposed {
@@ -221,16 +252,6 @@ pub fn linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
     } else {
         w
     })
-}
-
-pub(crate) fn upload_vector<B: Backend>(
-    backend: &B,
-    ckpt: &Checkpoint,
-    name: &str,
-    len: usize,
-) -> Result<B::Tensor> {
-    let v = ckpt.f32_shaped(name, &[len])?;
-    backend.upload(&v, 1, len)
 }
 
 /// Row-major `[rows, cols]` → `[cols, rows]`.

@@ -223,8 +223,9 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
         return Err(Error::file(
             ckpt.dir().join("config.json"),
             format!(
-                "architecture sizes differ from the base model {} ({cfg:?} vs {base_cfg:?})",
-                base.dir().display()
+                "architecture sizes differ from the base model {} ({})",
+                base.dir().display(),
+                cfg.differences(base_cfg)
             ),
         ));
     }
@@ -304,7 +305,8 @@ impl RunningSums {
             .expected_shapes()
             .into_iter()
             .filter(|(name, _)| {
-                !exclude.excludes(name) && !(regmean && solved.contains(&name.as_str()))
+                let solved_here = regmean && solved.contains(&name.as_str());
+                !(exclude.excludes(name) || solved_here)
             })
             .map(|(name, shape)| (name, vec![0.0f32; shape.iter().product()]))
             .collect();
@@ -448,7 +450,7 @@ pub fn output_config(base: &Checkpoint, torch_dtype: &str) -> serde_json::Value 
     }]);
     // transformers 5 writes `dtype`, 4.x `torch_dtype`: update the one the base model uses.
     if let Some(obj) = c.as_object_mut() {
-        let key = if obj.contains_key("dtype") {
+        let key = if src.get("dtype").is_some() || obj.contains_key("dtype") {
             "dtype"
         } else {
             "torch_dtype"

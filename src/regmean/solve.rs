@@ -79,7 +79,8 @@ fn try_solve(a: &Mat<f64>, b: &Mat<f64>) -> Result<Vec<f32>, String> {
         (lo.min(v), hi.max(v))
     });
     let rcond = (lo / hi).powi(2);
-    if !(rcond >= MIN_RCOND) {
+    // NaN compares false: a NaN estimate is rejected too.
+    if rcond.is_nan() || rcond < MIN_RCOND {
         return Err(format!(
             "the summed Gram is near-singular (reciprocal condition ≈ {rcond:.1e})"
         ));

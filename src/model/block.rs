@@ -1,0 +1,135 @@
+//! The pieces GPT-2 and the CLIP encoder share: LayerNorm, a linear layer (optionally fused
+//! over the modules of a site), and the pre-LN transformer block with its four Gram sites.
+
+use super::{linear_in_out, GramSink, Site};
+use crate::backend::{Activation, AttentionShape, Backend};
+use crate::error::Result;
+use crate::io::Checkpoint;
+
+pub(crate) struct LayerNorm<B: Backend> {
+    gamma: B::Tensor,
+    beta: B::Tensor,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    pub fn load(backend: &B, ckpt: &Checkpoint, prefix: &str, d: usize) -> Result<Self> {
+        let vector = |leaf: &str| -> Result<B::Tensor> {
+            backend.upload(&ckpt.f32_shaped(&format!("{prefix}.{leaf}"), &[d])?, 1, d)
+        };
+        Ok(LayerNorm {
+            gamma: vector("weight")?,
+            beta: vector("bias")?,
+        })
+    }
+
+    pub fn apply(&self, backend: &B, x: &B::Tensor, eps: f32) -> Result<B::Tensor> {
+        backend.layer_norm(x, &self.gamma, &self.beta, eps)
+    }
+}
+
+/// `x · W + b` with W `[in, out]` on the backend.
+pub(crate) struct Linear<B: Backend> {
+    w: B::Tensor,
+    b: B::Tensor,
+}
+
+impl<B: Backend> Linear<B> {
+    /// The linear layer(s) a site feeds, fused along the output when there are several
+    /// (CLIP's q, k and v become one `[d, 3d]` GEMM, the layout of GPT-2's c_attn).
+    pub fn load_site(backend: &B, ckpt: &Checkpoint, site: &Site) -> Result<Self> {
+        let parts: Vec<Vec<f32>> = site
+            .modules
+            .iter()
+            .map(|m| linear_in_out(ckpt, m))
+            .collect::<Result<_>>()?;
+        let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
+        let mut w = Vec::with_capacity(site.dim * out);
+        for r in 0..site.dim {
+            for (part, m) in parts.iter().zip(&site.modules) {
+                w.extend_from_slice(&part[r * m.out_dim..(r + 1) * m.out_dim]);
+            }
+        }
+        let mut b = Vec::with_capacity(out);
+        for m in &site.modules {
+            let name = format!("{}.bias", m.weight.trim_end_matches(".weight"));
+            b.extend(ckpt.f32_shaped(&name, &[m.out_dim])?);
+        }
+        Ok(Linear {
+            w: backend.upload(&w, site.dim, out)?,
+            b: backend.upload(&b, 1, out)?,
+        })
+    }
+
+    pub fn apply(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
+        backend.linear(x, &self.w, Some(&self.b))
+    }
+}
+
+/// A pre-LN transformer block: h += out(attention(qkv(ln1 h))); h += fc2(act(fc1(ln2 h))).
+pub(crate) struct PreLnBlock<B: Backend> {
+    ln1: LayerNorm<B>,
+    qkv: Linear<B>,
+    attn_out: Linear<B>,
+    ln2: LayerNorm<B>,
+    fc1: Linear<B>,
+    fc2: Linear<B>,
+}
+
+/// What a block needs to run besides its weights.
+pub(crate) struct BlockRun<'a> {
+    pub eps: f32,
+    pub shape: AttentionShape,
+    /// Attention mask over keys, also the Gram row mask (1 = real token).
+    pub mask: Option<&'a [u8]>,
+    pub act: Activation,
+}
+
+impl<B: Backend> PreLnBlock<B> {
+    /// `sites` are the block's four sites in order: qkv, attention output, fc1, fc2.
+    pub fn load(
+        backend: &B,
+        ckpt: &Checkpoint,
+        sites: &[Site],
+        ln1: &str,
+        ln2: &str,
+    ) -> Result<Self> {
+        let d = sites[0].dim;
+        Ok(PreLnBlock {
+            ln1: LayerNorm::load(backend, ckpt, ln1, d)?,
+            qkv: Linear::load_site(backend, ckpt, &sites[0])?,
+            attn_out: Linear::load_site(backend, ckpt, &sites[1])?,
+            ln2: LayerNorm::load(backend, ckpt, ln2, d)?,
+            fc1: Linear::load_site(backend, ckpt, &sites[2])?,
+            fc2: Linear::load_site(backend, ckpt, &sites[3])?,
+        })
+    }
+
+    /// Runs the block on `h` in place, showing the four site inputs (numbered from
+    /// `first_site`) to the Gram sink.
+    pub fn forward(
+        &self,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &BlockRun<'_>,
+        first_site: usize,
+        grams: &mut Option<&mut dyn GramSink<B>>,
+    ) -> Result<()> {
+        let mut observe = |k: usize, x: &B::Tensor| -> Result<()> {
+            match grams.as_deref_mut() {
+                Some(g) => g.observe(first_site + k, x, run.mask),
+                None => Ok(()),
+            }
+        };
+        let a = self.ln1.apply(backend, h, run.eps)?;
+        observe(0, &a)?;
+        let att = backend.attention(&self.qkv.apply(backend, &a)?, run.shape, run.mask)?;
+        observe(1, &att)?;
+        backend.add_assign(h, &self.attn_out.apply(backend, &att)?)?;
+        let m = self.ln2.apply(backend, h, run.eps)?;
+        observe(2, &m)?;
+        let mut f = self.fc1.apply(backend, &m)?;
+        backend.activate(&mut f, run.act)?;
+        observe(3, &f)?;
+        backend.add_assign(h, &self.fc2.apply(backend, &f)?)
+    }
+}

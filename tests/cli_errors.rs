@@ -1,0 +1,362 @@
+//! Bad input through the CLI: one clear message naming the file and the problem, a non-zero
+//! exit without a panic, and nothing left at (or beside) the output path.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{bin, fixtures};
+use regmean_gpu::io::safetensors::{write_file, OutTensor, TensorData};
+use regmean_gpu::io::SafetensorsFile;
+
+/// A private copy of the GPT-2 pool to break.
+struct Pool {
+    dir: tempfile::TempDir,
+}
+
+impl Pool {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&fixtures().join("gpt2_pool"), dir.path());
+        Pool { dir }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Rewrites a safetensors file through `edit(name, shape, values)`; None drops a tensor.
+    fn edit(
+        &self,
+        rel: &str,
+        edit: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(Vec<usize>, Vec<f32>)>,
+    ) {
+        let path = self.path(rel);
+        let f = SafetensorsFile::open(&path).unwrap();
+        let kept: Vec<(String, regmean_gpu::io::Dtype, Vec<usize>, Vec<f32>)> = f
+            .tensors()
+            .iter()
+            .filter_map(|(n, e)| {
+                edit(n, e.shape.clone(), f.to_f32(n).unwrap())
+                    .map(|(s, v)| (n.clone(), e.dtype.clone(), s, v))
+            })
+            .collect();
+        drop(f);
+        let out: Vec<OutTensor> = kept
+            .iter()
+            .map(|(n, d, s, v)| OutTensor {
+                name: n.clone(),
+                dtype: d.clone(),
+                shape: s.clone(),
+                data: TensorData::F32(v),
+            })
+            .collect();
+        write_file(
+            &path,
+            &out,
+            &BTreeMap::from([("format".into(), "pt".into())]),
+        )
+        .unwrap();
+    }
+
+    /// Runs `merge` on the pool's compat config (or another) and returns the failure message.
+    fn merge_fails(&self, config: &str) -> String {
+        let out_parent = self.path("out");
+        std::fs::create_dir_all(&out_parent).unwrap();
+        let o = Command::new(bin())
+            .args([
+                "merge",
+                self.path(config).to_str().unwrap(),
+                out_parent.join("merged").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "expected a clean failure, got {:?}: {stderr}",
+            o.status
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(&out_parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        errors[0].to_string()
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+fn assert_mentions(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "`{msg}` should mention `{p}`");
+    }
+}
+
+#[test]
+fn truncated_safetensors() {
+    let pool = Pool::new();
+    let p = pool.path("task_a/model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &["task_a/model.safetensors", "not a valid safetensors file"],
+    );
+}
+
+#[test]
+fn header_length_beyond_the_file() {
+    let pool = Pool::new();
+    let p = pool.path("task_b/model.safetensors");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&p, &bytes).unwrap();
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &["task_b/model.safetensors", "not a valid safetensors file"],
+    );
+}
+
+#[test]
+fn missing_tensor() {
+    let pool = Pool::new();
+    pool.edit("task_b/model.safetensors", |n, s, v| {
+        (n != "transformer.h.1.mlp.c_fc.bias").then_some((s, v))
+    });
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &["task_b", "missing tensor `h.1.mlp.c_fc.bias`"],
+    );
+}
+
+#[test]
+fn shape_mismatch_with_the_base() {
+    let pool = Pool::new();
+    pool.edit("task_a/model.safetensors", |n, s, v| {
+        Some(if n == "transformer.h.0.attn.c_proj.weight" {
+            (vec![45, 44], v[..45 * 44].to_vec())
+        } else {
+            (s, v)
+        })
+    });
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &[
+            "task_a/model.safetensors",
+            "h.0.attn.c_proj.weight",
+            "[45, 44]",
+            "[45, 45]",
+        ],
+    );
+}
+
+#[test]
+fn different_architecture_than_the_base() {
+    let pool = Pool::new();
+    let p = pool.path("task_c/config.json");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"n_layer\": 2", "\"n_layer\": 3");
+    std::fs::write(&p, text).unwrap();
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &["task_c/config.json", "differ from the base model"],
+    );
+}
+
+#[test]
+fn nan_in_a_weight() {
+    let pool = Pool::new();
+    pool.edit("task_a/model.safetensors", |n, s, mut v| {
+        if n == "transformer.h.1.mlp.c_fc.weight" {
+            v[7] = f32::NAN;
+        }
+        Some((s, v))
+    });
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &[
+            "task_a/model.safetensors",
+            "transformer.h.1.mlp.c_fc.weight",
+            "non-finite",
+        ],
+    );
+}
+
+#[test]
+fn empty_data() {
+    let pool = Pool::new();
+    std::fs::write(pool.path("data/task_b.jsonl"), "").unwrap();
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &["data/task_b.jsonl", "no examples"],
+    );
+}
+
+#[test]
+fn token_id_beyond_the_vocabulary() {
+    let pool = Pool::new();
+    let p = pool.path("data/task_a.jsonl");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, format!("{text}{{\"input_ids\": [1, 2, 500]}}\n")).unwrap();
+    // Put the bad example among those used: take the file in order and use everything.
+    let cfg = std::fs::read_to_string(pool.path("compat.yaml"))
+        .unwrap()
+        .replace("num_regmean_examples: 10", "num_regmean_examples: 100");
+    std::fs::write(pool.path("all.yaml"), cfg).unwrap();
+    assert_mentions(
+        &pool.merge_fails("all.yaml"),
+        &["data/task_a.jsonl", "token id 500", "vocab_size 97"],
+    );
+}
+
+#[test]
+fn unknown_config_key() {
+    let pool = Pool::new();
+    let cfg = std::fs::read_to_string(pool.path("compat.yaml"))
+        .unwrap()
+        .replace("  seed: 0", "  seed: 0\n  reduce_ratio: 0.5");
+    std::fs::write(pool.path("bad.yaml"), cfg).unwrap();
+    assert_mentions(
+        &pool.merge_fails("bad.yaml"),
+        &["bad.yaml", "unknown field `reduce_ratio`"],
+    );
+}
+
+#[test]
+fn existing_output_is_refused_without_force() {
+    let pool = Pool::new();
+    let out = pool.path("merged");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let o = Command::new(bin())
+        .args([
+            "merge",
+            pool.path("compat.yaml").to_str().unwrap(),
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_mentions(
+        &String::from_utf8_lossy(&o.stderr),
+        &["already exists", "--force"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("keep.txt")).unwrap(),
+        "mine"
+    );
+}
+
+#[test]
+fn unavailable_device_is_an_error_not_a_panic() {
+    let pool = Pool::new();
+    let o = Command::new(bin())
+        .args([
+            "merge",
+            pool.path("compat.yaml").to_str().unwrap(),
+            pool.path("m").to_str().unwrap(),
+            "--device",
+            "cuda",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_mentions(
+        &String::from_utf8_lossy(&o.stderr),
+        &["--device cuda", "--device cpu"],
+    );
+}
+
+#[test]
+fn cli_merge_and_grams_round_trip() {
+    let pool = Pool::new();
+    let grams = pool.path("a.grams.safetensors");
+    let o = Command::new(bin())
+        .args([
+            "grams",
+            "--model",
+            pool.path("task_a").to_str().unwrap(),
+            "--data",
+            pool.path("data/task_a.jsonl").to_str().unwrap(),
+        ])
+        .args([
+            "--config",
+            pool.path("compat.yaml").to_str().unwrap(),
+            "-o",
+            grams.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("12 examples, 288 rows per site"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // A Gram file used for the wrong model is refused by fingerprint.
+    let cfg = std::fs::read_to_string(pool.path("compat.yaml"))
+        .unwrap()
+        .replace(
+            "- model: ./task_b\n  data: ./data/task_b.jsonl",
+            "- model: ./task_b\n  grams: ./a.grams.safetensors",
+        );
+    assert!(cfg.contains("a.grams"), "{cfg}");
+    std::fs::write(pool.path("wrong.yaml"), cfg).unwrap();
+    assert_mentions(
+        &pool.merge_fails("wrong.yaml"),
+        &["a.grams.safetensors", "different model"],
+    );
+    // ... and with different options.
+    let cfg = std::fs::read_to_string(pool.path("compat.yaml"))
+        .unwrap()
+        .replace(
+            "- model: ./task_a\n  data: ./data/task_a.jsonl",
+            "- model: ./task_a\n  grams: ./a.grams.safetensors",
+        );
+    std::fs::write(
+        pool.path("opts.yaml"),
+        cfg.replace("fusionbench_compat: true", "fusionbench_compat: false"),
+    )
+    .unwrap();
+    assert_mentions(
+        &pool.merge_fails("opts.yaml"),
+        &[
+            "a.grams.safetensors",
+            "different options",
+            "fusionbench_compat",
+        ],
+    );
+    // The right use merges.
+    std::fs::write(pool.path("ok.yaml"), cfg).unwrap();
+    let o = Command::new(bin())
+        .args([
+            "merge",
+            "-q",
+            pool.path("ok.yaml").to_str().unwrap(),
+            pool.path("merged").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(pool.path("merged/model.safetensors").is_file());
+}
