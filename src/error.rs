@@ -29,9 +29,21 @@ pub enum Error {
     #[error("{0}")]
     Numerical(String),
 
-    /// A failure inside a compute backend (the GPU backend adds its driver errors here).
+    /// A failure inside a compute backend.
     #[error("backend: {0}")]
     Backend(String),
+
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+
+    #[error("cuBLAS: {0}")]
+    Cublas(#[from] cudarc::cublas::result::CublasError),
+
+    #[error("cuSOLVER: {0}")]
+    Cusolver(#[from] cudarc::cusolver::result::CusolverError),
+
+    #[error("out of GPU memory allocating {what} ({} MB): lower parameters.batch_size, or use --device cpu", bytes / 1_000_000)]
+    OutOfMemory { what: String, bytes: usize },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

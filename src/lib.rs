@@ -16,6 +16,7 @@ pub mod backend;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod doctor;
 pub mod error;
 pub mod io;
 pub mod model;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use regmean_gpu::backend::cuda::{self, DeviceChoice};
 use regmean_gpu::backend::CpuBackend;
 use regmean_gpu::config::{MergeConfig, Parameters};
 use regmean_gpu::progress::{Event, Observer};
@@ -45,6 +46,15 @@ enum Command {
     },
     /// Run a model's forward pass over data and save the outputs (for parity checks)
     Forward(ForwardArgs),
+    /// Report the GPU, drivers and libraries, and check every CUDA kernel against its CPU twin
+    Doctor {
+        /// Print one JSON object instead of text
+        #[arg(long)]
+        json: bool,
+        /// Also benchmark the Gram kernel against cuBLAS and time the solve
+        #[arg(long)]
+        bench: bool,
+    },
     /// Write a synthetic pool of random-weight models of realistic size (for benchmarks)
     #[command(hide = true)]
     Synth(regmean_gpu::demo::SynthArgs),
@@ -156,14 +166,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Commands whose work is the forward pass, which runs on the CPU in this build.
 fn cpu_device(device: &DeviceArg) -> Result<CpuBackend> {
-    match device.device.as_str() {
-        "auto" | "cpu" => Ok(CpuBackend),
-        d if d == "cuda" || d.starts_with("cuda:") => Err(Error::invalid(format!(
-            "--device {d}: this build has no CUDA backend yet; use --device cpu (or auto)"
-        ))),
-        d => Err(Error::invalid(format!(
-            "--device {d}: expected auto, cpu, cuda or cuda:N"
+    match device.device.parse::<DeviceChoice>()? {
+        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(CpuBackend),
+        DeviceChoice::Cuda(_) => Err(Error::invalid(format!(
+            "--device {}: the forward pass runs on the CPU in this build (the CUDA forward is not implemented yet); use --device cpu",
+            device.device
         ))),
     }
 }
@@ -171,15 +180,24 @@ fn cpu_device(device: &DeviceArg) -> Result<CpuBackend> {
 fn run(command: Command, ui: &Ui) -> Result<()> {
     match command {
         Command::Merge(a) => {
-            let backend = cpu_device(&a.device)?;
+            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+            let backend = CpuBackend;
             let cfg = MergeConfig::load(&a.config)?;
+            let place = match &gpu {
+                None => regmean_gpu::backend::Backend::name(&backend),
+                Some(dev) => format!(
+                    "{} (forward on the CPU; Gram sums and the solve on cuda:{})",
+                    dev.name()?,
+                    dev.ordinal()
+                ),
+            };
             ui.info(&format!(
-                "merging {} models into {} on {}",
+                "merging {} models into {} on {place}",
                 cfg.models.len(),
-                a.out_dir.display(),
-                regmean_gpu::backend::Backend::name(&backend)
+                a.out_dir.display()
             ));
             let opts = MergeOptions {
+                device: gpu,
                 out_shard_bytes: a.out_shard_size,
                 force: a.force,
             };
@@ -232,6 +250,77 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             Ok(())
         }
         Command::Synth(a) => regmean_gpu::demo::synth(&a, ui),
+        Command::Doctor { json, bench } => doctor(json, bench),
+    }
+}
+
+fn doctor(json: bool, bench: bool) -> Result<()> {
+    let say = |m: &str| {
+        if !json {
+            eprintln!("{m}");
+        }
+    };
+    let r = regmean_gpu::doctor::run(bench, &say)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
+    } else {
+        let p = &r.probe;
+        let driver = p.driver_version.as_deref().unwrap_or(if p.libcuda_present {
+            "unknown"
+        } else {
+            "libcuda.so not found"
+        });
+        let nvcc = if r.nvcc.is_empty() {
+            "no nvcc at build time"
+        } else {
+            r.nvcc
+        };
+        println!("CUDA bindings:     {}", r.cuda_bindings);
+        println!("driver:            {driver}");
+        println!("devices:           {}", p.devices);
+        println!(
+            "kernels embedded:  {} ({}; {nvcc})",
+            r.kernels_embedded,
+            r.kernel_architectures.join(", ")
+        );
+        println!(
+            "cuBLAS / cuSOLVER: {} / {}",
+            found(p.cublas_present),
+            found(p.cusolver_present)
+        );
+        if let Some(dev) = &r.device {
+            println!(
+                "GPU:               {dev} ({})",
+                r.compute_capability.as_deref().unwrap_or("?")
+            );
+        }
+        for lib in &r.libraries {
+            println!("loaded:            {lib}");
+        }
+        match &r.unavailable_reason {
+            Some(why) => println!("cuda available:    no: {why}"),
+            None => {
+                let passed = r.checks.iter().filter(|c| c.pass).count();
+                println!(
+                    "cuda available:    yes; {passed} of {} kernel checks passed",
+                    r.checks.len()
+                )
+            }
+        }
+    }
+    if r.cuda_available && !r.all_passed {
+        return Err(Error::Numerical(
+            "some kernel checks failed (see above)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn found(present: bool) -> &'static str {
+    if present {
+        "found"
+    } else {
+        "not found"
     }
 }
 

@@ -3,6 +3,7 @@
 //! a batch of sequences is `[batch·seq, features]`.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::{CpuBackend, CpuTensor};
 

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use faer::linalg::matmul::matmul;
@@ -13,6 +14,8 @@ use faer::{Accum, MatMut, MatRef, Par};
 use super::gram::{compute_grams, ModelGrams};
 use super::solve::{solve_layer, SolveOutcome};
 use super::stats::{self, GramFileInfo};
+use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
+use crate::backend::cuda::CudaDevice;
 use crate::backend::Backend;
 use crate::config::{ExcludeSet, MergeConfig, MergeMethod};
 use crate::data::Dataset;
@@ -24,6 +27,8 @@ use crate::model::{linear_in_out, transpose, LinearModule, ModelConfig, Site};
 use crate::progress::{Event, Observer};
 
 pub struct MergeOptions {
+    /// Solve on this GPU (Gram sums, G'W products and the Cholesky solve on the device).
+    pub device: Option<Arc<CudaDevice>>,
     /// Largest shard written, in bytes.
     pub out_shard_bytes: u64,
     /// Replace an existing output directory.
@@ -33,6 +38,7 @@ pub struct MergeOptions {
 impl Default for MergeOptions {
     fn default() -> Self {
         MergeOptions {
+            device: None,
             out_shard_bytes: 5_000_000_000,
             force: false,
         }
@@ -68,20 +74,31 @@ pub struct MergeReport {
     pub files: Vec<String>,
 }
 
-/// A linear weight merged by RegMean, with the running sums over models.
+/// A linear weight merged by RegMean.
 struct SolvedModule {
     module: LinearModule,
     site: usize,
-    /// Σ G'ᵢWᵢ, `[in, out]`.
-    gw_sum: Vec<f32>,
-    /// Σ Wᵢ, `[in, out]` (for the fallback).
-    w_sum: Vec<f32>,
+}
+
+/// Σ G'ᵢ per site, and Σ G'ᵢWᵢ and Σ Wᵢ (for the fallback) per solved module, all
+/// `[in, ·]` row-major f32: in host memory, or on the GPU that will solve them.
+enum LinearSums {
+    Host {
+        gram: Vec<Vec<f32>>,
+        gw: Vec<Vec<f32>>,
+        w: Vec<Vec<f32>>,
+    },
+    Device {
+        dev: Arc<CudaDevice>,
+        sites: Vec<DeviceSiteSums>,
+        modules: Vec<DeviceModuleSums>,
+    },
 }
 
 /// The running state of a merge: everything a model contributes, summed.
 struct RunningSums {
-    gram_sum: Vec<Vec<f32>>,
     modules: Vec<SolvedModule>,
+    linear: LinearSums,
     mean_sum: BTreeMap<String, Vec<f32>>,
     count: usize,
 }
@@ -112,7 +129,7 @@ pub fn merge<B: Backend>(
 
     let sites = model_cfg.sites();
     let regmean = cfg.merge_method == MergeMethod::Regmean;
-    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean);
+    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
     let mut reports = Vec::with_capacity(cfg.models.len());
     let t0 = Instant::now();
     for (index, entry) in cfg.models.iter().enumerate() {
@@ -149,8 +166,7 @@ pub fn merge<B: Backend>(
     let mut fallbacks = Vec::new();
     for (done, m) in sums.modules.iter().enumerate() {
         let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
-        let w_mean: Vec<f32> = m.w_sum.iter().map(|v| v / k).collect();
-        let (w, outcome) = solve_layer(&sums.gram_sum[m.site], &m.gw_sum, &w_mean, d_in, d_out);
+        let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
         if outcome.is_fallback() {
             observer.event(Event::Warning(format!(
                 "{}: {}",
@@ -278,25 +294,53 @@ fn model_grams<B: Backend>(
 }
 
 impl RunningSums {
-    fn new(model_cfg: &ModelConfig, sites: &[Site], exclude: &ExcludeSet, regmean: bool) -> Self {
+    fn new(
+        model_cfg: &ModelConfig,
+        sites: &[Site],
+        exclude: &ExcludeSet,
+        regmean: bool,
+        device: Option<&Arc<CudaDevice>>,
+    ) -> Result<Self> {
         let mut modules = Vec::new();
-        let mut gram_sum = Vec::new();
         if regmean {
-            gram_sum = sites.iter().map(|s| vec![0.0f32; s.dim * s.dim]).collect();
             for (si, s) in sites.iter().enumerate() {
-                for m in &s.modules {
-                    if !exclude.excludes(&m.weight) {
-                        let n = m.in_dim * m.out_dim;
-                        modules.push(SolvedModule {
-                            module: m.clone(),
-                            site: si,
-                            gw_sum: vec![0.0; n],
-                            w_sum: vec![0.0; n],
-                        });
-                    }
+                for m in s.modules.iter().filter(|m| !exclude.excludes(&m.weight)) {
+                    modules.push(SolvedModule {
+                        module: m.clone(),
+                        site: si,
+                    });
                 }
             }
         }
+        let site_dims: Vec<usize> = if regmean {
+            sites.iter().map(|s| s.dim).collect()
+        } else {
+            Vec::new()
+        };
+        let linear = match device {
+            None => LinearSums::Host {
+                gram: site_dims.iter().map(|d| vec![0.0f32; d * d]).collect(),
+                gw: modules
+                    .iter()
+                    .map(|m| vec![0.0f32; m.module.in_dim * m.module.out_dim])
+                    .collect(),
+                w: modules
+                    .iter()
+                    .map(|m| vec![0.0f32; m.module.in_dim * m.module.out_dim])
+                    .collect(),
+            },
+            Some(dev) => LinearSums::Device {
+                dev: dev.clone(),
+                sites: site_dims
+                    .iter()
+                    .map(|&d| DeviceSiteSums::new(dev, d))
+                    .collect::<Result<_>>()?,
+                modules: modules
+                    .iter()
+                    .map(|m| DeviceModuleSums::new(dev, m.module.in_dim, m.module.out_dim))
+                    .collect::<Result<_>>()?,
+            },
+        };
         let solved: Vec<&str> = sites
             .iter()
             .flat_map(|s| s.modules.iter().map(|m| m.weight.as_str()))
@@ -310,14 +354,15 @@ impl RunningSums {
             })
             .map(|(name, shape)| (name, vec![0.0f32; shape.iter().product()]))
             .collect();
-        RunningSums {
-            gram_sum,
+        Ok(RunningSums {
             modules,
+            linear,
             mean_sum,
             count: 0,
-        }
+        })
     }
 
+    /// Adds one model's reduced Grams G' and products G'W.
     fn add_regmean(
         &mut self,
         ckpt: &Checkpoint,
@@ -325,35 +370,94 @@ impl RunningSums {
         ratio: f32,
         diag_mult: f32,
     ) -> Result<()> {
-        let mut reduced: Vec<Vec<f32>> = Vec::with_capacity(grams.sites.len());
-        for (site, sum) in grams.sites.into_iter().zip(&mut self.gram_sum) {
-            let d = site.dim;
-            let mut g = site.gram;
-            for i in 0..d {
-                for j in 0..d {
-                    g[i * d + j] *= if i == j { diag_mult } else { ratio };
+        match &mut self.linear {
+            LinearSums::Host { gram, gw, w } => {
+                let mut reduced: Vec<Vec<f32>> = Vec::with_capacity(grams.sites.len());
+                for (site, sum) in grams.sites.into_iter().zip(gram.iter_mut()) {
+                    let d = site.dim;
+                    let mut g = site.gram;
+                    for i in 0..d {
+                        for j in 0..d {
+                            g[i * d + j] *= if i == j { diag_mult } else { ratio };
+                        }
+                    }
+                    sum.iter_mut().zip(&g).for_each(|(s, v)| *s += v);
+                    reduced.push(g);
+                }
+                for ((m, gw_sum), w_sum) in self.modules.iter().zip(gw.iter_mut()).zip(w.iter_mut())
+                {
+                    let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
+                    let weights = linear_in_out(ckpt, &m.module)?;
+                    let mut product = vec![0.0f32; d_in * d_out];
+                    matmul(
+                        MatMut::from_row_major_slice_mut(&mut product, d_in, d_out),
+                        Accum::Replace,
+                        MatRef::from_row_major_slice(&reduced[m.site], d_in, d_in),
+                        MatRef::from_row_major_slice(&weights, d_in, d_out),
+                        1.0,
+                        Par::rayon(0),
+                    );
+                    gw_sum.iter_mut().zip(&product).for_each(|(s, v)| *s += v);
+                    w_sum.iter_mut().zip(&weights).for_each(|(s, v)| *s += v);
                 }
             }
-            sum.iter_mut().zip(&g).for_each(|(s, v)| *s += v);
-            reduced.push(g);
-        }
-        for m in &mut self.modules {
-            let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
-            let w = linear_in_out(ckpt, &m.module)?;
-            let g = &reduced[m.site];
-            let mut gw = vec![0.0f32; d_in * d_out];
-            matmul(
-                MatMut::from_row_major_slice_mut(&mut gw, d_in, d_out),
-                Accum::Replace,
-                MatRef::from_row_major_slice(g, d_in, d_in),
-                MatRef::from_row_major_slice(&w, d_in, d_out),
-                1.0,
-                Par::rayon(0),
-            );
-            m.gw_sum.iter_mut().zip(&gw).for_each(|(s, v)| *s += v);
-            m.w_sum.iter_mut().zip(&w).for_each(|(s, v)| *s += v);
+            LinearSums::Device {
+                dev,
+                sites,
+                modules,
+            } => {
+                // Site by site: a site's G' buffer is reused by the next model.
+                for (si, site) in grams.sites.into_iter().enumerate() {
+                    let g = dev.upload(&site.gram, "Gram")?;
+                    sites[si].add(dev, &g, ratio, diag_mult)?;
+                    for (m, sums) in self
+                        .modules
+                        .iter()
+                        .zip(modules.iter_mut())
+                        .filter(|(m, _)| m.site == si)
+                    {
+                        let weights =
+                            dev.upload(&linear_in_out(ckpt, &m.module)?, "linear weight")?;
+                        sums.add(dev, &sites[si].reduced, &weights)?;
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Solves module `index` (its site `site`): the merged weights `[in, out]` and how.
+    fn solve(
+        &self,
+        index: usize,
+        site: usize,
+        d_in: usize,
+        d_out: usize,
+    ) -> Result<(Vec<f32>, SolveOutcome)> {
+        let k = self.count;
+        match &self.linear {
+            LinearSums::Host { gram, gw, w } => {
+                let w_mean: Vec<f32> = w[index].iter().map(|v| v / k as f32).collect();
+                Ok(solve_layer(&gram[site], &gw[index], &w_mean, d_in, d_out))
+            }
+            LinearSums::Device {
+                dev,
+                sites,
+                modules,
+            } => {
+                let m = &modules[index];
+                let (x, outcome) = crate::backend::cuda::solve::solve_layer(
+                    dev,
+                    &sites[site].gram_sum,
+                    &m.gw_sum,
+                    &m.w_sum,
+                    k,
+                    d_in,
+                    d_out,
+                )?;
+                Ok((dev.download(&x)?, outcome))
+            }
+        }
     }
 
     fn add_means(&mut self, ckpt: &Checkpoint) -> Result<()> {

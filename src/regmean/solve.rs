@@ -33,7 +33,7 @@ impl SolveOutcome {
     }
 }
 
-const MIN_RCOND: f64 = 1e-12;
+pub(crate) const MIN_RCOND: f64 = 1e-12;
 
 /// Solves for W `[d_in, d_out]` given Σ G' `[d_in, d_in]` (symmetric), Σ G'W and the average
 /// weights W̄ (both `[d_in, d_out]`), all row-major f32.

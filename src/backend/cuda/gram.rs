@@ -1,0 +1,313 @@
+//! Gram accumulation on the GPU (kernels/gram.cu, kernels/finalize.cu), and the running
+//! sums of a merge on the device.
+//!
+//! Library API for CUDA pipelines: hand [`DeviceGram::accumulate`] your own device buffer of
+//! activations (f16 or f32, any row stride), optionally with a row mask, batch after batch;
+//! [`DeviceGram::finish`] returns the normalised Gram on the device.
+//!
+//! ```no_run
+//! # fn main() -> regmean_gpu::Result<()> {
+//! use regmean_gpu::backend::cuda::{gram::{Activations, DeviceGram}, CudaDevice};
+//! let dev = CudaDevice::open(0)?;
+//! let (rows, d) = (4096, 768);
+//! let x = dev.upload(&vec![half::f16::from_f32(0.5); rows * d], "activations")?;
+//! let mut gram = DeviceGram::new(&dev, d, false)?;
+//! gram.accumulate(&Activations::F16(x.slice(..)), rows, d, None)?;
+//! let (g, rows_counted) = gram.finish()?; // G = XᵀX / rows, [d, d] f32 on the device
+//! # let _ = (g, rows_counted); Ok(()) }
+//! ```
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+
+use super::{elementwise, CudaDevice};
+use crate::error::{Error, Result};
+
+// Mirrors of the launch contract in kernels/gram.cu.
+const F16_TILE: usize = 128;
+const F16_THREADS: u32 = 256;
+const F32_TILE: usize = 128;
+const F32_THREADS: u32 = 256;
+/// Rows a block stages per step; row splits are multiples of it.
+const K_STEP: usize = 32;
+
+/// A caller's activations `[rows, ldx]` on the device.
+pub enum Activations<'a> {
+    F16(CudaView<'a, half::f16>),
+    F32(CudaView<'a, f32>),
+}
+
+/// Which rows are real (1) and which are padding (0), with the number of real rows.
+pub struct RowMask<'a> {
+    pub mask: CudaView<'a, u8>,
+    pub real_rows: u64,
+}
+
+/// Accumulates one site's Gram matrix on the device.
+pub struct DeviceGram {
+    dev: Arc<CudaDevice>,
+    d: usize,
+    acc: CudaSlice<f32>,
+    /// FusionBench's running mean needs each batch's XᵀX on its own first.
+    batch: Option<CudaSlice<f32>>,
+    rows: u64,
+}
+
+impl DeviceGram {
+    /// `fusionbench_compat`: every row counts (masks are ignored) and the Gram is
+    /// FusionBench's f32 running mean; otherwise Σ XᵀX over real rows / their count.
+    pub fn new(dev: &Arc<CudaDevice>, d: usize, fusionbench_compat: bool) -> Result<Self> {
+        let acc = dev.zeros::<f32>(d * d, "Gram accumulator")?;
+        let batch = if fusionbench_compat {
+            Some(dev.zeros::<f32>(d * d, "Gram batch buffer")?)
+        } else {
+            None
+        };
+        Ok(DeviceGram {
+            dev: dev.clone(),
+            d,
+            acc,
+            batch,
+            rows: 0,
+        })
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Adds XᵀX of a batch: `x` holds `rows` rows of `d` values, `ldx` apart.
+    pub fn accumulate(
+        &mut self,
+        x: &Activations<'_>,
+        rows: usize,
+        ldx: usize,
+        mask: Option<&RowMask<'_>>,
+    ) -> Result<()> {
+        if ldx < self.d {
+            return Err(Error::invalid(format!(
+                "row stride {ldx} is smaller than d = {}",
+                self.d
+            )));
+        }
+        let len = match x {
+            Activations::F16(v) => v.len(),
+            Activations::F32(v) => v.len(),
+        };
+        if rows > 0 && len < (rows - 1) * ldx + self.d {
+            return Err(Error::invalid(format!(
+                "activation buffer of {len} values is too small for {rows} rows of stride {ldx}"
+            )));
+        }
+        match &mut self.batch {
+            None => {
+                let m = mask.map(|m| &m.mask);
+                launch_gram(&self.dev, x, rows, ldx, self.d, m, &mut self.acc)?;
+                self.rows += mask.map_or(rows as u64, |m| m.real_rows);
+            }
+            Some(batch) => {
+                if rows == 0 {
+                    return Ok(());
+                }
+                self.dev.stream().memset_zeros(batch)?;
+                launch_gram(&self.dev, x, rows, ldx, self.d, None, batch)?;
+                let (seen, total) = (self.rows as f32, (self.rows + rows as u64) as f32);
+                let f = self.dev.function("finalize", "gram_running_mean")?;
+                let d = self.d as i32;
+                let mut b = self.dev.stream().launch_builder(&f);
+                b.arg(&mut self.acc)
+                    .arg(&*batch)
+                    .arg(&d)
+                    .arg(&seen)
+                    .arg(&total);
+                // SAFETY: acc and batch hold d·d f32 values; the kernel touches only those.
+                unsafe { b.launch(elementwise(self.d * self.d)) }?;
+                self.rows += rows as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The full, symmetric, normalised Gram `[d, d]` and the rows it counted.
+    pub fn finish(mut self) -> Result<(CudaSlice<f32>, u64)> {
+        if self.rows == 0 {
+            return Err(Error::invalid("no rows were accumulated"));
+        }
+        let scale = if self.batch.is_some() {
+            1.0f32
+        } else {
+            1.0 / self.rows as f32
+        };
+        mirror_scale(&self.dev, &mut self.acc, self.d, scale)?;
+        Ok((self.acc, self.rows))
+    }
+}
+
+/// Lower triangle → full symmetric matrix, times `scale`.
+pub(crate) fn mirror_scale(
+    dev: &CudaDevice,
+    g: &mut CudaSlice<f32>,
+    d: usize,
+    scale: f32,
+) -> Result<()> {
+    let f = dev.function("finalize", "gram_mirror_scale")?;
+    let di = d as i32;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(g).arg(&di).arg(&scale);
+    // SAFETY: g holds d·d f32 values.
+    unsafe { b.launch(elementwise(d * d)) }?;
+    Ok(())
+}
+
+/// G += XᵀX (lower tiles) with the tensor-core (f16) or FMA (f32) kernel.
+pub(crate) fn launch_gram(
+    dev: &CudaDevice,
+    x: &Activations<'_>,
+    rows: usize,
+    ldx: usize,
+    d: usize,
+    mask: Option<&CudaView<'_, u8>>,
+    g: &mut CudaSlice<f32>,
+) -> Result<()> {
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let (tile, threads, name) = match x {
+        Activations::F16(_) => (F16_TILE, F16_THREADS, "gram_f16"),
+        Activations::F32(_) => (F32_TILE, F32_THREADS, "gram_f32"),
+    };
+    let t = d.div_ceil(tile);
+    let tiles = t * (t + 1) / 2;
+    // Enough blocks to fill the GPU twice over, splitting the rows, but at least a few
+    // k-steps of rows per block.
+    let sms = dev.stream().context().attribute(
+        cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )? as usize;
+    let max_splits = rows.div_ceil(8 * K_STEP).max(1);
+    let splits = (2 * sms).div_ceil(tiles).clamp(1, max_splits).min(65535);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, splits as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = dev.function("gram", name)?;
+    let (ldx, rows, d) = (ldx as i64, rows as i64, d as i32);
+    let null: u64 = 0;
+    let mut b = dev.stream().launch_builder(&f);
+    match x {
+        Activations::F16(v) => b.arg(v),
+        Activations::F32(v) => b.arg(v),
+    };
+    b.arg(&ldx).arg(&rows).arg(&d);
+    match mask {
+        Some(m) => b.arg(m),
+        None => b.arg(&null),
+    };
+    b.arg(g);
+    // SAFETY: the buffer sizes were checked against rows, ldx and d by the caller; the
+    // kernel reads rows·ldx activations, `rows` mask bytes and updates d·d outputs.
+    unsafe { b.launch(cfg) }?;
+    Ok(())
+}
+
+/// Σ G'ᵢ of one site during a merge, on the device.
+pub struct DeviceSiteSums {
+    pub d: usize,
+    pub gram_sum: CudaSlice<f32>,
+    /// This model's G' (for its Σ G'W products).
+    pub reduced: CudaSlice<f32>,
+}
+
+/// Σ G'ᵢWᵢ and Σ Wᵢ of one linear layer, `[d_in, d_out]` row-major, on the device.
+pub struct DeviceModuleSums {
+    pub d_in: usize,
+    pub d_out: usize,
+    pub gw_sum: CudaSlice<f32>,
+    pub w_sum: CudaSlice<f32>,
+}
+
+impl DeviceSiteSums {
+    pub fn new(dev: &CudaDevice, d: usize) -> Result<Self> {
+        Ok(DeviceSiteSums {
+            d,
+            gram_sum: dev.zeros(d * d, "Σ G'")?,
+            reduced: dev.zeros(d * d, "G'")?,
+        })
+    }
+
+    /// G' = G with its off-diagonal times `ratio` (diagonal times `diag_mult`), added to Σ G'.
+    pub fn add(
+        &mut self,
+        dev: &CudaDevice,
+        gram: &CudaSlice<f32>,
+        ratio: f32,
+        diag_mult: f32,
+    ) -> Result<()> {
+        let f = dev.function("finalize", "reduce_offdiag_accumulate")?;
+        let d = self.d as i32;
+        let mut b = dev.stream().launch_builder(&f);
+        b.arg(gram)
+            .arg(&mut self.reduced)
+            .arg(&mut self.gram_sum)
+            .arg(&d)
+            .arg(&ratio)
+            .arg(&diag_mult);
+        // SAFETY: all three buffers hold d·d f32 values.
+        unsafe { b.launch(elementwise(self.d * self.d)) }?;
+        Ok(())
+    }
+}
+
+impl DeviceModuleSums {
+    pub fn new(dev: &CudaDevice, d_in: usize, d_out: usize) -> Result<Self> {
+        Ok(DeviceModuleSums {
+            d_in,
+            d_out,
+            gw_sum: dev.zeros(d_in * d_out, "Σ G'W")?,
+            w_sum: dev.zeros(d_in * d_out, "Σ W")?,
+        })
+    }
+
+    /// Σ G'W += G'·W (cuBLAS) and Σ W += W, for W `[d_in, d_out]` row-major.
+    pub fn add(
+        &mut self,
+        dev: &CudaDevice,
+        reduced: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+    ) -> Result<()> {
+        use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+        // Row-major C = G'·W is column-major Cᵀ = Wᵀ·G' (G' is symmetric): m = d_out, n = k = d_in.
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: self.d_out as i32,
+            n: self.d_in as i32,
+            k: self.d_in as i32,
+            alpha: 1.0f32,
+            lda: self.d_out as i32,
+            ldb: self.d_in as i32,
+            beta: 1.0f32,
+            ldc: self.d_out as i32,
+        };
+        // SAFETY: w is d_in·d_out, reduced d_in·d_in, gw_sum d_in·d_out, matching cfg.
+        unsafe { dev.blas().gemm(cfg, w, reduced, &mut self.gw_sum) }?;
+        axpy(dev, &mut self.w_sum, w, 1.0)
+    }
+}
+
+/// y += alpha·x.
+pub(crate) fn axpy(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    alpha: f32,
+) -> Result<()> {
+    let f = dev.function("finalize", "axpy_f32")?;
+    let n = y.len().min(x.len()) as i64;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(y).arg(x).arg(&n).arg(&alpha);
+    // SAFETY: n is the shorter of the two lengths.
+    unsafe { b.launch(elementwise(n as usize)) }?;
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! The CUDA side: device selection and probing, the embedded kernels (loaded lazily), and
+//! the device pieces of RegMean — Gram accumulation on tensor cores ([`gram`]) and the
+//! per-layer Cholesky solve with cuSOLVER ([`solve`]). The forward pass still runs on the
+//! CPU; these types are also the library API for CUDA pipelines that own their activations.
+//!
+//! Everything here loads the CUDA libraries at run time (cudarc's dynamic loading): a binary
+//! built anywhere runs everywhere, and touches libcuda only after [`probe`] found it.
+
+pub mod gram;
+pub mod solve;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::cusolver::safe::DnHandle;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
+    ValidAsZeroBits,
+};
+
+use crate::error::{Error, Result};
+
+/// The kernels compiled by build.rs.
+pub mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// True when this binary carries compiled kernels.
+pub fn kernels_embedded() -> bool {
+    !kernels::MODULES.is_empty()
+}
+
+/// What `--device` asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            s => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| {
+                    Error::invalid(format!("--device {s}: expected auto, cpu, cuda or cuda:N"))
+                }),
+        }
+    }
+}
+
+/// What the machine offers, found without any call that could panic.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Probe {
+    pub libcuda_present: bool,
+    pub cublas_present: bool,
+    pub cusolver_present: bool,
+    pub driver_version: Option<String>,
+    pub devices: usize,
+    pub kernels_embedded: bool,
+}
+
+impl Probe {
+    /// Why the GPU cannot be used, or None when it can.
+    pub fn unavailable_reason(&self) -> Option<String> {
+        if !self.libcuda_present {
+            Some("no NVIDIA driver (libcuda.so) was found".into())
+        } else if self.devices == 0 {
+            Some("the driver reports no CUDA device".into())
+        } else if !self.kernels_embedded {
+            Some("this binary was built without CUDA kernels (nvcc was missing): rebuild after `bash scripts/install_nvcc.sh`, or with NVCC set".into())
+        } else if !self.cublas_present || !self.cusolver_present {
+            Some("cuBLAS or cuSOLVER (libcublas.so / libcusolver.so) was not found: add the CUDA libraries to LD_LIBRARY_PATH".into())
+        } else {
+            None
+        }
+    }
+}
+
+/// Probes the driver, the libraries and the devices.
+pub fn probe() -> Probe {
+    // SAFETY: these only try to dlopen the libraries; no symbol is called.
+    let libcuda_present = unsafe { cudarc::driver::sys::is_culib_present() };
+    let cublas_present = unsafe { cudarc::cublas::sys::is_culib_present() };
+    let cusolver_present = unsafe { cudarc::cusolver::sys::is_culib_present() };
+    let mut p = Probe {
+        libcuda_present,
+        cublas_present,
+        cusolver_present,
+        driver_version: None,
+        devices: 0,
+        kernels_embedded: kernels_embedded(),
+    };
+    if libcuda_present && cudarc::driver::result::init().is_ok() {
+        let mut v = 0i32;
+        // SAFETY: libcuda is loaded and initialised; the pointer is to a live i32.
+        if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
+            == cudarc::driver::sys::CUresult::CUDA_SUCCESS
+        {
+            p.driver_version = Some(format!("{}.{}", v / 1000, (v % 1000) / 10));
+        }
+        p.devices = CudaContext::device_count()
+            .map(|n| n.max(0) as usize)
+            .unwrap_or(0);
+    }
+    p
+}
+
+/// Resolves `--device`: None means the CPU.
+pub fn select(choice: DeviceChoice) -> Result<Option<Arc<CudaDevice>>> {
+    match choice {
+        DeviceChoice::Cpu => Ok(None),
+        DeviceChoice::Auto => {
+            let p = probe();
+            if p.unavailable_reason().is_some() {
+                Ok(None)
+            } else {
+                CudaDevice::open(0).map(Some)
+            }
+        }
+        DeviceChoice::Cuda(n) => {
+            let p = probe();
+            if let Some(why) = p.unavailable_reason() {
+                return Err(Error::invalid(format!(
+                    "--device cuda:{n}: {why}; use --device cpu"
+                )));
+            }
+            if n >= p.devices {
+                return Err(Error::invalid(format!(
+                    "--device cuda:{n}: only {} CUDA device(s) present",
+                    p.devices
+                )));
+            }
+            CudaDevice::open(n).map(Some)
+        }
+    }
+}
+
+/// One GPU: a context, a stream, cuBLAS and cuSOLVER handles, and the kernels.
+pub struct CudaDevice {
+    ordinal: usize,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    solver: DnHandle,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`. Call [`probe`] first: cudarc panics when libcuda is missing.
+    pub fn open(ordinal: usize) -> Result<Arc<Self>> {
+        if let Some(why) = probe().unavailable_reason() {
+            return Err(Error::invalid(format!("cannot use the GPU: {why}")));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone())?;
+        let solver = DnHandle::new(stream.clone())?;
+        Ok(Arc::new(CudaDevice {
+            ordinal,
+            stream,
+            blas,
+            solver,
+            modules: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    pub fn solver(&self) -> &DnHandle {
+        &self.solver
+    }
+
+    pub fn name(&self) -> Result<String> {
+        Ok(self.stream.context().name()?)
+    }
+
+    pub fn compute_capability(&self) -> Result<(i32, i32)> {
+        Ok(self.stream.context().compute_capability()?)
+    }
+
+    /// A kernel from the embedded module `module` (a kernels/*.cu file stem), loaded once.
+    pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let mut modules = self.modules.lock().expect("module cache poisoned");
+        let m = match modules.get(module) {
+            Some(m) => m.clone(),
+            None => {
+                let image = kernels::MODULES
+                    .iter()
+                    .find(|(n, _)| *n == module)
+                    .map(|(_, bytes)| bytes.to_vec())
+                    .ok_or_else(|| Error::invalid(format!("kernel module `{module}` is not embedded in this binary: rebuild with nvcc available")))?;
+                let m = self
+                    .stream
+                    .context()
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(image))?;
+                modules.insert(module, m.clone());
+                m
+            }
+        };
+        Ok(m.load_function(name)?)
+    }
+
+    /// Zeroed device memory, with out-of-memory reported by what it was for.
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+        what: &str,
+    ) -> Result<CudaSlice<T>> {
+        self.stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| oom(e, what, len * std::mem::size_of::<T>()))
+    }
+
+    pub fn upload<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
+        self.stream
+            .clone_htod(data)
+            .map_err(|e| oom(e, what, std::mem::size_of_val(data)))
+    }
+
+    pub fn download<T: DeviceRepr + Default + Clone>(&self, data: &CudaSlice<T>) -> Result<Vec<T>> {
+        Ok(self.stream.clone_dtoh(data)?)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+}
+
+fn oom(e: cudarc::driver::DriverError, what: &str, bytes: usize) -> Error {
+    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory {
+            what: what.to_string(),
+            bytes,
+        }
+    } else {
+        e.into()
+    }
+}
+
+/// Launch configuration of the grid-stride element-wise kernels in kernels/finalize.cu.
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
