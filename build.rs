@@ -6,8 +6,9 @@
 //! `.cuda/` (where scripts/install_nvcc.sh puts the one from the Python package index).
 //! Without nvcc the build still succeeds, with a warning: the binary has no kernels and its
 //! CUDA backend says so at run time. `REGMEAN_REQUIRE_CUDA=1` turns a missing nvcc or a
-//! kernel that fails to compile into a build error (CI sets it). `REGMEAN_PTXAS_VERBOSE=1`
-//! prints ptxas' register and spill report for every kernel as build warnings.
+//! kernel that fails to compile, or spills registers, into a build error (CI sets it).
+//! `REGMEAN_PTXAS_VERBOSE=1` prints ptxas' register and spill report for every kernel as
+//! build warnings.
 
 use std::env;
 use std::fs;
@@ -73,9 +74,9 @@ fn main() {
             .arg(src)
             .arg("-o")
             .arg(&fatbin);
-        if verbose {
-            cmd.arg("-Xptxas").arg("-v");
-        }
+        // ptxas' resource report is always asked for: a kernel that spills registers to
+        // local memory is a performance bug worth failing CI for.
+        cmd.arg("-Xptxas").arg("-v");
         let output = match cmd.output() {
             Ok(o) => o,
             Err(e) => {
@@ -102,9 +103,26 @@ fn main() {
             return;
         }
         if verbose {
-            for line in log.lines().filter(|l| l.contains("ptxas")) {
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
                 println!("cargo:warning={stem}: {line}");
             }
+        }
+        let spills: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("spill") && !l.contains(" 0 bytes spill stores, 0 bytes spill loads")
+            })
+            .collect();
+        if !spills.is_empty() {
+            let msg = format!(
+                "{}: ptxas reports register spills:\n{}",
+                src.display(),
+                spills.join("\n")
+            );
+            if require {
+                panic!("{msg}");
+            }
+            println!("cargo:warning={}", msg.replace('\n', " | "));
         }
         modules.push((stem, fatbin));
     }

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod backend;
+pub mod compare;
 pub mod config;
 pub mod data;
 pub mod demo;

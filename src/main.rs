@@ -55,6 +55,14 @@ enum Command {
         #[arg(long)]
         bench: bool,
     },
+    /// Compare every tensor of two model directories (max |a − b| / max |b| per tensor)
+    Compare {
+        candidate: PathBuf,
+        reference: PathBuf,
+        /// Fail when a tensor's relative error exceeds this
+        #[arg(long, default_value_t = 1e-4)]
+        tol: f64,
+    },
     /// Write a synthetic pool of random-weight models of realistic size (for benchmarks)
     #[command(hide = true)]
     Synth(regmean_gpu::demo::SynthArgs),
@@ -251,6 +259,31 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
         }
         Command::Synth(a) => regmean_gpu::demo::synth(&a, ui),
         Command::Doctor { json, bench } => doctor(json, bench),
+        Command::Compare {
+            candidate,
+            reference,
+            tol,
+        } => {
+            let rows = regmean_gpu::compare::compare_dirs(&candidate, &reference)?;
+            let worst = rows.first().map_or(0.0, |r| r.1);
+            for (name, e) in rows
+                .iter()
+                .take(if ui.verbose > 0 { rows.len() } else { 5 })
+            {
+                ui.info(&format!("  {name:<60} {e:.2e}"));
+            }
+            let over = rows.iter().filter(|r| r.1 > tol).count();
+            ui.result(&format!(
+                "{} tensors, worst relative error {worst:.2e}, {over} above {tol:.0e}",
+                rows.len()
+            ));
+            if over > 0 {
+                return Err(Error::Numerical(format!(
+                    "{over} tensors differ by more than {tol:.0e}"
+                )));
+            }
+            Ok(())
+        }
     }
 }
 

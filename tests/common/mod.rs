@@ -3,21 +3,20 @@
 
 use std::path::{Path, PathBuf};
 
+pub use regmean_gpu::compare::rel_err;
+
 use regmean_gpu::io::SafetensorsFile;
 
-pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+/// The repository root: `REGMEAN_REPO` when set (test binaries carried to another machine,
+/// such as the GPU check), else the crate directory this was built in.
+pub fn repo() -> PathBuf {
+    std::env::var_os("REGMEAN_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
-/// max |a − b| / max |b|: the per-tensor relative error used throughout the tests.
-pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "length");
-    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs() as f64));
-    let diff = got
-        .iter()
-        .zip(want)
-        .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - *b as f64).abs()));
-    diff / scale.max(1e-30)
+pub fn fixtures() -> PathBuf {
+    repo().join("tests/fixtures")
 }
 
 pub fn i64_tensor(f: &SafetensorsFile, name: &str) -> Vec<i64> {

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Every GPU check, in one run, over carried binaries (see scripts/gpu_bundle.sh):
+#   1. where the driver, cuBLAS and cuSOLVER live;  2. `doctor` (every kernel against its
+#   CPU twin);  3. the GPU tests;  4. `merge --device cuda` of the tiny test pools against
+#   `--device cpu`;  5. the kernel benchmark (`doctor --bench`).
+# Six files go to $OUT (or gpu-logs/); a summary table is printed last. Run from the repo root:
+#   bash scripts/gpu_check.sh [BUNDLE_DIR]
+set -uo pipefail
+bundle=${1:-gpu-bundle}
+out=${OUT:-gpu-logs}
+mkdir -p "$out"
+bin="$bundle/regmean-gpu"
+declare -a summary
+step() { # name, command...
+  local name=$1; shift
+  local start=$(date +%s)
+  if "$@" > "$out/$name.log" 2>&1; then r=PASS; else r=FAIL; fi
+  summary+=("$(printf '%-28s %-5s %4ss  %s' "$name" "$r" "$(( $(date +%s) - start ))" "$out/$name.log")")
+  echo "== $name: $r"; tail -n 25 "$out/$name.log"
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  echo "--- loader paths"; ldconfig -p | grep -E 'libcuda\.so|libcublas\.so|libcublasLt\.so|libcusolver\.so' || true
+  echo "--- files"; find / \( -name 'libcublas.so*' -o -name 'libcusolver.so*' -o -name 'libcuda.so*' \) -not -path '*/proc/*' 2>/dev/null | head -20
+} > "$out/environment.log" 2>&1
+cat "$out/environment.log"
+# cuBLAS/cuSOLVER may live only inside a Python wheel (PyTorch's): put them on the loader path.
+if ! ldconfig -p | grep -q 'libcusolver\.so'; then
+  dir=$(dirname "$(find / -name 'libcusolver.so*' -not -path '*/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
+  blas=$(dirname "$(find / -name 'libcublas.so*' -not -path '*/proc/*' 2>/dev/null | head -1)" 2>/dev/null)
+  export LD_LIBRARY_PATH="${dir:-}:${blas:-}:${LD_LIBRARY_PATH:-}"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+fi
+
+# On the GPU machine a skipped check is a failed one.
+has_gpu() { "$bin" doctor --json 2>/dev/null | grep -q '"cuda_available": true'; }
+doctor() { "$bin" doctor && has_gpu; }
+gpu_tests() {
+  local log
+  log=$(env REGMEAN_REPO="$PWD" "$bundle/gpu-tests" --nocapture --test-threads=1 2>&1); local rc=$?
+  echo "$log"
+  [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log"
+}
+bench() { "$bin" doctor --bench && has_gpu; }
+step doctor doctor
+step gpu-tests gpu_tests
+merge_pair() { # pool config
+  local tmp; tmp=$(mktemp -d)
+  "$bin" merge -q "tests/fixtures/$1/$2" "$tmp/cpu" --device cpu &&
+  "$bin" merge "tests/fixtures/$1/$2" "$tmp/cuda" --device cuda &&
+  "$bin" compare "$tmp/cuda" "$tmp/cpu" --tol 1e-4 -v
+}
+merges() {
+  merge_pair gpt2_pool compat.yaml && merge_pair gpt2_pool exclude.yaml && merge_pair clip_pool compat.yaml
+}
+step merge-cuda-vs-cpu merges
+step kernel-bench bench
+"$bin" doctor --bench --json > "$out/bench.json" 2>/dev/null
+
+echo
+echo "== summary"
+printf '%s\n' "${summary[@]}"
