@@ -159,8 +159,13 @@ impl CudaDevice {
         if let Some(why) = probe().unavailable_reason() {
             return Err(Error::invalid(format!("cannot use the GPU: {why}")));
         }
-        let ctx = CudaContext::new(ordinal)?;
-        let stream = ctx.default_stream();
+        Self::on_stream(CudaContext::new(ordinal)?.default_stream())
+    }
+
+    /// Binds to a stream the caller owns (a CUDA pipeline's own stream): every kernel,
+    /// cuBLAS and cuSOLVER call of this device is then ordered on that stream.
+    pub fn on_stream(stream: Arc<CudaStream>) -> Result<Arc<Self>> {
+        let ordinal = stream.context().ordinal();
         let blas = CudaBlas::new(stream.clone())?;
         let solver = DnHandle::new(stream.clone())?;
         Ok(Arc::new(CudaDevice {
