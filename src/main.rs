@@ -163,6 +163,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    regmean_gpu::io::writer::install_interrupt_cleanup();
     let ui = Ui::new(cli.quiet, cli.verbose);
     match run(cli.command, &ui) {
         Ok(()) => ExitCode::SUCCESS,
@@ -311,11 +312,14 @@ fn doctor(json: bool, bench: bool) -> Result<()> {
         println!("CUDA bindings:     {}", r.cuda_bindings);
         println!("driver:            {driver}");
         println!("devices:           {}", p.devices);
-        println!(
-            "kernels embedded:  {} ({}; {nvcc})",
-            r.kernels_embedded,
-            r.kernel_architectures.join(", ")
-        );
+        if r.kernels_embedded {
+            println!(
+                "kernels embedded:  yes ({}; {nvcc})",
+                r.kernel_architectures.join(", ")
+            );
+        } else {
+            println!("kernels embedded:  no ({nvcc})");
+        }
         println!(
             "cuBLAS / cuSOLVER: {} / {}",
             found(p.cublas_present),

@@ -111,8 +111,22 @@ impl SafetensorsFile {
         // rewritten by another process while we hold the map could fault on access; that is
         // the documented contract of every memory-mapped reader (the safetensors crate's too).
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        // Duplicates first: the crate's map keeps the last entry and reports a confusing error.
+        if let Some(header) = mmap
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .and_then(|n| mmap.get(8..8usize.checked_add(usize::try_from(n).ok()?)?))
+        {
+            if let Some(dup) = duplicate_key(header) {
+                return Err(Error::file(
+                    &path,
+                    format!("tensor `{dup}` is listed twice in the header"),
+                ));
+            }
+        }
         let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
+
         let data_start = 8 + header_len;
         let mut tensors = BTreeMap::new();
         for (name, info) in meta.tensors() {
@@ -173,6 +187,37 @@ impl SafetensorsFile {
             )
         })
     }
+}
+
+/// The first top-level key that occurs twice in a JSON object (a JSON map would silently keep
+/// the last one, so a second `weight` could hide behind the first).
+fn duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut dup = None;
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if dup.is_none() && !seen.insert(key.clone()) {
+                    dup = Some(key);
+                }
+            }
+            Ok(dup)
+        }
+    }
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(Keys)
+        .ok()
+        .flatten()
 }
 
 /// Converts little-endian float bytes to f32; None for non-float dtypes.

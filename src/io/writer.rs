@@ -4,9 +4,70 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use super::safetensors::{write_file, OutTensor};
 use crate::error::{Error, Result};
+
+/// Temporary outputs of this process, removed if it is interrupted (Ctrl-C, SIGTERM).
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+pub(crate) fn register_pending(path: &Path) {
+    PENDING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(path.to_path_buf());
+}
+
+pub(crate) fn unregister_pending(path: &Path) {
+    PENDING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|p| p != path);
+}
+
+/// On SIGINT/SIGTERM: delete this process's temporary outputs and exit with status 130, so
+/// an interrupted run leaves nothing behind. (A SIGKILL cannot be caught: its leftovers are
+/// hidden `.NAME.partial-PID` entries, removed by the next run that writes the same output.)
+pub fn install_interrupt_cleanup() {
+    let _ = ctrlc::set_handler(|| {
+        let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for p in &pending {
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+        }
+        eprintln!("\ninterrupted: removed the partial output; nothing was written");
+        std::process::exit(130);
+    });
+}
+
+/// Removes `.NAME.partial-PID` siblings left by processes that no longer run (killed runs).
+fn remove_stale_partials(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let p = e.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+}
 
 pub struct OutputDir {
     final_path: PathBuf,
@@ -32,12 +93,24 @@ impl OutputDir {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        if let Some(blocker) = parent
+            .ancestors()
+            .find(|a| a.exists())
+            .filter(|a| !a.is_dir())
+        {
+            return Err(Error::file(
+                blocker,
+                "is a file, not a directory: the output must go inside a folder",
+            ));
+        }
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        remove_stale_partials(&parent, &name);
         let tmp_path = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if tmp_path.exists() {
             std::fs::remove_dir_all(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
         }
         std::fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
+        register_pending(&tmp_path);
         Ok(OutputDir {
             final_path: out.to_path_buf(),
             tmp_path,
@@ -79,6 +152,7 @@ impl OutputDir {
         std::fs::rename(&self.tmp_path, &self.final_path)
             .map_err(|e| Error::io(&self.final_path, e))?;
         self.committed = true;
+        unregister_pending(&self.tmp_path);
         if let Some(old) = old {
             let is_dir = old.is_dir();
             let r = if is_dir {
@@ -96,6 +170,7 @@ impl Drop for OutputDir {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp_path);
+            unregister_pending(&self.tmp_path);
         }
     }
 }
@@ -129,7 +204,15 @@ pub fn write_model_tensors(
     let mut weight_map = BTreeMap::new();
     let mut names = Vec::new();
     let mut total = 0u64;
+    // A test hook: slows writing down so that tests can interrupt it mid-way.
+    let delay = std::env::var("REGMEAN_TEST_WRITE_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis);
     for (i, shard) in shards.iter().enumerate() {
+        if let Some(d) = delay {
+            std::thread::sleep(d);
+        }
         let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, n);
         let owned: Vec<OutTensor<'_>> = shard.iter().map(|t| reborrow(t)).collect();
         write_file(&dir.join(&file), &owned, &meta)?;

@@ -1,7 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use regmean_gpu::io::safetensors::{write_file, OutTensor, TensorData};
 
 pub use regmean_gpu::compare::rel_err;
 
@@ -61,4 +65,108 @@ pub fn assert_model_matches(out: &Path, expected: &Path, tol: f64) -> f64 {
 /// Path of the built CLI.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_regmean-gpu"))
+}
+
+/// A private copy of the GPT-2 pool to break.
+pub struct Pool {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pool {
+    pub fn new() -> Self {
+        Self::of("gpt2_pool")
+    }
+
+    pub fn of(pool: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&fixtures().join(pool), dir.path());
+        Pool { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Rewrites a safetensors file through `edit(name, shape, values)`; None drops a tensor.
+    pub fn edit(
+        &self,
+        rel: &str,
+        edit: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(Vec<usize>, Vec<f32>)>,
+    ) {
+        let path = self.path(rel);
+        let f = SafetensorsFile::open(&path).unwrap();
+        let kept: Vec<(String, regmean_gpu::io::Dtype, Vec<usize>, Vec<f32>)> = f
+            .tensors()
+            .iter()
+            .filter_map(|(n, e)| {
+                edit(n, e.shape.clone(), f.to_f32(n).unwrap())
+                    .map(|(s, v)| (n.clone(), e.dtype.clone(), s, v))
+            })
+            .collect();
+        drop(f);
+        let out: Vec<OutTensor> = kept
+            .iter()
+            .map(|(n, d, s, v)| OutTensor {
+                name: n.clone(),
+                dtype: d.clone(),
+                shape: s.clone(),
+                data: TensorData::F32(v),
+            })
+            .collect();
+        write_file(
+            &path,
+            &out,
+            &BTreeMap::from([("format".into(), "pt".into())]),
+        )
+        .unwrap();
+    }
+
+    /// Runs `merge` on the pool's compat config (or another) and returns the failure message.
+    pub fn merge_fails(&self, config: &str) -> String {
+        let out_parent = self.path("out");
+        std::fs::create_dir_all(&out_parent).unwrap();
+        let o = Command::new(bin())
+            .args([
+                "merge",
+                self.path(config).to_str().unwrap(),
+                out_parent.join("merged").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "expected a clean failure, got {:?}: {stderr}",
+            o.status
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "one error line expected: {stderr}");
+        let left: Vec<_> = std::fs::read_dir(&out_parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+        errors[0].to_string()
+    }
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+pub fn assert_mentions(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "`{msg}` should mention `{p}`");
+    }
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{elementwise, CudaDevice};
+use super::{c_int, check_len, elementwise, mul, CudaDevice};
 use crate::error::{Error, Result};
 
 // Mirrors of the launch contract in kernels/gram.cu.
@@ -29,7 +29,8 @@ const F16_TILE: usize = 128;
 const F16_THREADS: u32 = 256;
 const F32_TILE: usize = 128;
 const F32_THREADS: u32 = 256;
-/// Rows a block stages per step; row splits are multiples of it.
+/// The larger k-step (rows a block stages per step: 32 for f16, 16 for f32); the kernel
+/// rounds its row splits to its own k-step, the host only uses this to size the splits.
 const K_STEP: usize = 32;
 
 /// A caller's activations `[rows, ldx]` on the device.
@@ -85,20 +86,14 @@ impl DeviceGram {
         ldx: usize,
         mask: Option<&RowMask<'_>>,
     ) -> Result<()> {
-        if ldx < self.d {
-            return Err(Error::invalid(format!(
-                "row stride {ldx} is smaller than d = {}",
-                self.d
-            )));
-        }
-        let len = match x {
-            Activations::F16(v) => v.len(),
-            Activations::F32(v) => v.len(),
-        };
-        if rows > 0 && len < (rows - 1) * ldx + self.d {
-            return Err(Error::invalid(format!(
-                "activation buffer of {len} values is too small for {rows} rows of stride {ldx}"
-            )));
+        check_activations(x, rows, ldx, self.d, mask.map(|m| &m.mask))?;
+        if let Some(m) = mask {
+            if m.real_rows > rows as u64 {
+                return Err(Error::invalid(format!(
+                    "row mask claims {} real rows of {rows}",
+                    m.real_rows
+                )));
+            }
         }
         match &mut self.batch {
             None => {
@@ -114,14 +109,15 @@ impl DeviceGram {
                 launch_gram(&self.dev, x, rows, ldx, self.d, None, batch)?;
                 let (seen, total) = (self.rows as f32, (self.rows + rows as u64) as f32);
                 let f = self.dev.function("finalize", "gram_running_mean")?;
-                let d = self.d as i32;
+                let d = c_int("d", self.d)?;
                 let mut b = self.dev.stream().launch_builder(&f);
                 b.arg(&mut self.acc)
                     .arg(&*batch)
                     .arg(&d)
                     .arg(&seen)
                     .arg(&total);
-                // SAFETY: acc and batch hold d·d f32 values; the kernel touches only those.
+                // SAFETY: (float*, const float*, int, float, float) as pushed; acc and batch
+                // were allocated with d·d f32 values; the kernel touches only those.
                 unsafe { b.launch(elementwise(self.d * self.d)) }?;
                 self.rows += rows as u64;
             }
@@ -151,12 +147,52 @@ pub(crate) fn mirror_scale(
     d: usize,
     scale: f32,
 ) -> Result<()> {
+    check_len("Gram", g.len(), mul("Gram", d, d)?)?;
     let f = dev.function("finalize", "gram_mirror_scale")?;
-    let di = d as i32;
+    let di = c_int("d", d)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(g).arg(&di).arg(&scale);
-    // SAFETY: g holds d·d f32 values.
+    // SAFETY: the signature is (float*, int, float); g holds d·d f32 values (checked).
     unsafe { b.launch(elementwise(d * d)) }?;
+    Ok(())
+}
+
+/// The checks behind launch_gram's SAFETY: `ldx >= d`, X holds `rows` rows of stride
+/// `ldx`, and the mask (when given) one byte per row.
+fn check_activations(
+    x: &Activations<'_>,
+    rows: usize,
+    ldx: usize,
+    d: usize,
+    mask: Option<&CudaView<'_, u8>>,
+) -> Result<()> {
+    if ldx < d {
+        return Err(Error::invalid(format!(
+            "row stride {ldx} is smaller than d = {d}"
+        )));
+    }
+    let len = match x {
+        Activations::F16(v) => v.len(),
+        Activations::F32(v) => v.len(),
+    };
+    if rows > 0 {
+        let need = mul("activations", rows - 1, ldx)?
+            .checked_add(d)
+            .ok_or_else(|| Error::invalid("activations: size overflows"))?;
+        if len < need {
+            return Err(Error::invalid(format!(
+                "activation buffer of {len} values is too small for {rows} rows of stride {ldx}"
+            )));
+        }
+    }
+    if let Some(m) = mask {
+        if m.len() < rows {
+            return Err(Error::invalid(format!(
+                "row mask of {} bytes is too short for {rows} rows",
+                m.len()
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -170,6 +206,8 @@ pub(crate) fn launch_gram(
     mask: Option<&CudaView<'_, u8>>,
     g: &mut CudaSlice<f32>,
 ) -> Result<()> {
+    check_activations(x, rows, ldx, d, mask)?;
+    check_len("Gram", g.len(), mul("Gram", d, d)?)?;
     if rows == 0 || d == 0 {
         return Ok(());
     }
@@ -186,13 +224,17 @@ pub(crate) fn launch_gram(
     )? as usize;
     let max_splits = rows.div_ceil(8 * K_STEP).max(1);
     let splits = (2 * sms).div_ceil(tiles).clamp(1, max_splits).min(65535);
+    // gridDim.x is at most 2³¹ − 1, and the kernel decodes blockIdx.x as an int.
+    let tiles = c_int("Gram tiles", tiles)? as u32;
     let cfg = LaunchConfig {
-        grid_dim: (tiles as u32, splits as u32, 1),
+        grid_dim: (tiles, splits as u32, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     let f = dev.function("gram", name)?;
-    let (ldx, rows, d) = (ldx as i64, rows as i64, d as i32);
+    // The signature is (const X*, long long ldx, long long rows, int d,
+    // const unsigned char* mask, float* G): i64, i64, i32, and a 64-bit null for no mask.
+    let (ldx, rows, d) = (ldx as i64, rows as i64, c_int("d", d)?);
     let null: u64 = 0;
     let mut b = dev.stream().launch_builder(&f);
     match x {
@@ -205,8 +247,11 @@ pub(crate) fn launch_gram(
         None => b.arg(&null),
     };
     b.arg(g);
-    // SAFETY: the buffer sizes were checked against rows, ldx and d by the caller; the
-    // kernel reads rows·ldx activations, `rows` mask bytes and updates d·d outputs.
+    // SAFETY: the arguments match the kernel's signature (above), the launch its contract
+    // (256 threads, static shared memory only, gridDim.x = T(T+1)/2 for a 128 tile,
+    // 1 <= gridDim.y <= 65535); check_activations and the Gram check above guarantee
+    // X holds (rows−1)·ldx + d values, the mask `rows` bytes and G d·d values, which
+    // bound everything the kernel reads and writes.
     unsafe { b.launch(cfg) }?;
     Ok(())
 }
@@ -244,8 +289,12 @@ impl DeviceSiteSums {
         ratio: f32,
         diag_mult: f32,
     ) -> Result<()> {
+        let n = mul("Gram", self.d, self.d)?;
+        check_len("Gram", gram.len(), n)?;
+        check_len("G'", self.reduced.len(), n)?;
+        check_len("Σ G'", self.gram_sum.len(), n)?;
         let f = dev.function("finalize", "reduce_offdiag_accumulate")?;
-        let d = self.d as i32;
+        let d = c_int("d", self.d)?;
         let mut b = dev.stream().launch_builder(&f);
         b.arg(gram)
             .arg(&mut self.reduced)
@@ -253,7 +302,8 @@ impl DeviceSiteSums {
             .arg(&d)
             .arg(&ratio)
             .arg(&diag_mult);
-        // SAFETY: all three buffers hold d·d f32 values.
+        // SAFETY: (const float*, float*, float*, int, float, float) as pushed; all three
+        // buffers hold d·d f32 values (checked above).
         unsafe { b.launch(elementwise(self.d * self.d)) }?;
         Ok(())
     }
@@ -277,20 +327,35 @@ impl DeviceModuleSums {
         w: &CudaSlice<f32>,
     ) -> Result<()> {
         use cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-        // Row-major C = G'·W is column-major Cᵀ = Wᵀ·G' (G' is symmetric): m = d_out, n = k = d_in.
+        let (d_in, d_out) = (self.d_in, self.d_out);
+        let n = mul("W", d_in, d_out)?;
+        check_len("G'", reduced.len(), mul("G'", d_in, d_in)?)?;
+        check_len("W", w.len(), n)?;
+        check_len("Σ G'W", self.gw_sum.len(), n)?;
+        check_len("Σ W", self.w_sum.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        // A row-major [r, c] buffer is the column-major c×r matrix (its transpose), so
+        // row-major C += G'·W is column-major Cᵀ += Wᵀ·G'ᵀ: A = W's buffer (d_out×d_in,
+        // ld d_out), B = G''s buffer (d_in×d_in, ld d_in), C d_out×d_in (ld d_out), no
+        // transposes. (G'ᵀ = G', but the mapping is exact without relying on it.)
         let cfg = GemmConfig {
             transa: cublasOperation_t::CUBLAS_OP_N,
             transb: cublasOperation_t::CUBLAS_OP_N,
-            m: self.d_out as i32,
-            n: self.d_in as i32,
-            k: self.d_in as i32,
+            m: c_int("d_out", d_out)?,
+            n: c_int("d_in", d_in)?,
+            k: c_int("d_in", d_in)?,
             alpha: 1.0f32,
-            lda: self.d_out as i32,
-            ldb: self.d_in as i32,
+            lda: c_int("d_out", d_out)?,
+            ldb: c_int("d_in", d_in)?,
             beta: 1.0f32,
-            ldc: self.d_out as i32,
+            ldc: c_int("d_out", d_out)?,
         };
-        // SAFETY: w is d_in·d_out, reduced d_in·d_in, gw_sum d_in·d_out, matching cfg.
+        dev.bind()?;
+        // SAFETY: the handle is bound to dev's stream (cudarc orders the buffers on it); w
+        // holds d_in·d_out, reduced d_in·d_in and gw_sum d_in·d_out f32 values (checked),
+        // exactly what cfg's m, n, k and leading dimensions address.
         unsafe { dev.blas().gemm(cfg, w, reduced, &mut self.gw_sum) }?;
         axpy(dev, &mut self.w_sum, w, 1.0)
     }
@@ -307,7 +372,8 @@ pub(crate) fn axpy(
     let n = y.len().min(x.len()) as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(y).arg(x).arg(&n).arg(&alpha);
-    // SAFETY: n is the shorter of the two lengths.
+    // SAFETY: (float*, const float*, long long, float) as pushed; n is the shorter of the
+    // two lengths.
     unsafe { b.launch(elementwise(n as usize)) }?;
     Ok(())
 }

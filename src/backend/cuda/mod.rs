@@ -201,9 +201,25 @@ impl CudaDevice {
         Ok(self.stream.context().compute_capability()?)
     }
 
+    /// Makes this device's context current on the calling thread. cudarc's own calls do
+    /// this; the raw cuBLAS / cuSOLVER calls of this crate call it first, so they are right
+    /// from any thread (it also reports errors cudarc recorded in destructors).
+    pub fn bind(&self) -> Result<()> {
+        Ok(self.stream.context().bind_to_thread()?)
+    }
+
     /// A kernel from the embedded module `module` (a kernels/*.cu file stem), loaded once.
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
-        let mut modules = self.modules.lock().expect("module cache poisoned");
+        if name.contains('\0') {
+            // cudarc's load_function would panic on the CString conversion.
+            return Err(Error::invalid(format!("kernel name {name:?} contains a NUL byte")));
+        }
+        // A panic elsewhere while the lock was held leaves the map consistent (it only
+        // ever gains complete entries): take it back instead of panicking too.
+        let mut modules = self
+            .modules
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let m = match modules.get(module) {
             Some(m) => m.clone(),
             None => {
@@ -231,7 +247,7 @@ impl CudaDevice {
     ) -> Result<CudaSlice<T>> {
         self.stream
             .alloc_zeros::<T>(len.max(1))
-            .map_err(|e| oom(e, what, len * std::mem::size_of::<T>()))
+            .map_err(|e| oom(e, what, len.saturating_mul(std::mem::size_of::<T>())))
     }
 
     pub fn upload<T: DeviceRepr>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
@@ -240,8 +256,17 @@ impl CudaDevice {
             .map_err(|e| oom(e, what, std::mem::size_of_val(data)))
     }
 
+    /// Copies `data` to the host once every earlier call on this device's stream (kernels,
+    /// cuBLAS, cuSOLVER) has finished. cudarc's `clone_dtoh` into a `Vec` does not
+    /// synchronise by itself (its `SyncOnDrop` for host vectors is a no-op): it relies on
+    /// the driver returning from a device → pageable-host copy only once the copy is done.
+    /// The explicit synchronisation makes that a guarantee, and surfaces asynchronous
+    /// errors (and errors cudarc recorded in destructors) here rather than later.
     pub fn download<T: DeviceRepr + Default + Clone>(&self, data: &CudaSlice<T>) -> Result<Vec<T>> {
-        Ok(self.stream.clone_dtoh(data)?)
+        let host = self.stream.clone_dtoh(data)?;
+        self.stream.synchronize()?;
+        self.stream.context().check_err()?;
+        Ok(host)
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -258,6 +283,28 @@ fn oom(e: cudarc::driver::DriverError, what: &str, bytes: usize) -> Error {
     } else {
         e.into()
     }
+}
+
+/// An error unless the device buffer `what` holds at least `need` elements: every unsafe
+/// launch and library call checks its buffers with this first.
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::invalid(format!(
+            "{what}: device buffer of {have} values, {need} needed"
+        )));
+    }
+    Ok(())
+}
+
+/// `n` as the C `int` of a kernel or library argument, or an error naming it.
+pub(crate) fn c_int(what: &str, n: usize) -> Result<i32> {
+    i32::try_from(n).map_err(|_| Error::invalid(format!("{what} = {n} does not fit a C int")))
+}
+
+/// `a·b`, or an error when it overflows usize.
+pub(crate) fn mul(what: &str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b)
+        .ok_or_else(|| Error::invalid(format!("{what}: {a}·{b} overflows")))
 }
 
 /// Launch configuration of the grid-stride element-wise kernels in kernels/finalize.cu.
