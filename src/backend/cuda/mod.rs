@@ -212,7 +212,9 @@ impl CudaDevice {
     pub fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         if name.contains('\0') {
             // cudarc's load_function would panic on the CString conversion.
-            return Err(Error::invalid(format!("kernel name {name:?} contains a NUL byte")));
+            return Err(Error::invalid(format!(
+                "kernel name {name:?} contains a NUL byte"
+            )));
         }
         // A panic elsewhere while the lock was held leaves the map consistent (it only
         // ever gains complete entries): take it back instead of panicking too.

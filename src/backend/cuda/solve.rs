@@ -5,7 +5,7 @@
 use cudarc::cusolver::sys as cs;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::{elementwise, CudaDevice};
+use super::{c_int, check_len, elementwise, mul, CudaDevice};
 use crate::error::{Error, Result};
 use crate::regmean::solve::{SolveOutcome, MIN_RCOND};
 
@@ -20,17 +20,38 @@ pub fn solve_layer(
     d_in: usize,
     d_out: usize,
 ) -> Result<(CudaSlice<f32>, SolveOutcome)> {
-    // cuSOLVER is column-major: Σ G' is symmetric (layout-free); the right-hand side and the
-    // average are transposed into column-major d_in × d_out.
+    if k == 0 || d_in == 0 || d_out == 0 {
+        return Err(Error::invalid(format!(
+            "solve_layer: k = {k}, d_in = {d_in}, d_out = {d_out} (all must be positive)"
+        )));
+    }
+    // Everything below indexes with C ints (cuSOLVER, the kernels): check once, here.
+    let n = mul("W", d_in, d_out)?;
+    c_int("d_in", d_in)?;
+    c_int("d_out", d_out)?;
+    check_len("Σ G'", gram_sum.len(), mul("Σ G'", d_in, d_in)?)?;
+    check_len("Σ G'W", gw_sum.len(), n)?;
+    check_len("Σ W", w_sum.len(), n)?;
+    // cuSOLVER is column-major. A row-major [r, c] buffer is the column-major c×r matrix, so
+    // Σ G' needs no transpose (it is symmetric, and potrf reads only one triangle); the
+    // right-hand side is transposed into column-major d_in × d_out.
     let rhs_t = transpose(dev, gw_sum, d_in, d_out)?;
     let reason = match attempt(dev, gram_sum, &rhs_t, None, d_in, d_out)? {
         Ok(x) => return Ok((x, SolveOutcome::Cholesky)),
         Err(reason) => reason,
     };
+    // W̄ = ΣW / k, rounded once to f32 exactly like the CPU engine's `v / k as f32`: the f64
+    // product (1/k)·w is within 2⁻⁵² of w/k, far closer than any f32 rounding boundary that
+    // w/k can come near (it is never a midpoint), so the f32 rounding agrees bit for bit.
+    let w_mean = {
+        let mut acc = dev.zeros::<f64>(n, "average weights (f64)")?;
+        axpy_f64_from_f32(dev, &mut acc, w_sum, n, 1.0 / k as f64)?;
+        to_f32(dev, &acc)?
+    };
     let diag = diagonal(dev, &to_f64(dev, gram_sum)?, d_in)?;
     let mean_diag = diag.iter().sum::<f64>() / d_in as f64;
     if mean_diag.is_finite() && mean_diag > 0.0 {
-        let w_mean_t = transpose(dev, w_sum, d_in, d_out)?;
+        let w_mean_t = transpose(dev, &w_mean, d_in, d_out)?;
         let mut epsilon = 1e-8;
         while epsilon <= 0.1 + 1e-12 {
             let lambda = epsilon * mean_diag;
@@ -38,7 +59,7 @@ pub fn solve_layer(
                 dev,
                 gram_sum,
                 &rhs_t,
-                Some((lambda, &w_mean_t, k)),
+                Some((lambda, &w_mean_t)),
                 d_in,
                 d_out,
             )? {
@@ -47,59 +68,61 @@ pub fn solve_layer(
             epsilon *= 10.0;
         }
     }
-    let mut avg = dev.zeros::<f32>(d_in * d_out, "average weights")?;
-    super::gram::axpy(dev, &mut avg, w_sum, 1.0 / k as f32)?;
-    Ok((avg, SolveOutcome::Average { reason }))
+    Ok((w_mean, SolveOutcome::Average { reason }))
 }
 
-/// One factorise-and-solve, optionally damped: (A + λI) X = B + (λ/k)·ΣW.
+/// One factorise-and-solve, optionally damped towards W̄: (A + λI) X = B + λ·W̄ (the CPU
+/// engine's operations: A[i,i] + λ and B + λ·(W̄ as f64), each rounded once, in f64).
 /// Ok(Err(reason)) when the system is not usable; Err for device failures.
+/// The caller (solve_layer) has checked the buffer sizes and that d, n_rhs fit a C int.
 fn attempt(
     dev: &CudaDevice,
     gram_sum: &CudaSlice<f32>,
     rhs_t: &CudaSlice<f32>,
-    damping: Option<(f64, &CudaSlice<f32>, usize)>,
+    damping: Option<(f64, &CudaSlice<f32>)>,
     d: usize,
     n_rhs: usize,
 ) -> Result<std::result::Result<CudaSlice<f32>, String>> {
     let mut a = to_f64(dev, gram_sum)?;
     let mut b = to_f64(dev, rhs_t)?;
-    if let Some((lambda, w_sum_t, k)) = damping {
+    let di = c_int("d", d)?;
+    let nrhs = c_int("n_rhs", n_rhs)?;
+    if let Some((lambda, w_mean_t)) = damping {
+        check_len("A", a.len(), d * d)?;
         let f = dev.function("finalize", "add_diagonal_f64")?;
-        let di = d as i32;
         let mut l = dev.stream().launch_builder(&f);
         l.arg(&mut a).arg(&di).arg(&lambda);
-        // SAFETY: a holds d·d f64 values.
+        // SAFETY: (double*, int, double) as pushed; a holds d·d f64 values (checked).
         unsafe { l.launch(elementwise(d)) }?;
-        let f = dev.function("finalize", "axpy_f64_from_f32")?;
-        let (n, alpha) = ((d * n_rhs) as i64, lambda / k as f64);
-        let mut l = dev.stream().launch_builder(&f);
-        l.arg(&mut b).arg(w_sum_t).arg(&n).arg(&alpha);
-        // SAFETY: b and w_sum_t hold d·n_rhs values.
-        unsafe { l.launch(elementwise(d * n_rhs)) }?;
+        axpy_f64_from_f32(dev, &mut b, w_mean_t, d * n_rhs, lambda)?;
     }
     let handle = dev.solver().cu();
     let lower = cs::cublasFillMode_t::CUBLAS_FILL_MODE_LOWER;
-    let di = d as i32;
     let mut info = dev.zeros::<i32>(1, "cuSOLVER info")?;
     let mut lwork = 0i32;
+    // The raw cuSOLVER calls below do not make the context current themselves.
+    dev.bind()?;
     {
         let stream = dev.stream();
-        let (a_ptr, _a_sync) = a.device_ptr_mut(stream);
-        // SAFETY: handle is bound to this stream; a is a live d×d f64 buffer; lwork is a
-        // host i32 the call writes.
+        let (a_ptr, _a_sync) = a.device_ptr(stream);
+        // SAFETY: handle is bound to this stream; a is a live d×d f64 buffer (lda = d), which
+        // the query does not read; lwork is a host i32 the call writes.
         unsafe {
             cs::cusolverDnDpotrf_bufferSize(handle, lower, di, a_ptr as *mut f64, di, &mut lwork)
         }
         .result()?;
     }
+    // Lwork counts f64 elements, not bytes.
     let mut work = dev.zeros::<f64>(lwork.max(1) as usize, "cuSOLVER workspace")?;
+    dev.bind()?;
     {
         let stream = dev.stream();
         let (a_ptr, _a_sync) = a.device_ptr_mut(stream);
         let (w_ptr, _w_sync) = work.device_ptr_mut(stream);
         let (i_ptr, _i_sync) = info.device_ptr_mut(stream);
-        // SAFETY: buffers sized as queried above; all on the handle's stream.
+        // SAFETY: the handle is bound to dev's stream, on which the guards order these
+        // buffers (they are dropped at the end of this block, after the call is enqueued);
+        // a is d×d f64 with lda = d, work holds lwork f64 as queried, info one i32.
         unsafe {
             cs::cusolverDnDpotrf(
                 handle,
@@ -114,6 +137,7 @@ fn attempt(
         }
         .result()?;
     }
+    // Stream-ordered after potrf, and download synchronises: info is final.
     let status = dev.download(&info)?[0];
     if status > 0 {
         return Ok(Err(format!(
@@ -136,18 +160,20 @@ fn attempt(
             "the summed Gram is near-singular (reciprocal condition ≈ {rcond:.1e})"
         )));
     }
+    dev.bind()?;
     {
         let stream = dev.stream();
         let (a_ptr, _a_sync) = a.device_ptr(stream);
         let (b_ptr, _b_sync) = b.device_ptr_mut(stream);
         let (i_ptr, _i_sync) = info.device_ptr_mut(stream);
-        // SAFETY: a is the d×d factor, b d×n_rhs column-major, info one i32.
+        // SAFETY: as for potrf; a holds the d×d factor (lower, lda = d), b the column-major
+        // d×n_rhs right-hand side (ldb = d, d·n_rhs f64), info one i32.
         unsafe {
             cs::cusolverDnDpotrs(
                 handle,
                 lower,
                 di,
-                n_rhs as i32,
+                nrhs,
                 a_ptr as *const f64,
                 di,
                 b_ptr as *mut f64,
@@ -159,6 +185,7 @@ fn attempt(
     }
     let status = dev.download(&info)?[0];
     if status != 0 {
+        // potrs reports only argument errors (info = −i); it has no numerical failure.
         return Err(Error::Numerical(format!(
             "cuSOLVER potrs rejected argument {}",
             -status
@@ -179,14 +206,36 @@ pub(crate) fn transpose(
     rows: usize,
     cols: usize,
 ) -> Result<CudaSlice<f32>> {
-    let mut out = dev.zeros::<f32>(rows * cols, "transpose")?;
+    let n = mul("transpose", rows, cols)?;
+    check_len("transpose input", x.len(), n)?;
+    let mut out = dev.zeros::<f32>(n, "transpose")?;
     let f = dev.function("finalize", "transpose_f32")?;
-    let (r, c) = (rows as i32, cols as i32);
+    let (r, c) = (c_int("rows", rows)?, c_int("cols", cols)?);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(x).arg(&mut out).arg(&r).arg(&c);
-    // SAFETY: x and out hold rows·cols values.
-    unsafe { b.launch(elementwise(rows * cols)) }?;
+    // SAFETY: (const float*, float*, int, int) as pushed; x and out hold rows·cols values;
+    // elementwise launches the exactly 256 threads the kernel needs.
+    unsafe { b.launch(elementwise(n)) }?;
     Ok(out)
+}
+
+/// y += alpha·(f64)x over the first n elements.
+fn axpy_f64_from_f32(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<f64>,
+    x: &CudaSlice<f32>,
+    n: usize,
+    alpha: f64,
+) -> Result<()> {
+    check_len("axpy_f64_from_f32 y", y.len(), n)?;
+    check_len("axpy_f64_from_f32 x", x.len(), n)?;
+    let f = dev.function("finalize", "axpy_f64_from_f32")?;
+    let nn = n as i64;
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(y).arg(x).arg(&nn).arg(&alpha);
+    // SAFETY: (double*, const float*, long long, double) as pushed; both hold n values.
+    unsafe { l.launch(elementwise(n)) }?;
+    Ok(())
 }
 
 fn to_f64(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<f64>> {
@@ -195,7 +244,7 @@ fn to_f64(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<f64>> {
     let n = x.len() as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(x).arg(&mut out).arg(&n);
-    // SAFETY: both hold n values.
+    // SAFETY: (const float*, double*, long long) as pushed; both hold n values.
     unsafe { b.launch(elementwise(x.len())) }?;
     Ok(out)
 }
@@ -206,18 +255,19 @@ fn to_f32(dev: &CudaDevice, x: &CudaSlice<f64>) -> Result<CudaSlice<f32>> {
     let n = x.len() as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(x).arg(&mut out).arg(&n);
-    // SAFETY: both hold n values.
+    // SAFETY: (const double*, float*, long long) as pushed; both hold n values.
     unsafe { b.launch(elementwise(x.len())) }?;
     Ok(out)
 }
 
 fn diagonal(dev: &CudaDevice, a: &CudaSlice<f64>, d: usize) -> Result<Vec<f64>> {
+    check_len("diagonal input", a.len(), mul("diagonal input", d, d)?)?;
     let mut diag = dev.zeros::<f64>(d, "diagonal")?;
     let f = dev.function("finalize", "diagonal_f64")?;
-    let di = d as i32;
+    let di = c_int("d", d)?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(a).arg(&mut diag).arg(&di);
-    // SAFETY: a holds d·d values, diag d.
+    // SAFETY: (const double*, double*, int) as pushed; a holds d·d values (checked), diag d.
     unsafe { b.launch(elementwise(d)) }?;
     dev.download(&diag)
 }
@@ -228,7 +278,8 @@ pub(crate) fn any_nonfinite(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<bool
     let n = x.len() as i64;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(x).arg(&n).arg(&mut flag);
-    // SAFETY: x holds n values, flag one i32.
+    // SAFETY: (const float*, long long, int*) as pushed; x holds n values, flag one i32
+    // (zeroed, as the kernel requires).
     unsafe { b.launch(elementwise(x.len())) }?;
     Ok(dev.download(&flag)?[0] != 0)
 }
