@@ -205,6 +205,8 @@ fn singular_system_uses_the_documented_fallback_and_names_the_layer() {
 
 /// Starts a merge whose writing is slowed down (many small shards, a delay per shard) and
 /// returns it once its partial output holds at least one shard.
+// The child is returned to the caller, which waits on it.
+#[allow(clippy::zombie_processes)]
 fn start_slow_merge(pool: &Pool) -> std::process::Child {
     let mut child = Command::new(bin())
         .args([
