@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::cuda::gram::{
@@ -154,7 +155,9 @@ fn check(name: String, got: &[f64], want: &[f64], tolerance: f64) -> Check {
 }
 
 /// The Gram kernel on one shape: G starts as random values (so stray writes show), the
-/// result is compared with init + XᵀX in f64 on the lower tiles and init elsewhere.
+/// result is compared with init + XᵀX in f64 on the lower tiles and init elsewhere. Masked
+/// rows and the padding columns between d and ldx hold NaN: the kernel must never read
+/// them into G (kernels/gram.cu zero-fills them while staging).
 fn check_gram(
     dev: &Arc<CudaDevice>,
     rng: &mut Rng,
@@ -164,15 +167,22 @@ fn check_gram(
     masked: bool,
     f16: bool,
 ) -> Result<Check> {
-    let x: Vec<f32> = rng.normals(rows * ldx, 1.0);
-    let x: Vec<f32> = if f16 {
-        x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect()
-    } else {
-        x
-    };
     let mask: Vec<u8> = (0..rows)
         .map(|r| if masked { (r % 5 != 2) as u8 } else { 1 })
         .collect();
+    let mut x: Vec<f32> = rng.normals(rows * ldx, 1.0);
+    if f16 {
+        x.iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+    }
+    for (r, row) in x.chunks_mut(ldx).enumerate() {
+        let poisoned = if mask[r] == 0 {
+            &mut row[..]
+        } else {
+            &mut row[d..]
+        };
+        poisoned.iter_mut().for_each(|v| *v = f32::NAN);
+    }
     let init: Vec<f32> = rng.normals(d * d, 1.0);
     let mut g = dev.upload(&init, "G")?;
     let mask_dev = dev.upload(&mask, "mask")?;
@@ -204,19 +214,20 @@ fn check_gram(
     }
     let got: Vec<f64> = dev.download(&g)?.iter().map(|v| *v as f64).collect();
     let tile = 128; // both Gram kernels tile by 128 (kernels/gram.cu)
+    let taken: Vec<usize> = (0..rows).filter(|r| mask[*r] != 0).collect();
     let mut want: Vec<f64> = init.iter().map(|v| *v as f64).collect();
-    for i in 0..d {
-        for j in 0..d {
-            if j / tile > i / tile {
-                continue; // strict upper tiles are never written
-            }
-            let s: f64 = (0..rows)
-                .filter(|r| mask[*r] != 0)
-                .map(|r| x[r * ldx + i] as f64 * x[r * ldx + j] as f64)
-                .sum();
-            want[i * d + j] += s;
+    // Row i of G gets Σ_r x[r,i]·x[r,j] (f64, rows in order) for every j in a tile on or
+    // below the diagonal: j < (i/tile + 1)·tile. Strict-upper tiles are never written.
+    want.par_chunks_mut(d).enumerate().for_each(|(i, out)| {
+        let end = ((i / tile + 1) * tile).min(d);
+        let mut s = vec![0.0f64; end];
+        for &r in &taken {
+            let xr = &x[r * ldx..r * ldx + end];
+            let xi = x[r * ldx + i] as f64;
+            s.iter_mut().zip(xr).for_each(|(s, v)| *s += xi * *v as f64);
         }
-    }
+        out[..end].iter_mut().zip(&s).for_each(|(w, s)| *w += s);
+    });
     // Compare the accumulated part relative to its own scale.
     let got_delta: Vec<f64> = got.iter().zip(&init).map(|(g, i)| g - *i as f64).collect();
     let want_delta: Vec<f64> = want.iter().zip(&init).map(|(w, i)| w - *i as f64).collect();
@@ -239,7 +250,9 @@ macro_rules! launch {
         let f = $dev.function("finalize", $name)?;
         let mut b = $dev.stream().launch_builder(&f);
         $( b.arg($arg); )+
-        // SAFETY: every call passes buffers of the sizes the kernel's contract names for n.
+        // SAFETY: every call below pushes the kernel's exact C types in order (pointers as
+        // CudaSlices, int as i32, long long as i64, float as f32, double as f64; checked
+        // against kernels/finalize.cu) and buffers of the sizes its contract names for n.
         unsafe { b.launch(elementwise($n)) }?;
     }};
 }
@@ -247,6 +260,11 @@ macro_rules! launch {
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|x| *x as f64).collect()
 }
+
+/// finalize.cu is specified to match the CPU bit for bit (kernels/README.md: `__fmul_rn`,
+/// `__fadd_rn`, `__fdiv_rn` and their f64 forms stop nvcc from contracting into FMAs), so
+/// its checks allow no difference: a relative tolerance would hide a contracted FMA.
+const EXACT: f64 = 0.0;
 
 /// Every element-wise kernel of kernels/finalize.cu against its Rust twin.
 fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
@@ -271,7 +289,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "gram_mirror_scale".into(),
         &f64s(&dev.download(&g)?),
         &want,
-        1e-7,
+        EXACT,
     ));
 
     let mut acc = dev.upload(&a, "acc")?;
@@ -300,7 +318,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "gram_running_mean".into(),
         &f64s(&dev.download(&acc)?),
         &want,
-        1e-7,
+        EXACT,
     ));
 
     let gsrc = dev.upload(&a, "G")?;
@@ -330,13 +348,13 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "reduce_offdiag_accumulate (G')".into(),
         &f64s(&dev.download(&reduced)?),
         &red,
-        1e-7,
+        EXACT,
     ));
     out.push(check(
         "reduce_offdiag_accumulate (Σ G')".into(),
         &f64s(&dev.download(&sum)?),
         &sum_want,
-        1e-7,
+        EXACT,
     ));
 
     let mut y = dev.upload(&a, "y")?;
@@ -352,7 +370,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "axpy_f32".into(),
         &f64s(&dev.download(&y)?),
         &want,
-        1e-7,
+        EXACT,
     ));
 
     let src = dev.upload(&a, "src")?;
@@ -362,7 +380,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "f32_to_f64".into(),
         &dev.download(&wide)?,
         &f64s(&a),
-        0.0,
+        EXACT,
     ));
     let mut narrow = dev.upload(&nan, "f32")?;
     launch!(dev, "f64_to_f32", n, &wide, &mut narrow, &nn);
@@ -370,7 +388,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "f64_to_f32".into(),
         &f64s(&dev.download(&narrow)?),
         &f64s(&a),
-        0.0,
+        EXACT,
     ));
 
     let lambda = 0.125f64;
@@ -382,7 +400,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "add_diagonal_f64".into(),
         &dev.download(&wide)?,
         &want,
-        1e-15,
+        EXACT,
     ));
 
     let mut diag: CudaSlice<f64> = dev.upload(&vec![f64::NAN; d], "diag")?;
@@ -392,7 +410,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "diagonal_f64".into(),
         &dev.download(&diag)?,
         &want,
-        1e-15,
+        EXACT,
     ));
 
     let mut bw: CudaSlice<f64> = dev.upload(&f64s(&a), "B")?;
@@ -408,7 +426,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "axpy_f64_from_f32".into(),
         &dev.download(&bw)?,
         &want,
-        1e-15,
+        EXACT,
     ));
 
     let (rows, cols) = (33usize, 51usize);
@@ -427,7 +445,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         "transpose_f32".into(),
         &f64s(&dev.download(&tout)?),
         &want,
-        0.0,
+        EXACT,
     ));
 
     for (label, poison) in [
@@ -572,7 +590,8 @@ fn time_ms(dev: &CudaDevice, reps: usize, mut f: impl FnMut() -> Result<()>) -> 
     Ok(start.elapsed_ms(&end)? as f64 / reps as f64)
 }
 
-/// cublasGemmEx with f16 inputs and f32 output: C[m×n] = op(A)·op(B), column-major.
+/// cublasGemmEx with f16 inputs and f32 output: C[m×n] = A·op(B), column-major, ldc = m.
+/// A is m×k (lda ≥ m); B is k×n (ldb ≥ k), or with `trans_b` stored n×k (ldb ≥ n).
 #[allow(clippy::too_many_arguments)]
 fn gemm_ex_f16(
     dev: &CudaDevice,
@@ -588,6 +607,31 @@ fn gemm_ex_f16(
 ) -> Result<()> {
     use cudarc::cublas::sys as bs;
     use cudarc::driver::{DevicePtr, DevicePtrMut};
+    let (b_rows, b_cols) = if trans_b { (n, k) } else { (k, n) };
+    if lda < m || ldb < b_rows {
+        return Err(crate::error::Error::invalid(format!(
+            "gemm_ex_f16: lda {lda} < m {m} or ldb {ldb} < {b_rows}"
+        )));
+    }
+    // A column-major r×c matrix with leading dimension ld spans (c − 1)·ld + r elements.
+    let span = |r: usize, c: usize, ld: usize| {
+        if r == 0 || c == 0 {
+            0
+        } else {
+            (c - 1) * ld + r
+        }
+    };
+    cuda::check_len("GemmEx A", a.len(), span(m, k, lda))?;
+    cuda::check_len("GemmEx B", b.len(), span(b_rows, b_cols, ldb))?;
+    cuda::check_len("GemmEx C", c.len(), span(m, n, m))?;
+    let (mi, ni, ki) = (
+        cuda::c_int("m", m)?,
+        cuda::c_int("n", n)?,
+        cuda::c_int("k", k)?,
+    );
+    let (ldai, ldbi) = (cuda::c_int("lda", lda)?, cuda::c_int("ldb", ldb)?);
+    // The raw cuBLAS call does not make the context current itself.
+    dev.bind()?;
     let stream = dev.stream();
     let (alpha, beta) = (1.0f32, 0.0f32);
     let (ap, _as) = a.device_ptr(stream);
@@ -598,27 +642,29 @@ fn gemm_ex_f16(
     } else {
         bs::cublasOperation_t::CUBLAS_OP_N
     };
-    // SAFETY: the buffers hold the m·k, k·n (or n·k) and m·n values the dimensions describe;
-    // the handle is bound to this stream.
+    // SAFETY: the buffers hold at least the spans the dimensions and leading dimensions
+    // address (checked above); alpha and beta are host f32 (cuBLAS' default host pointer
+    // mode, and CUBLAS_COMPUTE_32F takes f32 scalars); the handle is bound to this stream,
+    // and the guards, dropped at the end of the function, order the buffers on it.
     unsafe {
         bs::cublasGemmEx(
             *dev.blas().handle(),
             bs::cublasOperation_t::CUBLAS_OP_N,
             tb,
-            m as i32,
-            n as i32,
-            k as i32,
+            mi,
+            ni,
+            ki,
             &alpha as *const f32 as *const _,
             ap as *const _,
             bs::cudaDataType_t::CUDA_R_16F,
-            lda as i32,
+            ldai,
             bp as *const _,
             bs::cudaDataType_t::CUDA_R_16F,
-            ldb as i32,
+            ldbi,
             &beta as *const f32 as *const _,
             cp as *mut _,
             bs::cudaDataType_t::CUDA_R_32F,
-            m as i32,
+            mi,
             bs::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             bs::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
@@ -703,7 +749,8 @@ fn benchmark(dev: &Arc<CudaDevice>, say: &dyn Fn(&str)) -> Result<Vec<BenchRow>>
             });
         }
     }
-    // The solve of GPT-2's largest layer (mlp.c_proj: d_in 3072, d_out 768) and a square one.
+    // The solves of GPT-2's two largest layers: mlp.c_fc (d_in 768, d_out 3072) and
+    // mlp.c_proj (d_in 3072, d_out 768).
     for (d_in, d_out) in [(768usize, 3072usize), (3072, 768)] {
         let mut g = vec![0.0f32; d_in * d_in];
         (0..d_in).for_each(|i| g[i * d_in + i] = 1.0 + (i % 7) as f32);
