@@ -163,8 +163,13 @@ impl MergeConfig {
     /// Reads and validates a config; relative paths are taken relative to the config file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text that was read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut cfg: MergeConfig =
-            serde_yaml::from_str(&text).map_err(|e| Error::config(path, e.to_string()))?;
+            serde_yaml::from_str(text).map_err(|e| Error::config(path, e.to_string()))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &Path| {
             // Drop `.` components so messages show `pool/task_a`, not `pool/./task_a`.

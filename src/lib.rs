@@ -19,6 +19,8 @@ pub mod data;
 pub mod demo;
 pub mod doctor;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod model;
 pub mod progress;

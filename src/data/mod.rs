@@ -57,6 +57,11 @@ impl Dataset {
 
 fn read_jsonl(path: &Path) -> Result<Dataset> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_jsonl(&text, path)
+}
+
+/// Token data from JSON Lines text; `path` names the source in errors.
+pub fn parse_jsonl(text: &str, path: &Path) -> Result<Dataset> {
     let mut sequences = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();

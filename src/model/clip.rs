@@ -59,6 +59,12 @@ impl ClipVisionConfig {
                 "hidden_size is not divisible by num_attention_heads",
             ));
         }
+        if c.num_channels == 0 || c.num_channels > 16 || c.patch_size > 1024 {
+            return Err(Error::file(
+                path,
+                "num_channels must be 1 to 16 and patch_size at most 1024",
+            ));
+        }
         if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
             return Err(Error::file(
                 path,

@@ -207,6 +207,9 @@ impl<B: Backend> Model<B> {
 }
 
 /// Reads an optional field with a default, checking its type.
+/// The largest size a config.json field may hold (2²⁰: vocabularies, widths, lengths).
+pub const MAX_CONFIG_SIZE: u64 = 1 << 20;
+
 pub(crate) fn field_usize(
     v: &serde_json::Value,
     key: &str,
@@ -215,12 +218,18 @@ pub(crate) fn field_usize(
 ) -> Result<usize> {
     match v.get(key) {
         None | Some(serde_json::Value::Null) => Ok(default),
-        Some(x) => x.as_u64().map(|x| x as usize).ok_or_else(|| {
-            Error::file(
-                path,
-                format!("`{key}` must be a non-negative integer, found {x}"),
-            )
-        }),
+        // Sizes are bounded so that no product of them can overflow, whatever the file says;
+        // real tensors are then checked against the checkpoint's bytes.
+        Some(x) => x
+            .as_u64()
+            .filter(|&x| x <= MAX_CONFIG_SIZE)
+            .map(|x| x as usize)
+            .ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("`{key}` must be an integer from 0 to {MAX_CONFIG_SIZE}, found {x}"),
+                )
+            }),
     }
 }
 
