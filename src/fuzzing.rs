@@ -10,14 +10,17 @@ use crate::io::{Checkpoint, SafetensorsFile};
 use crate::model::{clip::ClipVisionConfig, gpt2::Gpt2Config, ModelConfig};
 use crate::regmean::stats::{self, GramFileInfo};
 
-/// A scratch directory per process (in /dev/shm when present: the targets write files).
+/// A scratch directory per process and thread (in /dev/shm when present: the targets write
+/// files, and a file rewritten under another thread's memory map would fault).
 pub fn scratch() -> PathBuf {
     let base = if Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
     };
-    let dir = base.join(format!("regmean-fuzz-{}", std::process::id()));
+    let thread =
+        format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_digit(), "");
+    let dir = base.join(format!("regmean-fuzz-{}-{thread}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     dir
 }

@@ -144,14 +144,7 @@ fn existing_output_is_refused_without_force() {
     let out = pool.path("merged");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "mine").unwrap();
-    let o = Command::new(bin())
-        .args([
-            "merge",
-            pool.path("compat.yaml").to_str().unwrap(),
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = pool.merge("compat.yaml", &out, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert_mentions(
         &String::from_utf8_lossy(&o.stderr),
@@ -166,16 +159,7 @@ fn existing_output_is_refused_without_force() {
 #[test]
 fn unavailable_device_is_an_error_not_a_panic() {
     let pool = Pool::new();
-    let o = Command::new(bin())
-        .args([
-            "merge",
-            pool.path("compat.yaml").to_str().unwrap(),
-            pool.path("m").to_str().unwrap(),
-            "--device",
-            "cuda",
-        ])
-        .output()
-        .unwrap();
+    let o = pool.merge("compat.yaml", &pool.path("m"), &["--device", "cuda"]);
     assert_eq!(o.status.code(), Some(1));
     assert_mentions(
         &String::from_utf8_lossy(&o.stderr),
@@ -244,15 +228,7 @@ fn cli_merge_and_grams_round_trip() {
     );
     // The right use merges.
     std::fs::write(pool.path("ok.yaml"), cfg).unwrap();
-    let o = Command::new(bin())
-        .args([
-            "merge",
-            "-q",
-            pool.path("ok.yaml").to_str().unwrap(),
-            pool.path("merged").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = pool.merge("ok.yaml", &pool.path("merged"), &["-q"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(pool.path("merged/model.safetensors").is_file());
 }

@@ -120,14 +120,7 @@ fn output_location_that_cannot_be_created() {
     let pool = Pool::new();
     std::fs::write(pool.path("a_file"), "not a directory").unwrap();
     let out = pool.path("a_file/merged");
-    let o = Command::new(bin())
-        .args([
-            "merge",
-            pool.path("compat.yaml").to_str().unwrap(),
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = pool.merge("compat.yaml", &out, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert_mentions(
         &String::from_utf8_lossy(&o.stderr),
@@ -144,14 +137,7 @@ fn fewer_examples_than_requested_warns_and_continues() {
         text.lines().take(3).collect::<Vec<_>>().join("\n"),
     )
     .unwrap();
-    let o = Command::new(bin())
-        .args([
-            "merge",
-            pool.path("compat.yaml").to_str().unwrap(),
-            pool.path("merged").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = pool.merge("compat.yaml", &pool.path("merged"), &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert_mentions(
@@ -178,14 +164,7 @@ fn singular_system_uses_the_documented_fallback_and_names_the_layer() {
         .replace("batch_size: 4", "batch_size: 1");
     std::fs::write(pool.path("singular.yaml"), cfg).unwrap();
     let out = pool.path("merged");
-    let o = Command::new(bin())
-        .args([
-            "merge",
-            pool.path("singular.yaml").to_str().unwrap(),
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = pool.merge("singular.yaml", &out, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert_mentions(
@@ -304,4 +283,27 @@ fn interrupted_mid_write_removes_its_partial_output() {
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A full disk, as the writer sees it: a file-size limit makes writes fail (EFBIG) part-way
+/// through the first shard.
+#[test]
+fn write_failure_midway_is_reported_and_leaves_no_output() {
+    let pool = Pool::new();
+    std::fs::create_dir(pool.path("out")).unwrap();
+    let script = format!(
+        "ulimit -f 64; trap '' XFSZ; exec {} merge {} {}",
+        bin().display(),
+        pool.path("compat.yaml").display(),
+        pool.path("out/merged").display()
+    );
+    let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_mentions(&stderr, &["model.safetensors", "File too large"]);
+    assert!(
+        entries(&pool.path("out")).is_empty(),
+        "{:?}",
+        entries(&pool.path("out"))
+    );
 }

@@ -121,18 +121,22 @@ impl Pool {
         .unwrap();
     }
 
+    /// Runs `regmean-gpu merge CONFIG OUT EXTRA...` on the pool.
+    pub fn merge(&self, config: &str, out: &Path, extra: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("merge")
+            .arg(self.path(config))
+            .arg(out)
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
     /// Runs `merge` on the pool's compat config (or another) and returns the failure message.
     pub fn merge_fails(&self, config: &str) -> String {
         let out_parent = self.path("out");
         std::fs::create_dir_all(&out_parent).unwrap();
-        let o = Command::new(bin())
-            .args([
-                "merge",
-                self.path(config).to_str().unwrap(),
-                out_parent.join("merged").to_str().unwrap(),
-            ])
-            .output()
-            .unwrap();
+        let o = self.merge(config, &out_parent.join("merged"), &[]);
         let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
         assert_eq!(
             o.status.code(),
