@@ -15,7 +15,7 @@ use faer::{Mat, Side};
 
 use crate::backend::{Backend, CpuBackend};
 use crate::config::{MergeConfig, MergeMethod, Parameters};
-use crate::data::Dataset;
+use crate::data::{Dataset, SplitMix64};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_file, OutTensor, TensorData};
 use crate::io::writer::write_model_tensors;
@@ -31,19 +31,15 @@ pub trait Say: Observer {
 }
 
 /// Normal random numbers from a seeded SplitMix64 (Box–Muller).
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(SplitMix64(seed))
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next()
     }
 
     pub fn uniform(&mut self) -> f64 {
@@ -51,7 +47,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
+        self.0.below(n)
     }
 
     pub fn normal(&mut self) -> f32 {
