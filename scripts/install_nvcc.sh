@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 dest=.cuda/site
 nvcc="$dest/nvidia/cu13/bin/nvcc"
 if [ ! -x "$nvcc" ]; then
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dest" \
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps --target "$dest" \
     "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" \
     "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" >&2
 fi
