@@ -89,6 +89,9 @@ struct MergeArgs {
     /// Replace an existing output directory
     #[arg(long)]
     force: bool,
+    /// Also write phase times, rows per model and peak memory as JSON to this file
+    #[arg(long)]
+    report_json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -210,8 +213,12 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 out_shard_bytes: a.out_shard_size,
                 force: a.force,
             };
+            let started = std::time::Instant::now();
             let report = regmean::merge(&backend, &cfg, &a.out_dir, &opts, ui)?;
             ui.clear();
+            if let Some(path) = &a.report_json {
+                write_report_json(path, &report, started.elapsed())?;
+            }
             print_summary(&report, &a.out_dir, ui);
             Ok(())
         }
@@ -359,6 +366,25 @@ fn found(present: bool) -> &'static str {
     } else {
         "not found"
     }
+}
+
+fn write_report_json(path: &Path, r: &MergeReport, total: std::time::Duration) -> Result<()> {
+    let json = serde_json::json!({
+        "arch": r.arch.name(),
+        "method": format!("{:?}", r.method),
+        "phases_s": {
+            "forward_and_grams": r.timings.grams.as_secs_f64(),
+            "solve": r.timings.solve.as_secs_f64(),
+            "write": r.timings.write.as_secs_f64(),
+        },
+        "total_s": total.as_secs_f64(),
+        "peak_rss_bytes": regmean_gpu::peak_rss_bytes(),
+        "layers_solved": r.layers_solved,
+        "fallbacks": r.fallbacks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "examples": m.examples, "rows": m.rows})).collect::<Vec<_>>(),
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&json).expect("json"))
+        .map_err(|e| Error::io(path, e))
 }
 
 fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
