@@ -232,19 +232,25 @@ def reduce_non_diagonal_elements(g, r):
     return g * (diag_weights + non_diag_weights)
 
 
+def load_task(arch, model_dir, data_path, params, device, timers):
+    """One task model and its batches, timed as the load phase."""
+    t = time.perf_counter()
+    model = load_model(arch, model_dir, device)
+    with open(Path(model_dir) / "config.json") as f:
+        mcfg = json.load(f)
+    batches = load_batches(arch, data_path, params, mcfg)
+    sync(device)
+    timers["load_s"] += time.perf_counter() - t
+    return model, batches
+
+
 def run_fusionbench(arch, models, params, ratio, device, timers, base_keys):
     regexes = params["exclude_param_names_regex"]
     transpose = arch == "clip"
     sum_g, sum_gw, sum_p = {}, {}, {}
     n = 0
     for model_dir, data_path in models:
-        t = time.perf_counter()
-        model = load_model(arch, model_dir, device)
-        with open(Path(model_dir) / "config.json") as f:
-            mcfg = json.load(f)
-        batches = load_batches(arch, data_path, params, mcfg)
-        sync(device)
-        timers["load_s"] += time.perf_counter() - t
+        model, batches = load_task(arch, model_dir, data_path, params, device, timers)
 
         t = time.perf_counter()
         sites = {k: v for k, v in site_modules(arch, model).items()
@@ -350,13 +356,7 @@ def run_skilled(arch, models, params, ratio, device, timers, base_keys):
     sum_g, sum_gw, sum_p, layout = {}, {}, {}, {}
     n = 0
     for model_dir, data_path in models:
-        t = time.perf_counter()
-        model = load_model(arch, model_dir, device)
-        with open(Path(model_dir) / "config.json") as f:
-            mcfg = json.load(f)
-        batches = load_batches(arch, data_path, params, mcfg)
-        sync(device)
-        timers["load_s"] += time.perf_counter() - t
+        model, batches = load_task(arch, model_dir, data_path, params, device, timers)
 
         t = time.perf_counter()
         groups = skilled_groups(arch, model, regexes, base_keys)
