@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check, in one run, over carried binaries (see scripts/gpu_bundle.sh):
 #   1. where the driver, cuBLAS and cuSOLVER live;  2. `doctor` (every kernel against its
-#   CPU twin);  3. the GPU tests;  4. `merge --device cuda` of the tiny test pools against
-#   `--device cpu`;  5. the kernel benchmark (`doctor --bench`).
-# Six files go to $OUT (or gpu-logs/); a summary table is printed last. Run from the repo root:
+#   CPU twin);  3. the GPU tests (the forward layer by layer, merges);  4. `merge --device
+#   cuda` of the tiny test pools against `--device cpu`, in float32 (to 1e-4) and float16
+#   (to 1e-2);  5. the kernel benchmark (`doctor --bench`).
+# Five files go to $OUT (or gpu-logs/); a summary table is printed last. Run from the repo root:
 #   bash scripts/gpu_check.sh [BUNDLE_DIR]
 set -uo pipefail
 bundle=${1:-gpu-bundle}
@@ -14,7 +15,8 @@ declare -a summary
 step() { # name, command...
   local name=$1; shift
   local start=$(date +%s)
-  if "$@" > "$out/$name.log" 2>&1; then r=PASS; else r=FAIL; fi
+  # Each step is bounded so that one hang cannot eat the machine's whole lease.
+  if timeout "${STEP_TIMEOUT:-150}" bash -c "$*" > "$out/$name.log" 2>&1; then r=PASS; else r=FAIL; fi
   summary+=("$(printf '%-28s %-5s %4ss  %s' "$name" "$r" "$(( $(date +%s) - start ))" "$out/$name.log")")
   echo "== $name: $r"; tail -n 25 "$out/$name.log"
 }
@@ -43,20 +45,25 @@ gpu_tests() {
   [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log"
 }
 bench() { "$bin" doctor --bench && has_gpu; }
-step doctor doctor
-step gpu-tests gpu_tests
-merge_pair() { # pool config
+merge_pair() { # pool config: the whole merge on cuda against cpu, float32 and float16
   local tmp; tmp=$(mktemp -d)
   "$bin" merge -q "tests/fixtures/$1/$2" "$tmp/cpu" --device cpu &&
-  "$bin" merge "tests/fixtures/$1/$2" "$tmp/cuda" --device cuda &&
-  "$bin" compare "$tmp/cuda" "$tmp/cpu" --tol 1e-4 -v
+  "$bin" merge "tests/fixtures/$1/$2" "$tmp/f32" --device cuda --precision float32 &&
+  "$bin" compare "$tmp/f32" "$tmp/cpu" --tol 1e-4 -v &&
+  "$bin" merge "tests/fixtures/$1/$2" "$tmp/f16" --device cuda --precision float16 &&
+  "$bin" compare "$tmp/f16" "$tmp/cpu" --tol 1e-2
 }
 merges() {
-  merge_pair gpt2_pool compat.yaml && merge_pair gpt2_pool exclude.yaml && merge_pair clip_pool compat.yaml
+  merge_pair gpt2_pool compat.yaml && merge_pair gpt2_pool default.yaml &&
+    merge_pair gpt2_pool exclude.yaml && merge_pair clip_pool compat.yaml &&
+    merge_pair clip_pool default.yaml
 }
+export -f has_gpu doctor gpu_tests bench merge_pair merges
+export bin bundle
+step doctor doctor
+step gpu-tests gpu_tests
 step merge-cuda-vs-cpu merges
 step kernel-bench bench
-"$bin" doctor --bench --json > "$out/bench.json" 2>/dev/null
 
 echo
 echo "== summary"

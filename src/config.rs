@@ -55,6 +55,8 @@ pub struct Parameters {
     pub max_length: usize,
     pub seed: u64,
     pub shuffle: bool,
+    /// Activations on a GPU: float16 (default) or float32. The CPU always runs float32.
+    pub precision: crate::backend::Precision,
 }
 
 impl Default for Parameters {
@@ -68,6 +70,7 @@ impl Default for Parameters {
             max_length: 512,
             seed: 0,
             shuffle: true,
+            precision: crate::backend::Precision::Float16,
         }
     }
 }

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use regmean_gpu::backend::cuda::{self, DeviceChoice};
-use regmean_gpu::backend::CpuBackend;
+use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
 use regmean_gpu::config::{MergeConfig, Parameters};
 use regmean_gpu::progress::{Event, Observer};
 use regmean_gpu::regmean::{self, MergeOptions, MergeReport};
@@ -89,6 +89,9 @@ struct MergeArgs {
     /// Replace an existing output directory
     #[arg(long)]
     force: bool,
+    /// Activations on a GPU, overriding the config's `precision`: float16 or float32
+    #[arg(long, value_parser = parse_precision)]
+    precision: Option<Precision>,
     /// Also write phase times, rows per model and peak memory as JSON to this file
     #[arg(long)]
     report_json: Option<PathBuf>,
@@ -138,6 +141,17 @@ struct ForwardArgs {
     examples: usize,
     #[command(flatten)]
     device: DeviceArg,
+    /// Activations on a GPU: float16 or float32 (the CPU always runs float32)
+    #[arg(long, default_value = "float16", value_parser = parse_precision)]
+    precision: Precision,
+}
+
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    match s {
+        "float16" | "fp16" => Ok(Precision::Float16),
+        "float32" | "fp32" => Ok(Precision::Float32),
+        _ => Err(format!("`{s}` is not a precision: float16 or float32")),
+    }
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -178,52 +192,55 @@ fn main() -> ExitCode {
     }
 }
 
-/// Commands whose work is the forward pass, which runs on the CPU in this build.
-fn cpu_device(device: &DeviceArg) -> Result<CpuBackend> {
-    match device.device.parse::<DeviceChoice>()? {
-        DeviceChoice::Auto | DeviceChoice::Cpu => Ok(CpuBackend),
-        DeviceChoice::Cuda(_) => Err(Error::invalid(format!(
-            "--device {}: the forward pass runs on the CPU in this build (the CUDA forward is not implemented yet); use --device cpu",
-            device.device
-        ))),
-    }
+/// Runs `$body` with `$backend` bound to the backend `--device` chose: the CPU engine, or
+/// the CUDA one in the given precision. Evaluates to `$body`'s value.
+macro_rules! with_backend {
+    ($gpu:expr, $precision:expr, |$backend:ident| $body:expr) => {
+        match $gpu {
+            None => {
+                let $backend = CpuBackend;
+                $body
+            }
+            Some(dev) => {
+                let $backend = CudaBackend::new(dev.clone(), $precision);
+                $body
+            }
+        }
+    };
 }
 
 fn run(command: Command, ui: &Ui) -> Result<()> {
     match command {
         Command::Merge(a) => {
             let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
-            let backend = CpuBackend;
-            let cfg = MergeConfig::load(&a.config)?;
-            let place = match &gpu {
-                None => regmean_gpu::backend::Backend::name(&backend),
-                Some(dev) => format!(
-                    "{} (forward on the CPU; Gram sums and the solve on cuda:{})",
-                    dev.name()?,
-                    dev.ordinal()
-                ),
-            };
-            ui.info(&format!(
-                "merging {} models into {} on {place}",
-                cfg.models.len(),
-                a.out_dir.display()
-            ));
+            let mut cfg = MergeConfig::load(&a.config)?;
+            if let Some(p) = a.precision {
+                cfg.parameters.precision = p;
+            }
             let opts = MergeOptions {
-                device: gpu,
+                device: gpu.clone(),
                 out_shard_bytes: a.out_shard_size,
                 force: a.force,
             };
-            let started = std::time::Instant::now();
-            let report = regmean::merge(&backend, &cfg, &a.out_dir, &opts, ui)?;
-            ui.clear();
-            if let Some(path) = &a.report_json {
-                write_report_json(path, &report, started.elapsed())?;
-            }
-            print_summary(&report, &a.out_dir, ui);
-            Ok(())
+            with_backend!(&gpu, cfg.parameters.precision, |backend| {
+                ui.info(&format!(
+                    "merging {} models into {} on {}",
+                    cfg.models.len(),
+                    a.out_dir.display(),
+                    backend.name()
+                ));
+                let started = std::time::Instant::now();
+                let report = regmean::merge(&backend, &cfg, &a.out_dir, &opts, ui)?;
+                ui.clear();
+                if let Some(path) = &a.report_json {
+                    write_report_json(path, &report, started.elapsed())?;
+                }
+                print_summary(&report, &a.out_dir, ui);
+                Ok(())
+            })
         }
         Command::Grams(a) => {
-            let backend = cpu_device(&a.device)?;
+            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
             let mut params = match &a.config {
                 Some(p) => MergeConfig::load(p)?.parameters,
                 None => Parameters::default(),
@@ -244,8 +261,9 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             params.fusionbench_compat |= a.fusionbench_compat;
             params.validate(a.config.as_deref().unwrap_or(Path::new("(command line)")))?;
             let t = std::time::Instant::now();
-            let grams =
-                regmean::gram::grams_to_file(&backend, &a.model, &a.data, &params, &a.out, ui)?;
+            let grams = with_backend!(&gpu, params.precision, |backend| {
+                regmean::gram::grams_to_file(&backend, &a.model, &a.data, &params, &a.out, ui)?
+            });
             ui.clear();
             ui.result(&format!(
                 "wrote {} ({} sites, {} examples, {} rows per site) in {:.1}s",
@@ -260,8 +278,10 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
         Command::Inspect { path } => inspect(&path),
         Command::Demo { keep } => regmean_gpu::demo::run_demo(keep.as_deref(), ui),
         Command::Forward(a) => {
-            let backend = cpu_device(&a.device)?;
-            regmean_gpu::demo::forward_to_file(&backend, &a.model, &a.data, a.examples, &a.out)?;
+            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+            with_backend!(&gpu, a.precision, |backend| {
+                regmean_gpu::demo::forward_to_file(&backend, &a.model, &a.data, a.examples, &a.out)?
+            });
             ui.result(&format!("wrote {}", a.out.display()));
             Ok(())
         }
@@ -374,11 +394,13 @@ fn write_report_json(path: &Path, r: &MergeReport, total: std::time::Duration) -
         "method": format!("{:?}", r.method),
         "phases_s": {
             "forward_and_grams": r.timings.grams.as_secs_f64(),
+            "of_which_model_load": r.timings.model_load.as_secs_f64(),
             "solve": r.timings.solve.as_secs_f64(),
             "write": r.timings.write.as_secs_f64(),
         },
         "total_s": total.as_secs_f64(),
         "peak_rss_bytes": regmean_gpu::peak_rss_bytes(),
+        "peak_device_bytes": r.peak_device_bytes,
         "layers_solved": r.layers_solved,
         "fallbacks": r.fallbacks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
         "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "examples": m.examples, "rows": m.rows})).collect::<Vec<_>>(),

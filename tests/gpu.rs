@@ -1,13 +1,16 @@
-//! GPU checks: every kernel against its CPU twin (through `doctor`), and `merge` with the
-//! solve on the GPU against the CPU engine. Without a usable GPU each test prints why it was
+//! GPU checks: every kernel against its CPU twin (through `doctor`), the CUDA forward
+//! against the CPU engine and transformers layer by layer, and `merge` on the GPU against
+//! the CPU engine, in float32 and float16. Without a usable GPU each test prints why it was
 //! skipped and returns.
 
 mod common;
 
-use common::{assert_model_matches, fixtures};
+use common::{assert_model_matches, fixtures, i64_tensor, rel_err};
 use regmean_gpu::backend::cuda::{self, CudaDevice};
-use regmean_gpu::backend::CpuBackend;
+use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
 use regmean_gpu::config::MergeConfig;
+use regmean_gpu::io::{Checkpoint, SafetensorsFile};
+use regmean_gpu::model::{Batch, ForwardHooks, Model};
 use regmean_gpu::progress::Silent;
 use regmean_gpu::regmean::{merge, MergeOptions};
 
@@ -58,5 +61,108 @@ fn merge_with_the_solve_on_the_gpu_matches_the_cpu() {
         let report = merge(&CpuBackend, &cfg, &gpu, &opts, &Silent).unwrap();
         assert!(report.fallbacks.is_empty());
         assert_model_matches(&gpu, &cpu.join("model.safetensors"), 1e-4);
+    }
+}
+
+/// A fixture's batch and model, as tests/forward.rs builds them.
+fn forward_fixture(name: &str) -> (Checkpoint, Batch, SafetensorsFile) {
+    let dir = fixtures().join(name);
+    let want = SafetensorsFile::open(dir.join("expected.safetensors")).unwrap();
+    let batch = if name.starts_with("gpt2") {
+        let ids = i64_tensor(&want, "input_ids");
+        let mask = i64_tensor(&want, "attention_mask");
+        let shape = want.entry("input_ids").unwrap().shape.clone();
+        Batch::Tokens {
+            ids: ids.iter().map(|&v| v as u32).collect(),
+            mask: mask.iter().map(|&v| v as u8).collect(),
+            batch: shape[0],
+            seq: shape[1],
+        }
+    } else {
+        let px = SafetensorsFile::open(dir.join("pixel_values.safetensors")).unwrap();
+        Batch::Pixels {
+            values: px.to_f32("pixel_values").unwrap(),
+            batch: px.entry("pixel_values").unwrap().shape[0],
+        }
+    };
+    (Checkpoint::open(dir.join("model")).unwrap(), batch, want)
+}
+
+fn hidden_states<B: Backend>(backend: &B, ckpt: &Checkpoint, batch: &Batch) -> Vec<Vec<f32>> {
+    let model = Model::load(backend, ckpt).unwrap();
+    let mut hidden = Vec::new();
+    model
+        .forward(
+            backend,
+            batch,
+            ForwardHooks {
+                grams: None,
+                hidden_states: Some(&mut hidden),
+            },
+        )
+        .unwrap();
+    hidden
+}
+
+#[test]
+fn cuda_forward_matches_the_cpu_engine_layer_by_layer() {
+    if !gpu_or_skip("cuda_forward_matches_the_cpu_engine_layer_by_layer") {
+        return;
+    }
+    let dev = CudaDevice::open(0).unwrap();
+    for fixture in ["gpt2_forward", "clip_forward"] {
+        let (ckpt, batch, want) = forward_fixture(fixture);
+        let cpu = hidden_states(&CpuBackend, &ckpt, &batch);
+        for (precision, tol) in [(Precision::Float32, 1e-4), (Precision::Float16, 1e-2)] {
+            let gpu = hidden_states(&CudaBackend::new(dev.clone(), precision), &ckpt, &batch);
+            assert_eq!(gpu.len(), cpu.len());
+            for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+                let e = rel_err(g, c);
+                let t = rel_err(g, &want.to_f32(&format!("hidden_states.{i}")).unwrap());
+                eprintln!(
+                    "{fixture} {} hidden_states.{i}: vs cpu {e:.2e}, vs transformers {t:.2e}",
+                    precision.name()
+                );
+                assert!(
+                    e <= tol,
+                    "{fixture} {precision:?} hidden_states.{i}: {e:.3e}"
+                );
+                assert!(t <= tol, "{fixture} {precision:?} vs transformers: {t:.3e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn merge_on_cuda_matches_the_cpu_engine() {
+    if !gpu_or_skip("merge_on_cuda_matches_the_cpu_engine") {
+        return;
+    }
+    let dev = CudaDevice::open(0).unwrap();
+    for (pool, config) in [
+        ("gpt2_pool", "compat.yaml"),
+        ("gpt2_pool", "default.yaml"),
+        ("gpt2_pool", "exclude.yaml"),
+        ("clip_pool", "compat.yaml"),
+        ("clip_pool", "default.yaml"),
+    ] {
+        let mut cfg = MergeConfig::load(&fixtures().join(pool).join(config)).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let cpu = tmp.path().join("cpu");
+        merge(&CpuBackend, &cfg, &cpu, &MergeOptions::default(), &Silent).unwrap();
+        for (precision, tol) in [(Precision::Float32, 1e-4), (Precision::Float16, 1e-2)] {
+            cfg.parameters.precision = precision;
+            let gpu = tmp.path().join(precision.name());
+            let backend = CudaBackend::new(dev.clone(), precision);
+            let opts = MergeOptions {
+                device: Some(dev.clone()),
+                ..MergeOptions::default()
+            };
+            let report = merge(&backend, &cfg, &gpu, &opts, &Silent).unwrap();
+            assert!(report.fallbacks.is_empty());
+            assert!(report.peak_device_bytes.is_some());
+            eprint!("{pool}/{config} {}: ", precision.name());
+            assert_model_matches(&gpu, &cpu.join("model.safetensors"), tol);
+        }
     }
 }

@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod cuda;
 
 pub use cpu::{CpuBackend, CpuTensor};
+pub use cuda::forward::{CudaBackend, CudaTensor};
 
 use crate::error::Result;
 
@@ -24,6 +25,52 @@ pub struct AttentionShape {
     pub heads: usize,
     pub head_dim: usize,
     pub causal: bool,
+}
+
+/// The element type of activations and weights on a GPU (the CPU always runs f32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// fp16 activations and weights, f32 accumulation (GEMMs, Grams, norms, softmax).
+    #[default]
+    Float16,
+    /// f32 throughout: FusionBench-level agreement at a fraction of the speed.
+    Float32,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float16 => "float16",
+            Precision::Float32 => "float32",
+        }
+    }
+}
+
+/// `[batch, c, S, S]` pixels → `[batch·(S/p)², c·p·p]` rows in a patch-embedding conv
+/// weight's order (channel, then row, then column within the patch).
+pub fn im2col(
+    values: &[f32],
+    batch: usize,
+    channels: usize,
+    size: usize,
+    patch: usize,
+) -> Vec<f32> {
+    let g = size / patch;
+    let mut out = Vec::with_capacity(batch * g * g * channels * patch * patch);
+    for b in 0..batch {
+        for gy in 0..g {
+            for gx in 0..g {
+                for k in 0..channels {
+                    for y in 0..patch {
+                        let row = ((b * channels + k) * size + gy * patch + y) * size + gx * patch;
+                        out.extend_from_slice(&values[row..row + patch]);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// How a Gram accumulator absorbs XᵀX of a batch.
@@ -52,6 +99,63 @@ pub trait Backend {
         w: &Self::Tensor,
         bias: Option<&Self::Tensor>,
     ) -> Result<Self::Tensor>;
+    /// `act(x · w + bias)`: the GEMM with its epilogue, fused where the backend can.
+    fn linear_act(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let mut y = self.linear(x, w, bias)?;
+        self.activate(&mut y, act)?;
+        Ok(y)
+    }
+    /// `h += y`, then LayerNorm of the new `h`: the residual add fused with the next norm.
+    fn add_layer_norm(
+        &self,
+        h: &mut Self::Tensor,
+        y: &Self::Tensor,
+        gamma: &Self::Tensor,
+        beta: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.add_assign(h, y)?;
+        self.layer_norm(h, gamma, beta, eps)
+    }
+    /// A zeroed `[d, d]` Gram accumulator (f32 whatever the activations are).
+    fn gram_accumulator(&self, d: usize) -> Result<Self::Tensor> {
+        self.zeros(d, d)
+    }
+    /// Host pixels `[batch, c, S, S]` → the patch rows of a stride-p convolution on the
+    /// backend, `[batch·(S/p)², c·p·p]`.
+    fn patch_rows(
+        &self,
+        pixels: &[f32],
+        batch: usize,
+        channels: usize,
+        size: usize,
+        patch: usize,
+    ) -> Result<Self::Tensor> {
+        let g = size / patch.max(1);
+        self.upload(
+            &im2col(pixels, batch, channels, size, patch),
+            batch * g * g,
+            channels * patch * patch,
+        )
+    }
+    /// The tensor as an f32 buffer on a CUDA device, when that is what it is (Grams stay on
+    /// the GPU between the forward pass and the solve); the tensor back otherwise.
+    fn take_device_f32(
+        &self,
+        t: Self::Tensor,
+    ) -> std::result::Result<cudarc::driver::CudaSlice<f32>, Self::Tensor> {
+        Err(t)
+    }
+    /// Device memory in use (bytes), where the backend has a device.
+    fn memory_in_use(&self) -> Option<u64> {
+        None
+    }
     /// Row-wise LayerNorm with biased variance, as torch computes it.
     fn layer_norm(
         &self,

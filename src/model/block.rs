@@ -25,6 +25,17 @@ impl<B: Backend> LayerNorm<B> {
     pub fn apply(&self, backend: &B, x: &B::Tensor, eps: f32) -> Result<B::Tensor> {
         backend.layer_norm(x, &self.gamma, &self.beta, eps)
     }
+
+    /// `h += y`, then the norm of the new `h`.
+    pub fn add_apply(
+        &self,
+        backend: &B,
+        h: &mut B::Tensor,
+        y: &B::Tensor,
+        eps: f32,
+    ) -> Result<B::Tensor> {
+        backend.add_layer_norm(h, y, &self.gamma, &self.beta, eps)
+    }
 }
 
 /// `x · W + b` with W `[in, out]` on the backend.
@@ -62,6 +73,10 @@ impl<B: Backend> Linear<B> {
 
     pub fn apply(&self, backend: &B, x: &B::Tensor) -> Result<B::Tensor> {
         backend.linear(x, &self.w, Some(&self.b))
+    }
+
+    pub fn apply_act(&self, backend: &B, x: &B::Tensor, act: Activation) -> Result<B::Tensor> {
+        backend.linear_act(x, &self.w, Some(&self.b), act)
     }
 }
 
@@ -124,11 +139,11 @@ impl<B: Backend> PreLnBlock<B> {
         observe(0, &a)?;
         let att = backend.attention(&self.qkv.apply(backend, &a)?, run.shape, run.mask)?;
         observe(1, &att)?;
-        backend.add_assign(h, &self.attn_out.apply(backend, &att)?)?;
-        let m = self.ln2.apply(backend, h, run.eps)?;
+        let m = self
+            .ln2
+            .add_apply(backend, h, &self.attn_out.apply(backend, &att)?, run.eps)?;
         observe(2, &m)?;
-        let mut f = self.fc1.apply(backend, &m)?;
-        backend.activate(&mut f, run.act)?;
+        let f = self.fc1.apply_act(backend, &m, run.act)?;
         observe(3, &f)?;
         backend.add_assign(h, &self.fc2.apply(backend, &f)?)
     }

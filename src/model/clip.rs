@@ -207,27 +207,6 @@ impl<B: Backend> ClipVision<B> {
         })
     }
 
-    /// `[batch, c, H, W]` pixels → `[batch·patches, c·p·p]` rows in the conv weight's order.
-    fn im2col(&self, values: &[f32], batch: usize) -> Vec<f32> {
-        let c = &self.config;
-        let (ch, s, p) = (c.num_channels, c.image_size, c.patch_size);
-        let g = s / p;
-        let mut out = Vec::with_capacity(batch * g * g * ch * p * p);
-        for b in 0..batch {
-            for gy in 0..g {
-                for gx in 0..g {
-                    for k in 0..ch {
-                        for y in 0..p {
-                            let row = ((b * ch + k) * s + gy * p + y) * s + gx * p;
-                            out.extend_from_slice(&values[row..row + p]);
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
     pub fn forward(
         &self,
         backend: &B,
@@ -263,9 +242,8 @@ impl<B: Backend> ClipVision<B> {
             mask: None,
             act: Activation::QuickGelu,
         };
-        let k = c.num_channels * c.patch_size * c.patch_size;
         let patches_in =
-            backend.upload(&self.im2col(values, *batch), batch * c.num_patches(), k)?;
+            backend.patch_rows(values, *batch, c.num_channels, c.image_size, c.patch_size)?;
         let patches = backend.linear(&patches_in, &self.patch_w, None)?;
         let emb = backend.clip_tokens(&patches, &self.class, &self.pos, *batch)?;
         let mut h = self.pre_ln.apply(backend, &emb, run.eps)?;

@@ -263,13 +263,27 @@ pub fn linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
     })
 }
 
-/// Row-major `[rows, cols]` → `[cols, rows]`.
+/// Row-major `[rows, cols]` → `[cols, rows]`, in 32-wide tiles (so both sides stay in
+/// cache) and in parallel over the output's rows: checkpoints transpose every linear weight.
 pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
     let mut out = vec![0.0; a.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = a[r * cols + c];
-        }
+    if rows == 0 || cols == 0 {
+        return out;
     }
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(tc, block)| {
+            let c0 = tc * TILE;
+            let c1 = (c0 + TILE).min(cols);
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    for c in c0..c1 {
+                        block[(c - c0) * rows + r] = a[r * cols + c];
+                    }
+                }
+            }
+        });
     out
 }

@@ -1,5 +1,9 @@
 //! Gram accumulation during the forward pass, and the host-side Gram matrices it produces.
 
+use cudarc::driver::CudaSlice;
+
+use crate::backend::cuda::gram::mirror_scale;
+use crate::backend::cuda::CudaDevice;
 use crate::backend::{Backend, GramUpdate};
 use crate::config::Parameters;
 use crate::data::{make_batch, select, Dataset, TextPadding};
@@ -23,6 +27,21 @@ pub struct ModelGrams {
     pub sites: Vec<SiteGram>,
     /// Examples that went through the forward pass.
     pub examples: usize,
+    /// The most device memory in use while they did (GPU backends only).
+    pub peak_device_bytes: Option<u64>,
+}
+
+/// One model's normalised, full Grams `[d, d]` f32 on the GPU, with the rows each counted.
+pub struct DeviceGrams {
+    pub sites: Vec<(CudaSlice<f32>, u64)>,
+    pub examples: usize,
+    pub peak_device_bytes: Option<u64>,
+}
+
+fn no_rows(site: &str) -> Error {
+    Error::invalid(format!(
+        "site `{site}` saw no rows: the data has no real tokens"
+    ))
 }
 
 /// Accumulates one model's Grams on the backend; FusionBench's running mean in compat mode,
@@ -33,13 +52,16 @@ pub struct GramAccumulator<'b, B: Backend> {
     acc: Vec<B::Tensor>,
     rows: Vec<u64>,
     compat: bool,
+    peak_device_bytes: Option<u64>,
+    /// Time spent reading the model's weights onto the backend.
+    pub load_time: std::time::Duration,
 }
 
 impl<'b, B: Backend> GramAccumulator<'b, B> {
     pub fn new(backend: &'b B, sites: Vec<Site>, compat: bool) -> Result<Self> {
         let acc = sites
             .iter()
-            .map(|s| backend.zeros(s.dim, s.dim))
+            .map(|s| backend.gram_accumulator(s.dim))
             .collect::<Result<_>>()?;
         let rows = vec![0; sites.len()];
         Ok(GramAccumulator {
@@ -48,7 +70,42 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
             acc,
             rows,
             compat,
+            peak_device_bytes: backend.memory_in_use(),
+            load_time: std::time::Duration::ZERO,
         })
+    }
+
+    /// Normalises and symmetrises the accumulators where they are, on the GPU, when the
+    /// backend keeps them there as f32 device buffers; gives the accumulator back otherwise.
+    pub fn finish_on_device(
+        mut self,
+        dev: &CudaDevice,
+        examples: usize,
+    ) -> Result<std::result::Result<DeviceGrams, Self>> {
+        if let Some(site) = self.sites.iter().zip(&self.rows).find(|(_, &r)| r == 0) {
+            return Err(no_rows(&site.0.name));
+        }
+        let mut accs = std::mem::take(&mut self.acc).into_iter();
+        let mut out = Vec::with_capacity(self.sites.len());
+        for (site, rows) in self.sites.iter().zip(&self.rows) {
+            let t = accs.next().expect("one accumulator per site");
+            let mut g = match self.backend.take_device_f32(t) {
+                Ok(g) => g,
+                Err(t) => {
+                    // Not on a GPU (the first one decides: all come from one backend).
+                    self.acc = std::iter::once(t).chain(accs).collect();
+                    return Ok(Err(self));
+                }
+            };
+            let scale = if self.compat { 1.0 } else { 1.0 / *rows as f32 };
+            mirror_scale(dev, &mut g, site.dim, scale)?;
+            out.push((g, *rows));
+        }
+        Ok(Ok(DeviceGrams {
+            sites: out,
+            examples,
+            peak_device_bytes: self.peak_device_bytes,
+        }))
     }
 
     /// Downloads, normalises and symmetrises the accumulators.
@@ -56,10 +113,7 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
         let mut out = Vec::with_capacity(self.sites.len());
         for ((site, acc), rows) in self.sites.into_iter().zip(&self.acc).zip(self.rows) {
             if rows == 0 {
-                return Err(Error::invalid(format!(
-                    "site `{}` saw no rows: the data has no real tokens",
-                    site.name
-                )));
+                return Err(no_rows(&site.name));
             }
             let mut g = self.backend.download(acc)?;
             let d = site.dim;
@@ -85,6 +139,7 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
         Ok(ModelGrams {
             sites: out,
             examples,
+            peak_device_bytes: self.peak_device_bytes,
         })
     }
 }
@@ -92,6 +147,10 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
 impl<B: Backend> GramSink<B> for GramAccumulator<'_, B> {
     fn observe(&mut self, site: usize, x: &B::Tensor, row_mask: Option<&[u8]>) -> Result<()> {
         let (n, _) = self.backend.shape(x);
+        // Sampled at every site, while the forward's activations are live.
+        if let Some(used) = self.backend.memory_in_use() {
+            self.peak_device_bytes = Some(self.peak_device_bytes.unwrap_or(0).max(used));
+        }
         if self.compat {
             // FusionBench counts every row, padding included.
             let seen = self.rows[site];
@@ -120,13 +179,29 @@ pub fn compute_grams<B: Backend>(
     params: &Parameters,
     observer: &dyn Observer,
 ) -> Result<ModelGrams> {
+    let (acc, examples) = accumulate_grams(backend, ckpt, config, data, params, observer)?;
+    acc.finish(examples)
+}
+
+/// Runs a model over its task data; returns the accumulators, still on the backend, and
+/// the number of examples that went through.
+pub fn accumulate_grams<'b, B: Backend>(
+    backend: &'b B,
+    ckpt: &Checkpoint,
+    config: &ModelConfig,
+    data: &Dataset,
+    params: &Parameters,
+    observer: &dyn Observer,
+) -> Result<(GramAccumulator<'b, B>, usize)> {
     let (indices, warning) = select(data.len(), &params.sampling());
     if let Some(w) = warning {
         observer.event(Event::Warning(format!("{}: {w}", data.path().display())));
     }
     let padding = check_data(config, data, params)?;
+    let loading = std::time::Instant::now();
     let model = Model::load(backend, ckpt)?;
     let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
+    acc.load_time = loading.elapsed();
     let mut done = 0;
     for chunk in indices.chunks(params.batch_size) {
         let batch = make_batch(data, chunk, padding)?;
@@ -141,7 +216,7 @@ pub fn compute_grams<B: Backend>(
         done += chunk.len();
         observer.event(Event::Examples { done });
     }
-    acc.finish(indices.len())
+    Ok((acc, indices.len()))
 }
 
 /// Checks that the data fits the model (kind, token ids, lengths, image size) and returns

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 
-use super::gram::{compute_grams, ModelGrams};
+use super::gram::{accumulate_grams, DeviceGrams, ModelGrams};
 use super::solve::{solve_layer, SolveOutcome};
 use super::stats::{self, GramFileInfo};
 use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
@@ -57,7 +57,10 @@ pub struct ModelReport {
 
 #[derive(Clone, Debug, Default)]
 pub struct Timings {
+    /// Forward passes and Grams, model loading included.
     pub grams: Duration,
+    /// Of which: reading task models' weights onto the backend.
+    pub model_load: Duration,
     pub solve: Duration,
     pub write: Duration,
 }
@@ -72,6 +75,8 @@ pub struct MergeReport {
     pub fallbacks: Vec<(String, SolveOutcome)>,
     pub timings: Timings,
     pub files: Vec<String>,
+    /// The most device memory in use during the merge (GPU backends only).
+    pub peak_device_bytes: Option<u64>,
 }
 
 /// A linear weight merged by RegMean.
@@ -131,6 +136,8 @@ pub fn merge<B: Backend>(
     let regmean = cfg.merge_method == MergeMethod::Regmean;
     let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
     let mut reports = Vec::with_capacity(cfg.models.len());
+    let mut peak_device = backend.memory_in_use();
+    let mut model_load = Duration::ZERO;
     let t0 = Instant::now();
     for (index, entry) in cfg.models.iter().enumerate() {
         let name = entry.display_name();
@@ -144,10 +151,32 @@ pub fn merge<B: Backend>(
         };
         if regmean {
             let grams = model_grams(
-                backend, cfg, &ckpt, &model_cfg, &sites, entry, index, observer,
+                backend,
+                cfg,
+                &ckpt,
+                &model_cfg,
+                &sites,
+                entry,
+                index,
+                sums.device(),
+                &mut model_load,
+                observer,
             )?;
-            report.examples = grams.examples;
-            report.rows = grams.sites.first().map_or(0, |s| s.rows);
+            let (examples, rows, peak) = match &grams {
+                Grams::Host(g) => (
+                    g.examples,
+                    g.sites.first().map(|s| s.rows),
+                    g.peak_device_bytes,
+                ),
+                Grams::Device(g) => (
+                    g.examples,
+                    g.sites.first().map(|s| s.1),
+                    g.peak_device_bytes,
+                ),
+            };
+            report.examples = examples;
+            report.rows = rows.unwrap_or(0);
+            peak_device = peak_device.max(peak);
             sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
         }
         sums.add_means(&ckpt)?;
@@ -184,6 +213,7 @@ pub fn merge<B: Backend>(
         observer.event(Event::Solved { done: done + 1 });
     }
     let layers_solved = sums.modules.len();
+    peak_device = peak_device.max(backend.memory_in_use());
     for (name, sum) in std::mem::take(&mut sums.mean_sum) {
         merged.insert(name, sum.into_iter().map(|v| v / k).collect());
     }
@@ -204,10 +234,12 @@ pub fn merge<B: Backend>(
         fallbacks,
         timings: Timings {
             grams: grams_time,
+            model_load,
             solve: solve_time,
             write: t2.elapsed(),
         },
         files,
+        peak_device_bytes: peak_device,
     })
 }
 
@@ -248,6 +280,12 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
     base_cfg.check_checkpoint(ckpt)
 }
 
+/// One model's Grams: on the host, or left on the GPU that holds the running sums.
+enum Grams {
+    Host(ModelGrams),
+    Device(DeviceGrams),
+}
+
 #[allow(clippy::too_many_arguments)]
 fn model_grams<B: Backend>(
     backend: &B,
@@ -257,8 +295,10 @@ fn model_grams<B: Backend>(
     sites: &[Site],
     entry: &crate::config::ModelEntry,
     index: usize,
+    sums_on: Option<&Arc<CudaDevice>>,
+    load_time: &mut Duration,
     observer: &dyn Observer,
-) -> Result<ModelGrams> {
+) -> Result<Grams> {
     let name = entry.display_name();
     let options = cfg.parameters.gram_options();
     if let Some(path) = &entry.grams {
@@ -277,7 +317,8 @@ fn model_grams<B: Backend>(
                 options: &options,
                 sites,
             },
-        );
+        )
+        .map(Grams::Host);
     }
     let data_path = entry.data.as_ref().expect("validated: data or grams");
     let data = Dataset::open(data_path)?;
@@ -290,7 +331,16 @@ fn model_grams<B: Backend>(
         name: &name,
         examples: expected,
     });
-    compute_grams(backend, ckpt, model_cfg, &data, &cfg.parameters, observer)
+    let (acc, examples) =
+        accumulate_grams(backend, ckpt, model_cfg, &data, &cfg.parameters, observer)?;
+    *load_time += acc.load_time;
+    match sums_on {
+        Some(dev) => match acc.finish_on_device(dev, examples)? {
+            Ok(on_device) => Ok(Grams::Device(on_device)),
+            Err(acc) => acc.finish(examples).map(Grams::Host),
+        },
+        None => acc.finish(examples).map(Grams::Host),
+    }
 }
 
 impl RunningSums {
@@ -362,14 +412,45 @@ impl RunningSums {
         })
     }
 
+    /// The GPU holding the sums, if any.
+    fn device(&self) -> Option<&Arc<CudaDevice>> {
+        match &self.linear {
+            LinearSums::Host { .. } => None,
+            LinearSums::Device { dev, .. } => Some(dev),
+        }
+    }
+
     /// Adds one model's reduced Grams G' and products G'W.
     fn add_regmean(
         &mut self,
         ckpt: &Checkpoint,
-        grams: ModelGrams,
+        grams: Grams,
         ratio: f32,
         diag_mult: f32,
     ) -> Result<()> {
+        let grams = match (grams, &mut self.linear) {
+            (
+                Grams::Device(g),
+                LinearSums::Device {
+                    dev,
+                    sites,
+                    modules,
+                },
+            ) => {
+                for (si, (gram, _rows)) in g.sites.into_iter().enumerate() {
+                    sites[si].add(dev, &gram, ratio, diag_mult)?;
+                    drop(gram);
+                    add_products(dev, &sites[si], &self.modules, modules, ckpt, si)?;
+                }
+                return Ok(());
+            }
+            (Grams::Device(_), LinearSums::Host { .. }) => {
+                return Err(Error::Backend(
+                    "internal: Grams on the GPU but the sums on the host".into(),
+                ));
+            }
+            (Grams::Host(g), _) => g,
+        };
         match &mut self.linear {
             LinearSums::Host { gram, gw, w } => {
                 let mut reduced: Vec<Vec<f32>> = Vec::with_capacity(grams.sites.len());
@@ -410,16 +491,7 @@ impl RunningSums {
                 for (si, site) in grams.sites.into_iter().enumerate() {
                     let g = dev.upload(&site.gram, "Gram")?;
                     sites[si].add(dev, &g, ratio, diag_mult)?;
-                    for (m, sums) in self
-                        .modules
-                        .iter()
-                        .zip(modules.iter_mut())
-                        .filter(|(m, _)| m.site == si)
-                    {
-                        let weights =
-                            dev.upload(&linear_in_out(ckpt, &m.module)?, "linear weight")?;
-                        sums.add(dev, &sites[si].reduced, &weights)?;
-                    }
+                    add_products(dev, &sites[si], &self.modules, modules, ckpt, si)?;
                 }
             }
         }
@@ -467,6 +539,27 @@ impl RunningSums {
         }
         Ok(())
     }
+}
+
+/// Σ G'W += G'·W and Σ W += W on the device, for the modules site `si` feeds (its G'
+/// already computed for this model).
+fn add_products(
+    dev: &CudaDevice,
+    site: &DeviceSiteSums,
+    solved: &[SolvedModule],
+    sums: &mut [DeviceModuleSums],
+    ckpt: &Checkpoint,
+    si: usize,
+) -> Result<()> {
+    for (m, sums) in solved
+        .iter()
+        .zip(sums.iter_mut())
+        .filter(|(m, _)| m.site == si)
+    {
+        let weights = dev.upload(&linear_in_out(ckpt, &m.module)?, "linear weight")?;
+        sums.add(dev, &site.reduced, &weights)?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -164,7 +164,11 @@ pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
             gram,
         });
     }
-    Ok(ModelGrams { sites, examples })
+    Ok(ModelGrams {
+        sites,
+        examples,
+        peak_device_bytes: None,
+    })
 }
 
 fn diff_options(file: &GramOptions, want: &GramOptions) -> String {

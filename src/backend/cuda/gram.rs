@@ -141,12 +141,7 @@ impl DeviceGram {
 }
 
 /// Lower triangle → full symmetric matrix, times `scale`.
-pub(crate) fn mirror_scale(
-    dev: &CudaDevice,
-    g: &mut CudaSlice<f32>,
-    d: usize,
-    scale: f32,
-) -> Result<()> {
+pub fn mirror_scale(dev: &CudaDevice, g: &mut CudaSlice<f32>, d: usize, scale: f32) -> Result<()> {
     check_len("Gram", g.len(), mul("Gram", d, d)?)?;
     let f = dev.function("finalize", "gram_mirror_scale")?;
     let di = c_int("d", d)?;

@@ -1,11 +1,13 @@
 //! The CUDA side: device selection and probing, the embedded kernels (loaded lazily), and
 //! the device pieces of RegMean — Gram accumulation on tensor cores ([`gram`]) and the
-//! per-layer Cholesky solve with cuSOLVER ([`solve`]). The forward pass still runs on the
-//! CPU; these types are also the library API for CUDA pipelines that own their activations.
+//! per-layer Cholesky solve with cuSOLVER ([`solve`]), and the model forward pass
+//! ([`forward`]: the [`crate::backend::Backend`] on a GPU). The Gram and solve types are
+//! also the library API for CUDA pipelines that own their activations.
 //!
 //! Everything here loads the CUDA libraries at run time (cudarc's dynamic loading): a binary
 //! built anywhere runs everywhere, and touches libcuda only after [`probe`] found it.
 
+pub mod forward;
 pub mod gram;
 pub mod solve;
 

@@ -3,6 +3,8 @@
 //! compared). `--bench` adds the kernel benchmark: the Gram kernel against cuBLAS GemmEx XᵀX,
 //! and the solve, with TFLOP/s and the share of the fp16 tensor peak measured in the same run.
 
+mod forward;
+
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
@@ -93,6 +95,7 @@ pub fn run(bench: bool, say: &dyn Fn(&str)) -> Result<Report> {
     checks.push(check_device_gram(&dev, &mut rng, true)?);
     checks.push(check_device_gram(&dev, &mut rng, false)?);
     checks.push(check_sums_and_solve(&dev, &mut rng)?);
+    checks.extend(forward::check_forward_ops(&dev, &mut rng)?);
     for c in &checks {
         say(&format!(
             "  {:<44} {}  worst rel err {:.2e} (tol {:.0e})",

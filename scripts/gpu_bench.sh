@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, in one run on the device machine, over carried binaries (see
+# scripts/gpu_bundle.sh), after scripts/gpu_check.sh. From the repository root:
+#   bash scripts/gpu_bench.sh [BUNDLE_DIR]
+# Writes to $OUT (or gpu-logs/):
+#   bench-clip8.log   W-CLIP8 (8 × ViT-B/32, 256 images each) on cuda: regmean-gpu against
+#                     the fusionbench and skilled PyTorch baselines (benches/run_bench.py)
+#   bench-gpt2.log    W-GPT2-7 (7 × GPT-2 small, 256 sequences of 16–128 tokens), the same
+#   memory-cpu.log    device memory of K = 2 against K = 8 (W-CLIP8 models), and the CPU
+#                     engine against cuda on the W-CLIP8 models with 32 images each
+set -uo pipefail
+bundle=${1:-gpu-bundle}
+out=${OUT:-gpu-logs}
+mkdir -p "$out"
+bin="$PWD/$bundle/regmean-gpu"
+threads=$(nproc)
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+bench() { # workload log
+  [ -n "${SKIP_BENCH:-}" ] && return
+  timeout "${BENCH_TIMEOUT:-240}" "$py" benches/run_bench.py --workload "$1" --device cuda \
+    --repeat "${REPEAT:-1}" --threads "$threads" --bin "$bin" --tol 1e-2 > "$out/$2" 2>&1
+  echo "== $1: exit $?"; tail -n 14 "$out/$2"
+}
+
+bench clip8 bench-clip8.log
+
+{
+  pool=${MEM_POOL:-target/bench-pools/clip8}
+  # The same models, K = 2 and K = 8, 256 images each; then 32 images each on cpu and cuda.
+  "$py" - "$pool" <<'PYEOF'
+import sys, yaml
+pool = sys.argv[1]
+cfg = yaml.safe_load(open(f"{pool}/bench.yaml"))
+k2 = dict(cfg, models=cfg["models"][:2])
+yaml.safe_dump(k2, open(f"{pool}/k2.yaml", "w"), sort_keys=False)
+small = dict(cfg, parameters=dict(cfg["parameters"], num_regmean_examples=32))
+yaml.safe_dump(small, open(f"{pool}/small.yaml", "w"), sort_keys=False)
+PYEOF
+  for k in k2 bench; do
+    "$bin" merge "$pool/$k.yaml" /tmp/mem-$k --device cuda --force -q --report-json /tmp/mem-$k.json
+    echo "$k: $(grep -E '"(peak_device_bytes|total_s)"' /tmp/mem-$k.json | tr -d '\n ')"
+  done
+  for dev in cuda cpu; do
+    timeout 120 "$bin" merge "$pool/small.yaml" /tmp/small-$dev --device $dev --force -q \
+      --threads "$threads" --report-json /tmp/small-$dev.json
+    echo "32 images, $dev: $(tr -d '\n ' < /tmp/small-$dev.json)"
+  done
+  "$bin" compare /tmp/small-cuda /tmp/small-cpu --tol 1e-2
+} > "$out/memory-cpu.log" 2>&1
+echo "== memory and cpu"; tail -n 8 "$out/memory-cpu.log"
+
+bench gpt2-7 bench-gpt2.log
