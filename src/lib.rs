@@ -23,6 +23,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod io;
 pub mod model;
+pub mod profile;
 pub mod progress;
 pub mod regmean;
 

@@ -236,6 +236,9 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                     write_report_json(path, &report, started.elapsed())?;
                 }
                 print_summary(&report, &a.out_dir, ui);
+                if regmean_gpu::profile::enabled() {
+                    eprint!("{}", regmean_gpu::profile::report());
+                }
                 Ok(())
             })
         }
@@ -395,6 +398,7 @@ fn write_report_json(path: &Path, r: &MergeReport, total: std::time::Duration) -
         "phases_s": {
             "forward_and_grams": r.timings.grams.as_secs_f64(),
             "of_which_model_load": r.timings.model_load.as_secs_f64(),
+            "of_which_sums": r.timings.sums.as_secs_f64(),
             "solve": r.timings.solve.as_secs_f64(),
             "write": r.timings.write.as_secs_f64(),
         },

@@ -1,6 +1,7 @@
 //! Model inputs: pre-tokenised text (JSON Lines) and pixel tensors (safetensors), the seeded
 //! sample selection, and batching with the padding rule of each Gram mode.
 
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -247,14 +248,16 @@ pub fn make_batch(data: &Dataset, indices: &[usize], padding: TextPadding) -> Re
             let dtype = &file.entry("pixel_values")?.dtype;
             let size = dtype.float_size().expect("checked at open");
             let bytes = file.bytes("pixel_values")?;
-            let mut values = Vec::with_capacity(indices.len() * per_example);
-            for &i in indices {
-                let range = i * per_example * size..(i + 1) * per_example * size;
-                values.extend(
-                    crate::io::safetensors::decode_f32(dtype, &bytes[range]).expect("float dtype"),
-                );
-            }
-            if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
+            // One image per task: decoding is memory-bound and the images are independent.
+            let images: Vec<Vec<f32>> = indices
+                .par_iter()
+                .map(|&i| {
+                    let range = i * per_example * size..(i + 1) * per_example * size;
+                    crate::io::safetensors::decode_f32(dtype, &bytes[range]).expect("float dtype")
+                })
+                .collect();
+            let values = images.concat();
+            if let Some(bad) = values.par_iter().position_first(|v| !v.is_finite()) {
                 return Err(Error::file(
                     file.path(),
                     format!("pixel_values holds a non-finite value at element {bad} of the batch"),

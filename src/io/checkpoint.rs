@@ -8,8 +8,10 @@
 //!   bare keys (`encoder.layers...`) get the prefix, and a full `CLIPModel`'s text tower and
 //!   projections are not backbone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -69,9 +71,56 @@ pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     /// canonical name → (index into `files`, name as stored)
     backbone: BTreeMap<String, (usize, String)>,
+    /// Decoded tensors kept between their first and last use in a merge (a linear weight is
+    /// read for the forward pass, then again for G'W): each is decoded once.
+    decoded: Mutex<HashMap<String, Arc<Vec<f32>>>>,
+    keeping: AtomicBool,
 }
 
 impl Checkpoint {
+    /// From now on, [`Checkpoint::keep`] keeps what it makes (a merge turns this on: it
+    /// reads each linear weight twice).
+    pub fn set_keeping(&self, on: bool) {
+        self.keeping.store(on, Ordering::Relaxed);
+    }
+
+    /// A derived tensor under `key`, computed by `make` the first time and, when keeping is
+    /// on, kept for a later [`Checkpoint::take_kept`].
+    pub fn keep(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Result<Vec<f32>>,
+    ) -> Result<Arc<Vec<f32>>> {
+        if !self.keeping.load(Ordering::Relaxed) {
+            return make().map(Arc::new);
+        }
+        if let Some(v) = self.kept().get(key) {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(make()?);
+        self.kept().insert(key.to_string(), v.clone());
+        Ok(v)
+    }
+
+    /// The tensor kept under `key` (then forgotten), or `make`'s when none was kept.
+    pub fn take_kept(
+        &self,
+        key: &str,
+        make: impl FnOnce() -> Result<Vec<f32>>,
+    ) -> Result<Arc<Vec<f32>>> {
+        match self.kept().remove(key) {
+            Some(v) => Ok(v),
+            None => make().map(Arc::new),
+        }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Vec<f32>>>> {
+        // Entries are inserted whole: a panic elsewhere cannot leave one half-made.
+        self.decoded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         if !dir.is_dir() {
@@ -125,6 +174,8 @@ impl Checkpoint {
             arch,
             files,
             backbone,
+            decoded: Mutex::new(HashMap::new()),
+            keeping: AtomicBool::new(false),
         })
     }
 

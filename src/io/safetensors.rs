@@ -222,22 +222,30 @@ fn duplicate_key(header: &[u8]) -> Option<String> {
 
 /// Converts little-endian float bytes to f32; None for non-float dtypes.
 pub fn decode_f32(dtype: &Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    // In parallel for large tensors: this is where a checkpoint's pages are first touched
+    // (and faulted in from the page cache), and conversion is memory-bound.
+    const MIN_CHUNKS: usize = 1 << 16;
     // from_le_bytes per element: tensor data in a safetensors file need not be aligned.
     Some(match dtype {
         Dtype::F32 => bytes
-            .chunks_exact(4)
+            .par_chunks_exact(4)
+            .with_min_len(MIN_CHUNKS)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect(),
         Dtype::F16 => bytes
-            .chunks_exact(2)
+            .par_chunks_exact(2)
+            .with_min_len(MIN_CHUNKS)
             .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Dtype::BF16 => bytes
-            .chunks_exact(2)
+            .par_chunks_exact(2)
+            .with_min_len(MIN_CHUNKS)
             .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
             .collect(),
         Dtype::F64 => bytes
-            .chunks_exact(8)
+            .par_chunks_exact(8)
+            .with_min_len(MIN_CHUNKS)
             .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
             .collect(),
         Dtype::Other(_) => return None,

@@ -1,7 +1,9 @@
 //! The pieces GPT-2 and the CLIP encoder share: LayerNorm, a linear layer (optionally fused
 //! over the modules of a site), and the pre-LN transformer block with its four Gram sites.
 
-use super::{linear_in_out, GramSink, Site};
+use std::sync::Arc;
+
+use super::{shared_linear_in_out, GramSink, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::Result;
 use crate::io::Checkpoint;
@@ -48,11 +50,12 @@ impl<B: Backend> Linear<B> {
     /// The linear layer(s) a site feeds, fused along the output when there are several
     /// (CLIP's q, k and v become one `[d, 3d]` GEMM, the layout of GPT-2's c_attn).
     pub fn load_site(backend: &B, ckpt: &Checkpoint, site: &Site) -> Result<Self> {
-        let parts: Vec<Vec<f32>> = site
-            .modules
-            .iter()
-            .map(|m| linear_in_out(ckpt, m))
-            .collect::<Result<_>>()?;
+        let parts: Vec<Arc<Vec<f32>>> = crate::profile::span("load: decode + transpose", || {
+            site.modules
+                .iter()
+                .map(|m| shared_linear_in_out(ckpt, m))
+                .collect::<Result<_>>()
+        })?;
         let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
         let mut w = Vec::with_capacity(site.dim * out);
         for r in 0..site.dim {
@@ -65,9 +68,11 @@ impl<B: Backend> Linear<B> {
             let name = format!("{}.bias", m.weight.trim_end_matches(".weight"));
             b.extend(ckpt.f32_shaped(&name, &[m.out_dim])?);
         }
-        Ok(Linear {
-            w: backend.upload(&w, site.dim, out)?,
-            b: backend.upload(&b, 1, out)?,
+        crate::profile::span("load: upload", || {
+            Ok(Linear {
+                w: backend.upload(&w, site.dim, out)?,
+                b: backend.upload(&b, 1, out)?,
+            })
         })
     }
 

@@ -242,8 +242,9 @@ impl<B: Backend> ClipVision<B> {
             mask: None,
             act: Activation::QuickGelu,
         };
-        let patches_in =
-            backend.patch_rows(values, *batch, c.num_channels, c.image_size, c.patch_size)?;
+        let patches_in = crate::profile::span("data: patch rows upload", || {
+            backend.patch_rows(values, *batch, c.num_channels, c.image_size, c.patch_size)
+        })?;
         let patches = backend.linear(&patches_in, &self.patch_w, None)?;
         let emb = backend.clip_tokens(&patches, &self.class, &self.pos, *batch)?;
         let mut h = self.pre_ln.apply(backend, &emb, run.eps)?;

@@ -5,6 +5,8 @@ mod block;
 pub mod clip;
 pub mod gpt2;
 
+use std::sync::Arc;
+
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::{Arch, Checkpoint};
@@ -246,6 +248,17 @@ pub(crate) fn field_f32(
             .map(|x| x as f32)
             .ok_or_else(|| Error::file(path, format!("`{key}` must be a number, found {x}"))),
     }
+}
+
+/// [`linear_in_out`], decoded once per checkpoint when it keeps decoded tensors (the
+/// forward pass reads it first; [`take_linear_in_out`] hands it to the sums after).
+pub fn shared_linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Arc<Vec<f32>>> {
+    ckpt.keep(&m.weight, || linear_in_out(ckpt, m))
+}
+
+/// The weight [`shared_linear_in_out`] kept (forgotten by the checkpoint now), or decoded.
+pub fn take_linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Arc<Vec<f32>>> {
+    ckpt.take_kept(&m.weight, || linear_in_out(ckpt, m))
 }
 
 /// A linear weight as a row-major `[in, out]` host matrix, whatever its stored layout.

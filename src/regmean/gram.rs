@@ -147,9 +147,12 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
 impl<B: Backend> GramSink<B> for GramAccumulator<'_, B> {
     fn observe(&mut self, site: usize, x: &B::Tensor, row_mask: Option<&[u8]>) -> Result<()> {
         let (n, _) = self.backend.shape(x);
-        // Sampled at every site, while the forward's activations are live.
-        if let Some(used) = self.backend.memory_in_use() {
-            self.peak_device_bytes = Some(self.peak_device_bytes.unwrap_or(0).max(used));
+        // Sampled at each block's last site (the MLP's wide activation is live then), not
+        // at every site: the query is a driver call.
+        if site % 4 == 3 {
+            if let Some(used) = self.backend.memory_in_use() {
+                self.peak_device_bytes = Some(self.peak_device_bytes.unwrap_or(0).max(used));
+            }
         }
         if self.compat {
             // FusionBench counts every row, padding included.
@@ -198,23 +201,49 @@ pub fn accumulate_grams<'b, B: Backend>(
         observer.event(Event::Warning(format!("{}: {w}", data.path().display())));
     }
     let padding = check_data(config, data, params)?;
-    let loading = std::time::Instant::now();
-    let model = Model::load(backend, ckpt)?;
-    let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
-    acc.load_time = loading.elapsed();
-    let mut done = 0;
-    for chunk in indices.chunks(params.batch_size) {
-        let batch = make_batch(data, chunk, padding)?;
-        model.forward(
-            backend,
-            &batch,
-            ForwardHooks {
-                grams: Some(&mut acc),
-                hidden_states: None,
-            },
-        )?;
-        done += chunk.len();
-        observer.event(Event::Examples { done });
+    let batch_size = params.batch_size;
+    let acc = std::thread::scope(|scope| -> Result<GramAccumulator<'b, B>> {
+        // Batches are made ahead on another thread (from the start: the first ones while
+        // the model loads), two at most waiting, so the forward pass never waits for them.
+        let (ready, batches) = std::sync::mpsc::sync_channel::<Result<(usize, Batch)>>(2);
+        let indices = &indices;
+        scope.spawn(move || {
+            for chunk in indices.chunks(batch_size) {
+                let batch = crate::profile::span("data: make_batch (ahead)", || {
+                    make_batch(data, chunk, padding)
+                });
+                let failed = batch.is_err();
+                // A closed channel means the forward pass stopped (an error): stop too.
+                if ready.send(batch.map(|b| (chunk.len(), b))).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let loading = std::time::Instant::now();
+        let model = Model::load(backend, ckpt)?;
+        let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
+        acc.load_time = loading.elapsed();
+        let mut done = 0;
+        for next in batches {
+            let (n, batch) = next?;
+            crate::profile::span("forward + Grams (enqueue)", || {
+                model.forward(
+                    backend,
+                    &batch,
+                    ForwardHooks {
+                        grams: Some(&mut acc),
+                        hidden_states: None,
+                    },
+                )
+            })?;
+            done += n;
+            observer.event(Event::Examples { done });
+        }
+        Ok(acc)
+    })?;
+    if crate::profile::enabled() {
+        // Waits for the queued GPU work, so that the span above plus this one is its time.
+        crate::profile::span("forward + Grams (wait)", || backend.download(&acc.acc[0]))?;
     }
     Ok((acc, indices.len()))
 }

@@ -17,13 +17,15 @@ use super::stats::{self, GramFileInfo};
 use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::Backend;
-use crate::config::{ExcludeSet, MergeConfig, MergeMethod};
+use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::io::safetensors::{OutTensor, TensorData};
 use crate::io::writer::{copy_sidecars, write_model_tensors, OutputDir};
 use crate::io::{Arch, Checkpoint, Dtype};
-use crate::model::{linear_in_out, transpose, LinearModule, ModelConfig, Site};
+use crate::model::{
+    shared_linear_in_out, take_linear_in_out, transpose, LinearModule, ModelConfig, Site,
+};
 use crate::progress::{Event, Observer};
 
 pub struct MergeOptions {
@@ -61,6 +63,8 @@ pub struct Timings {
     pub grams: Duration,
     /// Of which: reading task models' weights onto the backend.
     pub model_load: Duration,
+    /// Of which: folding each model into the running sums (G', G'W, Σ W, means).
+    pub sums: Duration,
     pub solve: Duration,
     pub write: Duration,
 }
@@ -138,52 +142,73 @@ pub fn merge<B: Backend>(
     let mut reports = Vec::with_capacity(cfg.models.len());
     let mut peak_device = backend.memory_in_use();
     let mut model_load = Duration::ZERO;
+    let mut sums_time = Duration::ZERO;
     let t0 = Instant::now();
-    for (index, entry) in cfg.models.iter().enumerate() {
-        let name = entry.display_name();
-        let ckpt = Checkpoint::open(&entry.model)?;
-        check_compatible(&base, &model_cfg, &ckpt)?;
-        let mut report = ModelReport {
-            name: name.clone(),
-            examples: 0,
-            rows: 0,
-            from_grams_file: entry.grams.is_some(),
-        };
-        if regmean {
-            let grams = model_grams(
-                backend,
-                cfg,
-                &ckpt,
-                &model_cfg,
-                &sites,
-                entry,
-                index,
-                sums.device(),
-                &mut model_load,
-                observer,
-            )?;
-            let (examples, rows, peak) = match &grams {
-                Grams::Host(g) => (
-                    g.examples,
-                    g.sites.first().map(|s| s.rows),
-                    g.peak_device_bytes,
-                ),
-                Grams::Device(g) => (
-                    g.examples,
-                    g.sites.first().map(|s| s.1),
-                    g.peak_device_bytes,
-                ),
+    // Linear weights are read for the forward pass and again for G'W: decoded once. On a
+    // GPU, the next model's are decoded on another thread while this one computes.
+    let forward_runs = |entry: &ModelEntry| regmean && entry.grams.is_none();
+    let ahead = opts.device.is_some();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut next = None;
+        for (index, entry) in cfg.models.iter().enumerate() {
+            let name = entry.display_name();
+            let ckpt = match next.take() {
+                Some(handle) => join_prepared(handle)?,
+                None => open_prepared(entry, &sites, forward_runs(entry), false)?,
             };
-            report.examples = examples;
-            report.rows = rows.unwrap_or(0);
-            peak_device = peak_device.max(peak);
-            sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
+            if let Some(following) = cfg.models.get(index + 1).filter(|_| ahead) {
+                let sites = &sites;
+                let predecode = forward_runs(following);
+                next = Some(scope.spawn(move || open_prepared(following, sites, predecode, true)));
+            }
+            check_compatible(&base, &model_cfg, &ckpt)?;
+            let mut report = ModelReport {
+                name: name.clone(),
+                examples: 0,
+                rows: 0,
+                from_grams_file: entry.grams.is_some(),
+            };
+            if regmean {
+                let grams = model_grams(
+                    backend,
+                    cfg,
+                    &ckpt,
+                    &model_cfg,
+                    &sites,
+                    entry,
+                    index,
+                    sums.device(),
+                    &mut model_load,
+                    observer,
+                )?;
+                let (examples, rows, peak) = match &grams {
+                    Grams::Host(g) => (
+                        g.examples,
+                        g.sites.first().map(|s| s.rows),
+                        g.peak_device_bytes,
+                    ),
+                    Grams::Device(g) => (
+                        g.examples,
+                        g.sites.first().map(|s| s.1),
+                        g.peak_device_bytes,
+                    ),
+                };
+                report.examples = examples;
+                report.rows = rows.unwrap_or(0);
+                peak_device = peak_device.max(peak);
+                let t = Instant::now();
+                sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
+                sums_time += t.elapsed();
+            }
+            let t = Instant::now();
+            crate::profile::span("sums: means", || sums.add_means(&ckpt))?;
+            sums_time += t.elapsed();
+            sums.count += 1;
+            observer.event(Event::ModelDone { index });
+            reports.push(report);
         }
-        sums.add_means(&ckpt)?;
-        sums.count += 1;
-        observer.event(Event::ModelDone { index });
-        reports.push(report);
-    }
+        Ok(())
+    })?;
     let grams_time = t0.elapsed();
 
     let t1 = Instant::now();
@@ -235,6 +260,7 @@ pub fn merge<B: Backend>(
         timings: Timings {
             grams: grams_time,
             model_load,
+            sums: sums_time,
             solve: solve_time,
             write: t2.elapsed(),
         },
@@ -280,6 +306,35 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
     base_cfg.check_checkpoint(ckpt)
 }
 
+/// Opens a task model set to keep the linear weights it decodes; with `decode_now`, decodes
+/// them all at once (ahead of its turn, on another thread). Decoding errors are left for
+/// the checks that follow on the merge's own thread, which report them in order.
+fn open_prepared(
+    entry: &ModelEntry,
+    sites: &[Site],
+    keep: bool,
+    decode_now: bool,
+) -> Result<Checkpoint> {
+    let ckpt = Checkpoint::open(&entry.model)?;
+    ckpt.set_keeping(keep);
+    if keep && decode_now {
+        crate::profile::span("ahead: decode + transpose", || {
+            for m in sites.iter().flat_map(|s| &s.modules) {
+                let _ = shared_linear_in_out(&ckpt, m);
+            }
+        });
+    }
+    Ok(ckpt)
+}
+
+fn join_prepared(
+    handle: std::thread::ScopedJoinHandle<'_, Result<Checkpoint>>,
+) -> Result<Checkpoint> {
+    handle
+        .join()
+        .map_err(|_| Error::Backend("the thread reading the next model panicked".into()))?
+}
+
 /// One model's Grams: on the host, or left on the GPU that holds the running sums.
 enum Grams {
     Host(ModelGrams),
@@ -293,7 +348,7 @@ fn model_grams<B: Backend>(
     ckpt: &Checkpoint,
     model_cfg: &ModelConfig,
     sites: &[Site],
-    entry: &crate::config::ModelEntry,
+    entry: &ModelEntry,
     index: usize,
     sums_on: Option<&Arc<CudaDevice>>,
     load_time: &mut Duration,
@@ -468,7 +523,7 @@ impl RunningSums {
                 for ((m, gw_sum), w_sum) in self.modules.iter().zip(gw.iter_mut()).zip(w.iter_mut())
                 {
                     let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
-                    let weights = linear_in_out(ckpt, &m.module)?;
+                    let weights = take_linear_in_out(ckpt, &m.module)?;
                     let mut product = vec![0.0f32; d_in * d_out];
                     matmul(
                         MatMut::from_row_major_slice_mut(&mut product, d_in, d_out),
@@ -479,7 +534,10 @@ impl RunningSums {
                         Par::rayon(0),
                     );
                     gw_sum.iter_mut().zip(&product).for_each(|(s, v)| *s += v);
-                    w_sum.iter_mut().zip(&weights).for_each(|(s, v)| *s += v);
+                    w_sum
+                        .iter_mut()
+                        .zip(weights.iter())
+                        .for_each(|(s, v)| *s += v);
                 }
             }
             LinearSums::Device {
@@ -551,13 +609,19 @@ fn add_products(
     ckpt: &Checkpoint,
     si: usize,
 ) -> Result<()> {
+    use crate::profile::span;
     for (m, sums) in solved
         .iter()
         .zip(sums.iter_mut())
         .filter(|(m, _)| m.site == si)
     {
-        let weights = dev.upload(&linear_in_out(ckpt, &m.module)?, "linear weight")?;
-        sums.add(dev, &site.reduced, &weights)?;
+        let host = span("sums: decode + transpose", || {
+            take_linear_in_out(ckpt, &m.module)
+        })?;
+        let weights = span("sums: upload", || dev.upload(&host, "linear weight"))?;
+        span("sums: G'W (enqueue)", || {
+            sums.add(dev, &site.reduced, &weights)
+        })?;
     }
     Ok(())
 }

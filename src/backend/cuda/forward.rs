@@ -157,6 +157,16 @@ impl CudaBackend {
         Ok(T::wrap(self.dev.zeros::<T>(n, what)?, rows, cols))
     }
 
+    /// An op's output, left unset: every op below writes all of its output (cuBLAS with
+    /// β = 0 does not read C), so zeroing it first would be a wasted pass.
+    fn output<T: Elem>(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+        let n = mul(what, rows, cols)?;
+        // SAFETY: each caller launches a kernel (or GEMM) that writes every element before
+        // the tensor is returned, or returns it empty (rows·cols = 0).
+        let buf = unsafe { self.dev.uninit::<T>(n, what) }?;
+        Ok(T::wrap(buf, rows, cols))
+    }
+
     fn mask_on_device(&self, mask: &[u8]) -> Result<CudaSlice<u8>> {
         self.dev.upload(mask, "row mask")
     }
@@ -185,7 +195,7 @@ impl CudaBackend {
             )));
         }
         let (rows, k, n) = (x.rows, x.cols, w.cols);
-        let mut y = self.alloc::<T>(rows, n, "linear output")?;
+        let mut y = self.output::<T>(rows, n, "linear output")?;
         if rows == 0 || n == 0 {
             return Ok(y);
         }
@@ -311,7 +321,7 @@ impl CudaBackend {
         eps: f32,
     ) -> Result<CudaTensor> {
         Self::check_norm(x, gamma, beta)?;
-        let mut out = self.alloc::<T>(x.rows, x.cols, "layer_norm output")?;
+        let mut out = self.output::<T>(x.rows, x.cols, "layer_norm output")?;
         if x.rows == 0 {
             return Ok(out);
         }
@@ -347,7 +357,7 @@ impl CudaBackend {
         if (h.rows, h.cols) != (y.rows, y.cols) {
             return Err(Error::Backend("add_layer_norm: shapes differ".into()));
         }
-        let mut out = self.alloc::<T>(h.rows, h.cols, "layer_norm output")?;
+        let mut out = self.output::<T>(h.rows, h.cols, "layer_norm output")?;
         if h.rows == 0 {
             return Ok(out);
         }
@@ -408,7 +418,7 @@ impl CudaBackend {
                 s.head_dim
             )));
         }
-        let mut out = self.alloc::<T>(rows, d, "attention output")?;
+        let mut out = self.output::<T>(rows, d, "attention output")?;
         if rows == 0 || d == 0 {
             return Ok(out);
         }
@@ -480,7 +490,7 @@ impl CudaBackend {
                 wte.rows
             )));
         }
-        let mut out = self.alloc::<T>(ids.len(), d, "embeddings")?;
+        let mut out = self.output::<T>(ids.len(), d, "embeddings")?;
         if ids.is_empty() {
             return Ok(out);
         }
@@ -524,7 +534,7 @@ impl CudaBackend {
                 pos.rows
             )));
         }
-        let mut out = self.alloc::<T>(batch * tokens, d, "embeddings")?;
+        let mut out = self.output::<T>(batch * tokens, d, "embeddings")?;
         if batch == 0 {
             return Ok(out);
         }
@@ -566,7 +576,7 @@ impl CudaBackend {
         }
         let g = size / patch;
         let k = channels * patch * patch;
-        let mut out = self.alloc::<T>(batch * g * g, k, "patches")?;
+        let mut out = self.output::<T>(batch * g * g, k, "patches")?;
         if pixels.is_empty() {
             return Ok(out);
         }
@@ -596,7 +606,7 @@ impl CudaBackend {
                 x.rows
             )));
         }
-        let mut out = self.alloc::<T>(rows.len(), x.cols, "gathered rows")?;
+        let mut out = self.output::<T>(rows.len(), x.cols, "gathered rows")?;
         if rows.is_empty() || x.cols == 0 {
             return Ok(out);
         }

@@ -153,6 +153,9 @@ pub struct CudaDevice {
     blas: CudaBlas,
     solver: DnHandle,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernels already looked up, by `module/name`: the forward pass launches hundreds per
+    /// batch, and each lookup in the module is a driver call.
+    functions: Mutex<HashMap<String, CudaFunction>>,
 }
 
 impl CudaDevice {
@@ -176,6 +179,7 @@ impl CudaDevice {
             blas,
             solver,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -218,6 +222,15 @@ impl CudaDevice {
                 "kernel name {name:?} contains a NUL byte"
             )));
         }
+        let key = format!("{module}/{name}");
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(f.clone());
+        }
         // A panic elsewhere while the lock was held leaves the map consistent (it only
         // ever gains complete entries): take it back instead of panicking too.
         let mut modules = self
@@ -240,7 +253,22 @@ impl CudaDevice {
                 m
             }
         };
-        Ok(m.load_function(name)?)
+        let f = m.load_function(name)?;
+        self.functions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Device memory that the caller must write entirely before reading (kernel outputs).
+    ///
+    /// # Safety
+    /// Every element must be written before it is read or downloaded.
+    pub unsafe fn uninit<T: DeviceRepr>(&self, len: usize, what: &str) -> Result<CudaSlice<T>> {
+        // SAFETY: passed on to the caller (above).
+        unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| oom(e, what, len.saturating_mul(std::mem::size_of::<T>())))
     }
 
     /// Zeroed device memory, with out-of-memory reported by what it was for.
