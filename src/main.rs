@@ -433,7 +433,12 @@ fn eval_after_merge(cfg: &MergeConfig, a: &MergeArgs, ui: &Ui) -> Result<()> {
     if a.compare_average && cfg.merge_method != MergeMethod::SimpleAverage {
         let scratch = tempfile::Builder::new()
             .prefix(".regmean-average-")
-            .tempdir_in(a.out_dir.parent().unwrap_or(Path::new(".")))
+            .tempdir_in(
+                a.out_dir
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new(".")),
+            )
             .map_err(|e| Error::io(&a.out_dir, e))?;
         let avg_dir = scratch.path().join("average");
         let mut avg_cfg = cfg.clone();

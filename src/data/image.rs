@@ -158,6 +158,10 @@ struct RawProcessorConfig {
     do_convert_rgb: Option<bool>,
 }
 
+/// The most pixels an image may have (PIL's `MAX_IMAGE_PIXELS` · 2, past which PIL refuses
+/// a file as a decompression bomb).
+const MAX_PIXELS: usize = 2 * 89_478_485;
+
 /// The largest image side a preprocessor config may ask for.
 const MAX_SIDE: usize = 8192;
 
@@ -369,24 +373,31 @@ fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, usize, usize)> {
     // error channel, which bypasses the panic hook): catch it and turn it into an error.
     let decoded = std::panic::catch_unwind(|| -> std::io::Result<_> {
         let d = mozjpeg::Decompress::new_mem(bytes)?;
+        if d.width().saturating_mul(d.height()) > MAX_PIXELS {
+            return Ok(Err(format!(
+                "{}×{} pixels exceed the limit of {MAX_PIXELS} (PIL's decompression-bomb limit)",
+                d.width(),
+                d.height()
+            )));
+        }
         if matches!(
             d.color_space(),
             mozjpeg::ColorSpace::JCS_CMYK | mozjpeg::ColorSpace::JCS_YCCK
         ) {
-            return Ok(None);
+            return Ok(Err(
+                "CMYK JPEG is not supported: convert the image to RGB".into()
+            ));
         }
         let mut image = d.rgb()?;
         let (w, h) = (image.width(), image.height());
         let rgb = image.read_scanlines::<u8>()?;
         image.finish()?;
-        Ok(Some((rgb, h, w)))
+        Ok(Ok((rgb, h, w)))
     });
     match decoded {
-        Ok(Ok(Some((rgb, h, w)))) if rgb.len() == w * h * 3 => Ok((rgb, h, w)),
-        Ok(Ok(Some(_))) => Err(fail("truncated JPEG data".into())),
-        Ok(Ok(None)) => Err(fail(
-            "CMYK JPEG is not supported: convert the image to RGB".into(),
-        )),
+        Ok(Ok(Ok((rgb, h, w)))) if rgb.len() == w * h * 3 => Ok((rgb, h, w)),
+        Ok(Ok(Ok(_))) => Err(fail("truncated JPEG data".into())),
+        Ok(Ok(Err(msg))) => Err(fail(msg)),
         Ok(Err(e)) => Err(fail(e.to_string())),
         Err(payload) => Err(fail(
             payload
@@ -399,9 +410,22 @@ fn decode_jpeg(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, usize, usize)> {
 }
 
 fn decode_other(bytes: &[u8], path: &Path) -> Result<(Vec<u8>, usize, usize)> {
-    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
+    let reader = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| Error::io(path, e))
+    };
+    // The header first: a decompression bomb is refused before any allocation.
+    let (w, h) = reader()?
+        .into_dimensions()
+        .map_err(|e| Error::file(path, format!("cannot decode the image: {e}")))?;
+    if (w as usize).saturating_mul(h as usize) > MAX_PIXELS {
+        return Err(Error::file(
+            path,
+            format!("cannot decode the image: {w}×{h} pixels exceed the limit of {MAX_PIXELS} (PIL's decompression-bomb limit)"),
+        ));
+    }
+    let img = reader()?
         .decode()
         .map_err(|e| Error::file(path, format!("cannot decode the image: {e}")))?;
     let (w, h) = (img.width() as usize, img.height() as usize);

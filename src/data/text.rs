@@ -100,3 +100,35 @@ pub fn text_fields(
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_fields_follow_glue_names() {
+        let f = |s: &str| {
+            let v: serde_json::Value = serde_json::from_str(s).unwrap();
+            text_fields(&v).map(|r| r.map(|(a, b)| (a.to_string(), b.map(str::to_string))))
+        };
+        assert_eq!(
+            f(r#"{"text": "a", "label": 1}"#),
+            Some(Ok(("a".into(), None)))
+        );
+        assert_eq!(
+            f(r#"{"question": "q", "sentence": "s"}"#),
+            Some(Ok(("q".into(), Some("s".into()))))
+        );
+        // CoLA / SST-2: a lone `sentence`.
+        assert_eq!(f(r#"{"sentence": "s"}"#), Some(Ok(("s".into(), None))));
+        assert_eq!(
+            f(r#"{"premise": "p"}"#),
+            Some(Err("`premise` without its pair field `hypothesis`".into()))
+        );
+        assert_eq!(
+            f(r#"{"text": 3}"#),
+            Some(Err("`text` is not a string".into()))
+        );
+        assert_eq!(f(r#"{"input": "x"}"#), None);
+    }
+}
