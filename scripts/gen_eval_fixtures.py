@@ -41,7 +41,7 @@ import torch
 import transformers
 from PIL import Image
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -84,18 +84,55 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------
 
 
+def train_bpe(tok: Tokenizer, vocab_size: int, specials: list[str], suffix: str = "") -> tuple[dict, list]:
+    """A deterministic byte-level BPE trainer (the `tokenizers` trainer breaks ties between
+    equally frequent pairs in hash order, so its output changes from run to run): words come
+    from the tokenizer's own normaliser and pre-tokeniser; the most frequent pair is merged,
+    ties going to the smallest pair."""
+    words: dict[tuple[str, ...], int] = {}
+    for line in CORPUS.splitlines():
+        text = tok.normalizer.normalize_str(line) if tok.normalizer else line
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(text):
+            symbols = list(word)
+            symbols[-1] += suffix
+            words[tuple(symbols)] = words.get(tuple(symbols), 0) + 1
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = specials + alphabet + ([c + suffix for c in alphabet] if suffix else [])
+    merges = []
+    while len(vocab) < vocab_size:
+        counts: dict[tuple[str, str], int] = {}
+        for w, n in words.items():
+            for pair in zip(w, w[1:]):
+                counts[pair] = counts.get(pair, 0) + n
+        if not counts:
+            break
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        merged = {}
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
 def train_gpt2_like(path: Path) -> None:
-    tok = Tokenizer(models.BPE())
+    shape = Tokenizer(models.BPE())
+    shape.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    vocab, merges = train_bpe(shape, 300, ["<|endoftext|>"])
+    tok = Tokenizer(models.BPE(vocab, merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([CORPUS] * 3, trainer=trainer)
+    tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(path))
 
 
@@ -103,25 +140,25 @@ CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 
 
 def train_clip_like(path: Path) -> None:
-    tok = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence(
+    shape = Tokenizer(models.BPE())
+    shape.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    shape.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    vocab, merges = train_bpe(shape, 600, specials, suffix="</w>")
+    tok = Tokenizer(
+        models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>")
     )
-    tok.train_from_iterator([CORPUS] * 3, trainer=trainer)
+    tok.normalizer = shape.normalizer
+    tok.pre_tokenizer = shape.pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
     bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.RobertaProcessing(
         ("<|endoftext|>", eos), ("<|startoftext|>", bos), trim_offsets=False, add_prefix_space=False
