@@ -447,3 +447,76 @@ fn merge_with_text_or_images_and_eval_against_simple_average() {
     );
     assert!(rows[0].1 <= 1e-5);
 }
+
+/// `eval` fails with one `error:` line naming the file and the problem.
+fn eval_fails(args: &[&str]) -> String {
+    let (ok, _, err) = run(args);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    errors[0].to_string()
+}
+
+#[test]
+fn eval_errors_name_the_file_and_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gpt2 = eval_dir().join("gpt2");
+    let head = gpt2.join("task_a");
+    let unlabelled = tmp.path().join("unlabelled.jsonl");
+    std::fs::write(
+        &unlabelled,
+        "{\"text\": \"a\"}\n{\"text\": \"b\", \"label\": 1}\n",
+    )
+    .unwrap();
+    let e = eval_fails(&[
+        "eval",
+        head.to_str().unwrap(),
+        "--data",
+        unlabelled.to_str().unwrap(),
+        "--head",
+        head.to_str().unwrap(),
+    ]);
+    common::assert_mentions(&e, &["unlabelled.jsonl", "needs a label for every example"]);
+    let out_of_range = tmp.path().join("three.jsonl");
+    std::fs::write(&out_of_range, "{\"text\": \"a\", \"label\": 2}\n").unwrap();
+    let e = eval_fails(&[
+        "eval",
+        head.to_str().unwrap(),
+        "--data",
+        out_of_range.to_str().unwrap(),
+        "--head",
+        head.to_str().unwrap(),
+    ]);
+    common::assert_mentions(
+        &e,
+        &[
+            "three.jsonl",
+            "label 2 is out of range for the head's 2 labels",
+        ],
+    );
+
+    let clip = eval_dir().join("clip");
+    let classes = tmp.path().join("two.yaml");
+    std::fs::write(&classes, "classes: [x, y]\ntemplates: ['a {}']\n").unwrap();
+    let e = eval_fails(&[
+        "eval",
+        clip.join("task_a").to_str().unwrap(),
+        "--data",
+        clip.join("images_task_a").to_str().unwrap(),
+        "--classes",
+        classes.to_str().unwrap(),
+        "--base",
+        clip.join("base").to_str().unwrap(),
+    ]);
+    common::assert_mentions(&e, &["images_task_a", "3 class sub-folders for 2 classes"]);
+    std::fs::write(&classes, "classes: [x, y]\ntemplates: ['a photo']\n").unwrap();
+    let e = eval_fails(&[
+        "eval",
+        "x",
+        "--data",
+        "y",
+        "--classes",
+        classes.to_str().unwrap(),
+    ]);
+    common::assert_mentions(&e, &["two.yaml", "must hold `{}`"]);
+}
