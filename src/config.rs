@@ -30,6 +30,14 @@ pub struct ModelEntry {
     /// A display name (defaults to the model directory's name).
     #[serde(default)]
     pub name: Option<String>,
+    /// Held-out labelled data of the task for `merge --eval` / `eval --config`: JSON Lines
+    /// with `label` (GPT-2), or an image folder with class sub-folders (CLIP).
+    #[serde(default)]
+    pub eval_data: Option<PathBuf>,
+    /// CLIP: a YAML/JSON file with the task's `classes` and `templates` for its zero-shot
+    /// head (default: the built-in FusionBench task named like `name` or the model directory).
+    #[serde(default)]
+    pub classes: Option<PathBuf>,
 }
 
 impl ModelEntry {
@@ -191,6 +199,8 @@ impl MergeConfig {
             m.model = resolve(&m.model);
             m.data = m.data.as_deref().map(resolve);
             m.grams = m.grams.as_deref().map(resolve);
+            m.eval_data = m.eval_data.as_deref().map(resolve);
+            m.classes = m.classes.as_deref().map(resolve);
         }
         cfg.validate(path)?;
         Ok(cfg)

@@ -376,7 +376,7 @@ pub fn forward_to_file<B: Backend>(
 ) -> Result<()> {
     let ckpt = Checkpoint::open(model_dir)?;
     let cfg = ModelConfig::from_checkpoint(&ckpt)?;
-    let data = Dataset::open(data_path)?;
+    let data = Dataset::open_for_model(data_path, &[model_dir], Parameters::default().max_length)?;
     let indices: Vec<usize> = (0..examples.min(data.len())).collect();
     let batch = batch_of(&cfg, &data, &Parameters::default(), &indices)?;
     let model = Model::load(backend, &ckpt)?;

@@ -19,6 +19,7 @@ pub mod data;
 pub mod demo;
 pub mod doctor;
 pub mod error;
+pub mod eval;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod io;

@@ -46,6 +46,8 @@ enum Command {
     },
     /// Run a model's forward pass over data and save the outputs (for parity checks)
     Forward(ForwardArgs),
+    /// Accuracy of a model on labelled task data: GPT-2 with each task's head, CLIP zero-shot
+    Eval(EvalArgs),
     /// Report the GPU, drivers and libraries, and check every CUDA kernel against its CPU twin
     Doctor {
         /// Print one JSON object instead of text
@@ -95,6 +97,51 @@ struct MergeArgs {
     /// Also write phase times, rows per model and peak memory as JSON to this file
     #[arg(long)]
     report_json: Option<PathBuf>,
+    /// Then evaluate the merged model on every model entry's `eval_data` and print a table
+    #[arg(long)]
+    eval: bool,
+    /// With --eval: also merge by simple averaging and show its accuracy beside
+    #[arg(long)]
+    compare_average: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The model to evaluate: a GPT-2 backbone or a CLIP vision tower (e.g. a merge output)
+    model: PathBuf,
+    /// Evaluate on every model entry of this merge config that has `eval_data`
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Labelled data of one task: JSON Lines with `label`, or an image folder with class sub-folders
+    #[arg(long, conflicts_with = "config")]
+    data: Option<PathBuf>,
+    /// Name of that task (CLIP: picks the built-in classes and templates, e.g. sun397, cars, dtd)
+    #[arg(long, requires = "data")]
+    task: Option<String>,
+    /// GPT-2: the task's checkpoint, whose `score` head (and tokenizer) is used
+    #[arg(long, requires = "data")]
+    head: Option<PathBuf>,
+    /// CLIP: a YAML/JSON file with `classes` and `templates` (`{}` = the class name)
+    #[arg(long, requires = "data")]
+    classes: Option<PathBuf>,
+    /// CLIP: the base CLIPModel with the text tower and projections (default: the config's base_model)
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// Examples per forward pass (default: the config's batch_size, else 32)
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Truncate texts to this many tokens (default: the config's max_length, else 512)
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Print one JSON object (per task `accuracy` and `n`) instead of the table
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArg,
+    /// Activations on a GPU: float32 (default: predictions as transformers makes them) or
+    /// float16
+    #[arg(long, default_value = "float32", value_parser = parse_precision)]
+    precision: Precision,
 }
 
 #[derive(Args)]
@@ -239,9 +286,13 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 if regmean_gpu::profile::enabled() {
                     eprint!("{}", regmean_gpu::profile::report());
                 }
+                if a.eval || a.compare_average {
+                    eval_after_merge(&backend, &opts, &cfg, &a, ui)?;
+                }
                 Ok(())
             })
         }
+        Command::Eval(a) => eval_command(&a, ui),
         Command::Grams(a) => {
             let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
             let mut params = match &a.config {
@@ -316,6 +367,134 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
+    let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+    with_backend!(&gpu, a.precision, |backend| eval_on(&backend, a, ui))
+}
+
+fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
+    use regmean_gpu::eval::{self, EvalOptions, EvalTask, ZeroShotTask};
+    let cfg = a.config.as_deref().map(MergeConfig::load).transpose()?;
+    let params = cfg
+        .as_ref()
+        .map(|c| c.parameters.clone())
+        .unwrap_or_default();
+    let tasks = match (&cfg, &a.data) {
+        (Some(cfg), _) => eval::tasks_from_config(cfg)?,
+        (None, Some(data)) => vec![EvalTask {
+            name: a.task.clone().unwrap_or_else(|| {
+                data.file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "task".into())
+            }),
+            data: data.clone(),
+            head: a.head.clone(),
+            zero_shot: a
+                .classes
+                .as_deref()
+                .map(ZeroShotTask::from_file)
+                .transpose()?,
+        }],
+        (None, None) => {
+            return Err(Error::invalid(
+                "give --config (a merge config with eval_data per model) or --data",
+            ))
+        }
+    };
+    if tasks.is_empty() {
+        return Err(Error::invalid(
+            "no model entry of the config has `eval_data`: nothing to evaluate",
+        ));
+    }
+    let opts = EvalOptions {
+        batch_size: a.batch_size.unwrap_or(params.batch_size).max(1),
+        max_length: a.max_length.unwrap_or(params.max_length).max(1),
+        base: a
+            .base
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
+    };
+    ui.info(&format!(
+        "evaluating {} on {} task(s)",
+        a.model.display(),
+        tasks.len()
+    ));
+    let results = eval::evaluate(backend, &a.model, &tasks, &opts)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&eval::to_json(&results)).expect("json")
+        );
+    } else {
+        print!("{}", eval::format_table(&[("accuracy (%)", &results)]));
+    }
+    Ok(())
+}
+
+/// `merge --eval [--compare-average]`: the merged model's accuracy per task, and optionally
+/// that of the simple average of the same models.
+fn eval_after_merge<B: Backend>(
+    backend: &B,
+    merge_opts: &MergeOptions,
+    cfg: &MergeConfig,
+    a: &MergeArgs,
+    ui: &Ui,
+) -> Result<()> {
+    use regmean_gpu::config::MergeMethod;
+    use regmean_gpu::eval::{self, EvalOptions};
+    let tasks = eval::tasks_from_config(cfg)?;
+    if tasks.is_empty() {
+        return Err(Error::invalid(format!(
+            "--eval: no model entry of {} has `eval_data`",
+            a.config.display()
+        )));
+    }
+    let opts = EvalOptions {
+        batch_size: cfg.parameters.batch_size,
+        max_length: cfg.parameters.max_length,
+        base: Some(cfg.base_model.clone()),
+    };
+    ui.info(&format!(
+        "evaluating the merged model on {} task(s)",
+        tasks.len()
+    ));
+    let merged = eval::evaluate(backend, &a.out_dir, &tasks, &opts)?;
+    let label = match cfg.merge_method {
+        MergeMethod::Regmean => "RegMean",
+        MergeMethod::SimpleAverage => "simple average",
+    };
+    let mut columns = vec![(label, merged)];
+    if a.compare_average && cfg.merge_method != MergeMethod::SimpleAverage {
+        let scratch = tempfile::Builder::new()
+            .prefix(".regmean-average-")
+            .tempdir_in(
+                a.out_dir
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new(".")),
+            )
+            .map_err(|e| Error::io(&a.out_dir, e))?;
+        let avg_dir = scratch.path().join("average");
+        let mut avg_cfg = cfg.clone();
+        avg_cfg.merge_method = MergeMethod::SimpleAverage;
+        ui.info("merging by simple averaging for comparison");
+        let avg_opts = MergeOptions {
+            device: merge_opts.device.clone(),
+            ..MergeOptions::default()
+        };
+        regmean::merge(backend, &avg_cfg, &avg_dir, &avg_opts, ui)?;
+        ui.clear();
+        columns.push((
+            "simple average",
+            eval::evaluate(backend, &avg_dir, &tasks, &opts)?,
+        ));
+    }
+    let view: Vec<(&str, &[eval::TaskAccuracy])> =
+        columns.iter().map(|(h, r)| (*h, r.as_slice())).collect();
+    print!("{}", eval::format_table(&view));
+    Ok(())
 }
 
 fn doctor(json: bool, bench: bool) -> Result<()> {

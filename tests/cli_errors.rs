@@ -232,3 +232,32 @@ fn cli_merge_and_grams_round_trip() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(pool.path("merged/model.safetensors").is_file());
 }
+
+#[test]
+fn undecodable_image_in_an_image_folder() {
+    let pool = Pool::of("eval/clip");
+    std::fs::write(
+        pool.path("images_task_b/red circle/broken.jpg"),
+        b"\xff\xd8\xff\xe0 not really a JPEG",
+    )
+    .unwrap();
+    assert_mentions(
+        &pool.merge_fails("merge_folder.yaml"),
+        &[
+            "images_task_b/red circle/broken.jpg",
+            "cannot decode the image",
+        ],
+    );
+}
+
+#[test]
+fn text_data_without_a_tokenizer() {
+    let pool = Pool::of("eval/gpt2");
+    for dir in ["base", "task_a", "task_b"] {
+        std::fs::remove_file(pool.path(&format!("{dir}/tokenizer.json"))).unwrap();
+    }
+    assert_mentions(
+        &pool.merge_fails("merge_text.yaml"),
+        &["task_a/tokenizer.json", "no tokenizer.json"],
+    );
+}

@@ -1,5 +1,9 @@
-//! Model inputs: pre-tokenised text (JSON Lines) and pixel tensors (safetensors), the seeded
-//! sample selection, and batching with the padding rule of each Gram mode.
+//! Model inputs: text or token ids (JSON Lines), image folders and pixel tensors
+//! (safetensors), the seeded sample selection, and batching with the padding rule of each
+//! Gram mode.
+
+pub mod image;
+pub mod text;
 
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -22,25 +26,44 @@ pub enum Dataset {
         per_example: usize,
         shape: [usize; 3],
     },
+    /// A folder of image files, decoded and preprocessed batch by batch.
+    Images {
+        root: PathBuf,
+        files: Vec<PathBuf>,
+        processor: image::ImageProcessor,
+        shape: [usize; 3],
+    },
+}
+
+/// A data set with what evaluation needs besides the inputs.
+pub struct Labelled {
+    pub data: Dataset,
+    /// One label per example, when every example has one.
+    pub labels: Option<Vec<usize>>,
+    /// Class names of an image folder's sub-folders (label order); empty otherwise.
+    pub classes: Vec<String>,
 }
 
 impl Dataset {
-    /// Opens `.jsonl` text or a `.safetensors` pixel tensor, by extension.
+    /// Opens `.jsonl` token ids or a `.safetensors` pixel tensor, by extension; an image
+    /// folder is preprocessed with `CLIPImageProcessor`'s defaults. Text needs a model's
+    /// tokenizer: see [`Dataset::open_for_model`].
     pub fn open(path: &Path) -> Result<Self> {
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("jsonl") | Some("json") => read_jsonl(path),
-            Some("safetensors") => read_pixels(path),
-            _ => Err(Error::file(
-                path,
-                "unknown data format: expected .jsonl (token ids) or .safetensors (pixel_values)",
-            )),
-        }
+        Ok(open_labelled(path, &[], usize::MAX)?.data)
+    }
+
+    /// Opens data for a model: text is tokenised with the tokenizer.json of the first of
+    /// `model_dirs` that has one (truncated to `max_length` tokens), an image folder
+    /// preprocessed as the first preprocessor_config.json found says (defaults if none).
+    pub fn open_for_model(path: &Path, model_dirs: &[&Path], max_length: usize) -> Result<Self> {
+        Ok(open_labelled(path, model_dirs, max_length)?.data)
     }
 
     pub fn len(&self) -> usize {
         match self {
             Dataset::Tokens { sequences, .. } => sequences.len(),
             Dataset::Pixels { n, .. } => *n,
+            Dataset::Images { files, .. } => files.len(),
         }
     }
 
@@ -52,18 +75,85 @@ impl Dataset {
         match self {
             Dataset::Tokens { path, .. } => path,
             Dataset::Pixels { file, .. } => file.path(),
+            Dataset::Images { root, .. } => root,
         }
     }
 }
 
-fn read_jsonl(path: &Path) -> Result<Dataset> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    parse_jsonl(&text, path)
+/// The first of `dirs` holding `file`, else the first of `dirs`.
+fn dir_with<'a>(dirs: &[&'a Path], file: &str) -> Option<&'a Path> {
+    dirs.iter()
+        .find(|d| d.join(file).is_file())
+        .or(dirs.first())
+        .copied()
 }
 
-/// Token data from JSON Lines text; `path` names the source in errors.
+/// Opens a data set with its labels (see [`Dataset::open_for_model`]; no `model_dirs`: no
+/// tokenizer, default image preprocessing).
+pub fn open_labelled(path: &Path, model_dirs: &[&Path], max_length: usize) -> Result<Labelled> {
+    if path.is_dir() {
+        let folder = image::ImageFolder::scan(path)?;
+        let processor = match dir_with(model_dirs, "preprocessor_config.json") {
+            Some(dir) => image::ImageProcessor::from_model_dir(dir)?,
+            None => image::ImageProcessor::default(),
+        };
+        let (h, w) = processor.output_size().expect("checked when read");
+        let labels = (!folder.classes.is_empty()).then_some(folder.labels);
+        return Ok(Labelled {
+            data: Dataset::Images {
+                root: path.to_path_buf(),
+                files: folder.files,
+                processor,
+                shape: [3, h, w],
+            },
+            labels,
+            classes: folder.classes,
+        });
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") | Some("json") => {
+            read_jsonl(path, dir_with(model_dirs, "tokenizer.json"), max_length)
+        }
+        Some("safetensors") => Ok(Labelled {
+            data: read_pixels(path)?,
+            labels: None,
+            classes: Vec::new(),
+        }),
+        _ if !path.exists() => Err(Error::file(path, "no such file or folder")),
+        _ => Err(Error::file(
+            path,
+            "unknown data format: expected .jsonl (text or token ids), .safetensors (pixel_values) or a folder of images",
+        )),
+    }
+}
+
+fn read_jsonl(path: &Path, model_dir: Option<&Path>, max_length: usize) -> Result<Labelled> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_lines(&text, path, model_dir, max_length)
+}
+
+/// Token data from JSON Lines text with `input_ids`; `path` names the source in errors.
 pub fn parse_jsonl(text: &str, path: &Path) -> Result<Dataset> {
-    let mut sequences = Vec::new();
+    Ok(parse_lines(text, path, None, usize::MAX)?.data)
+}
+
+/// One line of a JSON Lines file before tokenisation.
+enum Line {
+    Ids(Vec<u32>),
+    Text(String, Option<String>),
+}
+
+/// JSON Lines of token ids or text; text is tokenised with `model_dir`'s tokenizer.json,
+/// truncated to `max_length` tokens.
+fn parse_lines(
+    text: &str,
+    path: &Path,
+    model_dir: Option<&Path>,
+    max_length: usize,
+) -> Result<Labelled> {
+    let mut lines = Vec::new();
+    let mut labels = Vec::new();
+    let mut numbers = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
@@ -72,51 +162,104 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<Dataset> {
         let at = |msg: String| Error::file(path, format!("line {}: {msg}", i + 1));
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| at(format!("invalid JSON: {e}")))?;
-        let ids = v
-            .get("input_ids")
-            .and_then(|x| x.as_array())
-            .ok_or_else(|| {
-                at("no `input_ids` array (text fields need a tokenizer; give token ids)".into())
-            })?;
-        let mut seq = Vec::with_capacity(ids.len());
-        for x in ids {
-            let id = x
-                .as_u64()
-                .filter(|&id| id <= u32::MAX as u64)
-                .ok_or_else(|| at(format!("token id {x} is not a non-negative integer")))?;
-            seq.push(id as u32);
-        }
-        if let Some(mask) = v.get("attention_mask") {
-            let mask = mask
+        labels.push(match v.get("label") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(l) => Some(
+                l.as_u64()
+                    .filter(|&l| l <= u32::MAX as u64)
+                    .ok_or_else(|| at(format!("`label` {l} is not a non-negative integer")))?
+                    as usize,
+            ),
+        });
+        numbers.push(i + 1);
+        if let Some(ids) = v.get("input_ids") {
+            let ids = ids
                 .as_array()
-                .ok_or_else(|| at("`attention_mask` is not an array".into()))?;
-            if mask.len() != seq.len() {
-                return Err(at(format!(
-                    "attention_mask has {} entries for {} ids",
-                    mask.len(),
-                    seq.len()
-                )));
+                .ok_or_else(|| at("`input_ids` is not an array".into()))?;
+            let mut seq = Vec::with_capacity(ids.len());
+            for x in ids {
+                let id = x
+                    .as_u64()
+                    .filter(|&id| id <= u32::MAX as u64)
+                    .ok_or_else(|| at(format!("token id {x} is not a non-negative integer")))?;
+                seq.push(id as u32);
             }
-            let bits: Vec<u64> = mask.iter().map(|m| m.as_u64().unwrap_or(2)).collect();
-            let real = bits.iter().take_while(|&&b| b == 1).count();
-            if bits[real..].iter().any(|&b| b != 0) {
-                return Err(at(
-                    "attention_mask must be 1s followed by 0s (right padding)".into(),
-                ));
+            if let Some(mask) = v.get("attention_mask") {
+                let mask = mask
+                    .as_array()
+                    .ok_or_else(|| at("`attention_mask` is not an array".into()))?;
+                if mask.len() != seq.len() {
+                    return Err(at(format!(
+                        "attention_mask has {} entries for {} ids",
+                        mask.len(),
+                        seq.len()
+                    )));
+                }
+                let bits: Vec<u64> = mask.iter().map(|m| m.as_u64().unwrap_or(2)).collect();
+                let real = bits.iter().take_while(|&&b| b == 1).count();
+                if bits[real..].iter().any(|&b| b != 0) {
+                    return Err(at(
+                        "attention_mask must be 1s followed by 0s (right padding)".into(),
+                    ));
+                }
+                seq.truncate(real);
             }
-            seq.truncate(real);
+            if seq.is_empty() {
+                return Err(at("empty sequence".into()));
+            }
+            lines.push(Line::Ids(seq));
+        } else {
+            match text::text_fields(&v) {
+                Some(Ok((a, b))) => lines.push(Line::Text(a.to_string(), b.map(str::to_string))),
+                Some(Err(msg)) => return Err(at(msg)),
+                None => {
+                    return Err(at(
+                        "no `input_ids` array, `text`, `sentence`, or sentence pair (text_a/text_b, sentence1/sentence2, premise/hypothesis, question/sentence, question1/question2)".into(),
+                    ))
+                }
+            }
         }
-        if seq.is_empty() {
-            return Err(at("empty sequence".into()));
-        }
-        sequences.push(seq);
     }
-    if sequences.is_empty() {
+    if lines.is_empty() {
         return Err(Error::file(path, "no examples"));
     }
-    Ok(Dataset::Tokens {
-        path: path.to_path_buf(),
-        sequences,
+    let needs_tokenizer = lines.iter().any(|l| matches!(l, Line::Text(..)));
+    let tokenizer =
+        match (needs_tokenizer, model_dir) {
+            (false, _) => None,
+            (true, Some(dir)) => Some(text::TextTokenizer::from_model_dir(dir, Some(max_length))?),
+            (true, None) => return Err(Error::file(
+                path,
+                "text fields need the model's tokenizer.json; give token ids (`input_ids`) here",
+            )),
+        };
+    use rayon::prelude::*;
+    let sequences = lines
+        .into_par_iter()
+        .zip(numbers.par_iter())
+        .map(|(line, &n)| match line {
+            Line::Ids(ids) => Ok(ids),
+            Line::Text(a, b) => {
+                let tok = tokenizer.as_ref().expect("loaded for text lines");
+                let ids = tok.encode(&a, b.as_deref())?;
+                if ids.is_empty() {
+                    return Err(Error::file(
+                        path,
+                        format!("line {n}: the text has no tokens"),
+                    ));
+                }
+                Ok(ids)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let labels = labels.into_iter().collect::<Option<Vec<_>>>();
+    Ok(Labelled {
+        data: Dataset::Tokens {
+            path: path.to_path_buf(),
+            sequences,
+        },
+        labels,
+        classes: Vec::new(),
     })
 }
 
@@ -268,7 +411,46 @@ pub fn make_batch(data: &Dataset, indices: &[usize], padding: TextPadding) -> Re
                 batch: indices.len(),
             })
         }
+        Dataset::Images {
+            files, processor, ..
+        } => {
+            use rayon::prelude::*;
+            let images = indices
+                .par_iter()
+                .map(|&i| processor.process_file(&files[i]))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Batch::Pixels {
+                values: images.concat(),
+                batch: indices.len(),
+            })
+        }
     }
+}
+
+/// Runs `f` on the batches of `indices` in order, each batch built (decoded, preprocessed)
+/// on another thread while `f` works on the one before.
+pub fn for_each_batch(
+    data: &Dataset,
+    indices: &[usize],
+    batch_size: usize,
+    padding: TextPadding,
+    mut f: impl FnMut(&[usize], Batch) -> Result<()>,
+) -> Result<()> {
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            for chunk in indices.chunks(batch_size.max(1)) {
+                // A closed channel means the consumer stopped (an error): stop too.
+                if tx.send((chunk, make_batch(data, chunk, padding))).is_err() {
+                    break;
+                }
+            }
+        });
+        for (chunk, batch) in rx {
+            f(chunk, batch?)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -122,7 +122,17 @@ impl Checkpoint {
     }
 
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_view(dir.as_ref(), false)
+    }
+
+    /// Every tensor of the directory under its stored name, heads and other towers included
+    /// (a `CLIPModel`'s text tower, a classifier's `score`), for evaluation.
+    pub fn open_all(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_view(dir.as_ref(), true)
+    }
+
+    fn open_view(dir: &Path, all: bool) -> Result<Self> {
+        let dir = dir.to_path_buf();
         if !dir.is_dir() {
             return Err(Error::file(
                 &dir,
@@ -151,7 +161,12 @@ impl Checkpoint {
         let mut backbone = BTreeMap::new();
         for (i, f) in files.iter().enumerate() {
             for stored in f.tensors().keys() {
-                if let Some(canonical) = arch.canonical(stored) {
+                let name = if all {
+                    Some(stored.clone())
+                } else {
+                    arch.canonical(stored)
+                };
+                if let Some(canonical) = name {
                     if let Some((_, prev)) = backbone.insert(canonical.clone(), (i, stored.clone()))
                     {
                         return Err(Error::file(

@@ -3,6 +3,7 @@
 
 mod block;
 pub mod clip;
+pub mod clip_text;
 pub mod gpt2;
 
 use std::sync::Arc;

@@ -288,14 +288,16 @@ pub fn check_data(
                 to_max_length: params.fusionbench_compat,
             })
         }
-        (ModelConfig::Clip(c), Dataset::Pixels { file, shape, .. }) => {
+        (ModelConfig::Clip(c), Dataset::Pixels { shape, .. } | Dataset::Images { shape, .. }) => {
             let want = [c.num_channels, c.image_size, c.image_size];
             if *shape != want {
+                let what = match data {
+                    Dataset::Images { .. } => "the preprocessor config makes images",
+                    _ => "pixel_values images are",
+                };
                 return Err(Error::file(
-                    file.path(),
-                    format!(
-                        "pixel_values images are {shape:?}, the model expects {want:?} (C, H, W)"
-                    ),
+                    data.path(),
+                    format!("{what} {shape:?}, the model expects {want:?} (C, H, W)"),
                 ));
             }
             Ok(TextPadding {
@@ -306,11 +308,11 @@ pub fn check_data(
         }
         (ModelConfig::Gpt2(_), d) => Err(Error::file(
             d.path(),
-            "GPT-2 needs token data (.jsonl with input_ids), not pixel values",
+            "GPT-2 needs text or token data (.jsonl), not images",
         )),
         (ModelConfig::Clip(_), d) => Err(Error::file(
             d.path(),
-            "a CLIP vision model needs pixel_values (.safetensors), not token ids",
+            "a CLIP vision model needs images (a folder, or pixel_values in .safetensors), not text",
         )),
     }
 }
@@ -339,7 +341,7 @@ pub fn grams_to_file<B: Backend>(
     let ckpt = Checkpoint::open(model_dir)?;
     let config = ModelConfig::from_checkpoint(&ckpt)?;
     config.check_checkpoint(&ckpt)?;
-    let data = Dataset::open(data_path)?;
+    let data = Dataset::open_for_model(data_path, &[model_dir], params.max_length)?;
     let name = model_dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -376,7 +376,12 @@ fn model_grams<B: Backend>(
         .map(Grams::Host);
     }
     let data_path = entry.data.as_ref().expect("validated: data or grams");
-    let data = Dataset::open(data_path)?;
+    // Text is tokenised, images preprocessed, with the task model's own files (else the base's).
+    let data = Dataset::open_for_model(
+        data_path,
+        &[ckpt.dir(), &cfg.base_model],
+        cfg.parameters.max_length,
+    )?;
     let expected = crate::data::select(data.len(), &cfg.parameters.sampling())
         .0
         .len();
