@@ -244,7 +244,7 @@ def load_task(arch, model_dir, data_path, params, device, timers):
     return model, batches
 
 
-def run_fusionbench(arch, models, params, ratio, device, timers, base_keys):
+def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, solve_f64=False):
     regexes = params["exclude_param_names_regex"]
     transpose = arch == "clip"
     sum_g, sum_gw, sum_p = {}, {}, {}
@@ -283,8 +283,12 @@ def run_fusionbench(arch, models, params, ratio, device, timers, base_keys):
     merged = {}
     with torch.no_grad():
         for mod in sum_g:
-            inv = torch.inverse(sum_g[mod])
-            w = torch.matmul(inv, sum_gw[mod])
+            if solve_f64:
+                # The accuracy reference: the same sums, solved in float64.
+                w = torch.linalg.solve(sum_g[mod].double(), sum_gw[mod].double()).float()
+            else:
+                inv = torch.inverse(sum_g[mod])
+                w = torch.matmul(inv, sum_gw[mod])
             merged[mod + ".weight"] = (w.transpose(0, 1) if transpose else w).cpu()
         for pname, s in sum_p.items():
             merged[pname] = (s / n).cpu()
@@ -428,7 +432,8 @@ def run_skilled(arch, models, params, ratio, device, timers, base_keys):
 def main():
     t0 = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["fusionbench", "skilled"], required=True)
+    ap.add_argument("--mode", choices=["fusionbench", "skilled", "f64-reference"], required=True,
+                    help="f64-reference: fusionbench's sums, solved in float64 (for accuracy)")
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -456,8 +461,11 @@ def main():
         base_keys = set(f.keys())
     timers["load_s"] += time.perf_counter() - t
 
-    run = run_fusionbench if args.mode == "fusionbench" else run_skilled
-    merged = run(arch, models, params, ratio, device, timers, base_keys)
+    if args.mode == "skilled":
+        merged = run_skilled(arch, models, params, ratio, device, timers, base_keys)
+    else:
+        merged = run_fusionbench(arch, models, params, ratio, device, timers, base_keys,
+                                 solve_f64=args.mode == "f64-reference")
 
     # load into the base model and write
     t = time.perf_counter()

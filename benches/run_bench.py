@@ -213,6 +213,15 @@ def main():
             "above_tol": sorted([k for k, v in d.items() if v > args.tol]),
             "per_tensor": d,
         }
+    # The arbiter: FusionBench's sums solved in float64, run once.
+    log("f64-reference (fusionbench's sums, float64 solve) ...")
+    run_one("f64-reference", binary, config, work / "f64-reference", args.device, args.threads, work)
+    for impl in IMPLS:
+        d = rel_diffs(work / impl, work / "f64-reference")
+        worst = max(d, key=d.get)
+        diffs.setdefault(impl, {})["vs_f64_reference"] = {
+            "max_rel_diff": d[worst], "worst_tensor": worst,
+            "above_tol": sorted([k for k, v in d.items() if v > args.tol])}
     d = rel_diffs(work / "regmean-gpu", work / "skilled")
     worst = max(d, key=d.get)
     diffs["regmean-gpu_vs_skilled"] = {"max_rel_diff": d[worst], "worst_tensor": worst,
@@ -273,6 +282,11 @@ def main():
     d = diffs["regmean-gpu_vs_skilled"]
     print(f"regmean-gpu vs skilled: worst {d['max_rel_diff']:.2e} ({d['worst_tensor']}); "
           f"{len(d['above_tol'])} tensors above {args.tol:g}")
+    for impl in IMPLS:
+        d = diffs[impl]["vs_f64_reference"]
+        print(f"{impl} vs the f64 reference (fusionbench's sums, float64 solve): worst "
+              f"{d['max_rel_diff']:.2e} ({d['worst_tensor']}); {len(d['above_tol'])} tensors "
+              f"above {args.tol:g}")
 
     try:
         import torch
@@ -308,6 +322,7 @@ def main():
         "speedup_vs_fusionbench": round(speed["speedup_vs_fusionbench"], 4),
         "speedup_vs_skilled": round(speed["speedup_vs_skilled"], 4),
         "max_rel_diff_vs_fusionbench": diffs["regmean-gpu"]["max_rel_diff"],
+        "max_rel_diff_vs_f64_reference": diffs["regmean-gpu"]["vs_f64_reference"]["max_rel_diff"],
     }
     print(json.dumps(summary), flush=True)
 

@@ -17,14 +17,18 @@ threads=$(nproc)
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
-bench() { # workload log
+bench() { # workload log repeats
   [ -n "${SKIP_BENCH:-}" ] && return
   timeout "${BENCH_TIMEOUT:-240}" "$py" benches/run_bench.py --workload "$1" --device cuda \
-    --repeat "${REPEAT:-1}" --threads "$threads" --bin "$bin" --tol 1e-2 > "$out/$2" 2>&1
+    --repeat "$3" --threads "$threads" --bin "$bin" --tol 1e-2 > "$out/$2" 2>&1
   echo "== $1: exit $?"; tail -n 14 "$out/$2"
+  # The full results (for benches/plot_bench.py) after a marker line, in the same file.
+  for f in target/bench-results/"$1"-cuda-*.json; do
+    [ -f "$f" ] && { echo "=== results json"; cat "$f"; } >> "$out/$2"
+  done
 }
 
-bench clip8 bench-clip8.log
+bench clip8 bench-clip8.log "${REPEAT_CLIP:-2}"
 
 {
   pool=${MEM_POOL:-target/bench-pools/clip8}
@@ -39,8 +43,10 @@ small = dict(cfg, parameters=dict(cfg["parameters"], num_regmean_examples=32))
 yaml.safe_dump(small, open(f"{pool}/small.yaml", "w"), sort_keys=False)
 PYEOF
   for k in k2 bench; do
-    "$bin" merge "$pool/$k.yaml" /tmp/mem-$k --device cuda --force -q --report-json /tmp/mem-$k.json
-    echo "$k: $(grep -E '"(peak_device_bytes|total_s)"' /tmp/mem-$k.json | tr -d '\n ')"
+    # The K = 8 run also prints where its time went (REGMEAN_PROFILE).
+    REGMEAN_PROFILE=$([ $k = bench ] && echo 1 || echo 0) "$bin" merge "$pool/$k.yaml" \
+      /tmp/mem-$k --device cuda --force -q --report-json /tmp/mem-$k.json
+    echo "$k: $(tr -d '\n ' < /tmp/mem-$k.json)"
   done
   for dev in cuda cpu; do
     timeout 120 "$bin" merge "$pool/small.yaml" /tmp/small-$dev --device $dev --force -q \
@@ -51,4 +57,4 @@ PYEOF
 } > "$out/memory-cpu.log" 2>&1
 echo "== memory and cpu"; tail -n 8 "$out/memory-cpu.log"
 
-bench gpt2-7 bench-gpt2.log
+bench gpt2-7 bench-gpt2.log "${REPEAT_GPT2:-1}"
