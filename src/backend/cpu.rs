@@ -42,6 +42,19 @@ fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
     }
 }
 
+/// Elements per parallel task in element-wise loops: rayon's per-element splitting costs
+/// more than the work itself.
+const CHUNK: usize = 1 << 14;
+
+/// `exp(x)` with arguments below −80 raised to −80: e⁻⁸⁰ ≈ 1.8e−35 is a normal float, and
+/// glibc's `expf` takes a slow path for results in the subnormal range. Where it is used
+/// (σ's denominator 1 + e^x, softmax weights beside a weight of 1) the difference is below
+/// f32's resolution.
+#[inline]
+fn exp_no_subnormal(x: f32) -> f32 {
+    x.max(-80.0).exp()
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
 
@@ -84,9 +97,12 @@ impl Backend for CpuBackend {
             check(b.data.len() == w.cols, || {
                 format!("linear: bias of {} for {} outputs", b.data.len(), w.cols)
             })?;
-            out.par_chunks_mut(w.cols).for_each(|row| {
-                row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b);
-            });
+            out.par_chunks_mut(w.cols * (CHUNK / w.cols).max(1))
+                .for_each(|rows| {
+                    for row in rows.chunks_mut(w.cols) {
+                        row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b);
+                    }
+                });
         }
         Ok(CpuTensor::new(out, x.rows, w.cols))
     }
@@ -121,22 +137,26 @@ impl Backend for CpuBackend {
             "add_assign: shapes differ".into()
         })?;
         x.data
-            .par_iter_mut()
-            .zip(&y.data)
-            .for_each(|(a, b)| *a += b);
+            .par_chunks_mut(CHUNK)
+            .zip(y.data.par_chunks(CHUNK))
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
         Ok(())
     }
 
     fn activate(&self, x: &mut CpuTensor, act: Activation) -> Result<()> {
         match act {
-            Activation::GeluNew => x.data.par_iter_mut().for_each(|v| {
-                let x = *v;
+            Activation::GeluNew => x.data.par_chunks_mut(CHUNK).for_each(|chunk| {
                 let c = (2.0f32 / std::f32::consts::PI).sqrt();
-                *v = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh());
+                for v in chunk {
+                    let x = *v;
+                    *v = 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh());
+                }
             }),
-            Activation::QuickGelu => x.data.par_iter_mut().for_each(|v| {
-                let x = *v;
-                *v = x / (1.0 + (-1.702 * x).exp());
+            Activation::QuickGelu => x.data.par_chunks_mut(CHUNK).for_each(|chunk| {
+                for v in chunk {
+                    let x = *v;
+                    *v = x / (1.0 + exp_no_subnormal(-1.702 * x));
+                }
             }),
         }
         Ok(())
@@ -194,7 +214,11 @@ impl Backend for CpuBackend {
                         }
                         let mut sum = 0.0f32;
                         for x in row.iter_mut() {
-                            *x = (*x - max).exp();
+                            *x = if *x == f32::NEG_INFINITY {
+                                0.0
+                            } else {
+                                exp_no_subnormal(*x - max)
+                            };
                             sum += *x;
                         }
                         row.iter_mut().for_each(|x| *x /= sum);
