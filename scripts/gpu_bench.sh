@@ -6,7 +6,8 @@
 #   bench-clip8.log   W-CLIP8 (8 × ViT-B/32, 256 images each) on cuda: regmean-gpu against
 #                     the fusionbench and skilled PyTorch baselines (benches/run_bench.py)
 #   bench-gpt2.log    W-GPT2-7 (7 × GPT-2 small, 256 sequences of 16–128 tokens), the same
-#   memory-cpu.log    device memory of K = 2 against K = 8 (W-CLIP8 models), and the CPU
+#                     then (after "=== memory and cpu") device memory of K = 2 against
+#                     K = 8 (W-CLIP8 models), a profile of the K = 8 merge, and the CPU
 #                     engine against cuda on the W-CLIP8 models with 32 images each
 set -uo pipefail
 bundle=${1:-gpu-bundle}
@@ -54,7 +55,9 @@ PYEOF
     echo "32 images, $dev: $(tr -d '\n ' < /tmp/small-$dev.json)"
   done
   "$bin" compare /tmp/small-cuda /tmp/small-cpu --tol 1e-2
-} > "$out/memory-cpu.log" 2>&1
-echo "== memory and cpu"; tail -n 8 "$out/memory-cpu.log"
+} > /tmp/memory-cpu.log 2>&1
+echo "== memory and cpu"; tail -n 8 /tmp/memory-cpu.log
+# Into the W-CLIP8 log, after a marker line: $OUT brings back few files.
+{ echo "=== memory and cpu"; cat /tmp/memory-cpu.log; } >> "$out/bench-clip8.log"
 
 bench gpt2-7 bench-gpt2.log "${REPEAT_GPT2:-1}"

@@ -58,11 +58,25 @@ merges() {
     merge_pair gpt2_pool exclude.yaml && merge_pair clip_pool compat.yaml &&
     merge_pair clip_pool default.yaml
 }
-export -f has_gpu doctor gpu_tests bench merge_pair merges
+evals() { # eval on cuda (float32) against cpu: the same accuracy per task; merge --eval on cuda
+  local spec p c m
+  for spec in gpt2:merge_text.yaml:task_a clip:merge_folder.yaml:task_a; do
+    IFS=: read -r p c m <<< "$spec"
+    "$bin" eval "tests/fixtures/eval/$p/$m" --config "tests/fixtures/eval/$p/$c" --json \
+      --device cpu > /tmp/eval-cpu.json &&
+    "$bin" eval "tests/fixtures/eval/$p/$m" --config "tests/fixtures/eval/$p/$c" --json \
+      --device cuda > /tmp/eval-cuda.json &&
+    cat /tmp/eval-cuda.json && diff /tmp/eval-cpu.json /tmp/eval-cuda.json || return 1
+  done
+  "$bin" merge tests/fixtures/eval/clip/merge_folder.yaml /tmp/eval-merged --force \
+    --device cuda --eval --compare-average
+}
+export -f has_gpu doctor gpu_tests bench merge_pair merges evals
 export bin bundle
 step doctor doctor
 step gpu-tests gpu_tests
 step merge-cuda-vs-cpu merges
+step eval-cuda-vs-cpu evals
 step kernel-bench bench
 
 echo
