@@ -4,11 +4,11 @@
 #   bash scripts/gpu_bench.sh [BUNDLE_DIR]
 # Writes to $OUT (or gpu-logs/):
 #   bench-clip8.log   W-CLIP8 (8 × ViT-B/32, 256 images each) on cuda: regmean-gpu against
-#                     the fusionbench and skilled PyTorch baselines (benches/run_bench.py)
-#   bench-gpt2.log    W-GPT2-7 (7 × GPT-2 small, 256 sequences of 16–128 tokens), the same
+#                     the fusionbench and skilled PyTorch baselines (benches/run_bench.py);
 #                     then (after "=== memory and cpu") device memory of K = 2 against
 #                     K = 8 (W-CLIP8 models), a profile of the K = 8 merge, and the CPU
 #                     engine against cuda on the W-CLIP8 models with 32 images each
+#   bench-gpt2.log    W-GPT2-7 (7 × GPT-2 small, 256 sequences of 16–128 tokens), the same
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 out=${OUT:-gpu-logs}
