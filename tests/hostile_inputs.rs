@@ -307,3 +307,51 @@ fn write_failure_midway_is_reported_and_leaves_no_output() {
         entries(&pool.path("out"))
     );
 }
+
+/// Unmounts a test's tmpfs however the test ends.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A really full disk (ENOSPC), where the test may mount a small tmpfs (root on Linux);
+/// elsewhere it prints why it was skipped (the test above covers the same path with EFBIG).
+#[test]
+fn a_full_disk_is_reported_and_leaves_no_output() {
+    let pool = Pool::new();
+    let disk = pool.path("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let mount = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=48k", "tmpfs"])
+        .arg(&disk)
+        .output();
+    match mount {
+        Ok(o) if o.status.success() => {}
+        other => {
+            use std::io::Write;
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED a_full_disk_is_reported_and_leaves_no_output: cannot mount a small tmpfs ({why})"
+            );
+            return;
+        }
+    }
+    let _unmount = Mounted(disk.clone());
+    let o = Command::new(bin())
+        .arg("merge")
+        .arg(pool.path("compat.yaml"))
+        .arg(disk.join("merged"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_mentions(&stderr, &["merged", "No space left on device"]);
+    assert!(entries(&disk).is_empty(), "{:?}", entries(&disk));
+}
