@@ -11,11 +11,10 @@
 //   clip_tokens       out[b, t] = (t == 0 ? class : patches[b, t−1]) + pos[t]
 //   im2col            [B, C, S, S] pixels → [B·(S/p)², C·p·p] rows in the conv weight's order
 //   gather_rows       out[i] = x[idx[i]]
-//   masked_rows       out[r] = mask[r] ? x[r] : 0 (the input of a cuBLAS Gram)
 //
 // Launch contract
-//   Element-wise kernels (bias_act, add, embed_tokens, clip_tokens, im2col, gather_rows,
-//   masked_rows): blockDim 256, any gridDim.x (grid-stride over all elements).
+//   Element-wise kernels (bias_act, add, embed_tokens, clip_tokens, im2col, gather_rows):
+//   blockDim 256, any gridDim.x (grid-stride over all elements).
 //   layer_norm, add_layer_norm: blockDim 256, any gridDim.x (grid-stride over rows),
 //   dynamic shared memory d·4 bytes.
 //   attention: blockDim ATTN_WARPS·32, gridDim (ceil(S/ATTN_WARPS), H, B), hd ≤ ATTN_MAX_HD.
@@ -239,14 +238,6 @@ __device__ void gather_rows_impl(const T* x, const int* idx, T* out, int n, int 
     }
 }
 
-template <typename T>
-__device__ void masked_rows_impl(const T* x, const unsigned char* mask, T* out, long long rows,
-                                 int cols) {
-    long long total = rows * cols;
-    for (long long e = grid_start(); e < total; e += grid_stride())
-        out[e] = mask[e / cols] ? x[e] : from_f<T>(0.0f);
-}
-
 }  // namespace
 
 #define FORWARD_KERNELS(SUFFIX, T)                                                          \
@@ -289,10 +280,6 @@ __device__ void masked_rows_impl(const T* x, const unsigned char* mask, T* out, 
     extern "C" __global__ void gather_rows_##SUFFIX(const T* x, const int* idx, T* out,      \
                                                     int n, int cols) {                       \
         gather_rows_impl<T>(x, idx, out, n, cols);                                           \
-    }                                                                                        \
-    extern "C" __global__ void masked_rows_##SUFFIX(const T* x, const unsigned char* mask,   \
-                                                    T* out, long long rows, int cols) {      \
-        masked_rows_impl<T>(x, mask, out, rows, cols);                                       \
     }
 
 FORWARD_KERNELS(f32, float)

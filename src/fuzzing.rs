@@ -139,3 +139,32 @@ pub fn jsonl_data(data: &[u8]) {
         }
     }
 }
+
+/// An image file in any format (JPEG through libjpeg, PNG, WebP), decoded and preprocessed
+/// as CLIPImageProcessor's defaults say; then with a small target size, which exercises the
+/// resampling of every decoded size.
+pub fn image_file(data: &[u8]) {
+    use crate::data::image::ImageProcessor;
+    let path = scratch().join("image");
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let _ = ImageProcessor::default().process_file(&path);
+    if let Ok(small) = ImageProcessor::from_json(
+        r#"{"size": {"shortest_edge": 7}, "crop_size": {"height": 5, "width": 5}}"#,
+        Path::new("preprocessor_config.json"),
+    ) {
+        let _ = small.process_file(&path);
+    }
+}
+
+/// A preprocessor_config.json.
+pub fn preprocessor_config(data: &[u8]) {
+    use crate::data::image::ImageProcessor;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(p) = ImageProcessor::from_json(text, Path::new("preprocessor_config.json")) {
+        let _ = p.output_size();
+    }
+}

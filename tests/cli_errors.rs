@@ -261,3 +261,37 @@ fn text_data_without_a_tokenizer() {
         &["task_a/tokenizer.json", "no tokenizer.json"],
     );
 }
+
+#[test]
+fn a_thin_image_is_refused_before_its_resize_allocates() {
+    // 200 000 × 1 pixels is a small PNG, but resized to a shortest edge of 224 it would be
+    // 44.8 million × 224 pixels: refused with the file named, not an out-of-memory abort.
+    let pool = Pool::of("eval/clip");
+    image::RgbImage::new(200_000, 1)
+        .save(pool.path("images_task_b/red circle/thin.png"))
+        .unwrap();
+    assert_mentions(
+        &pool.merge_fails("merge_folder.yaml"),
+        &[
+            "images_task_b/red circle/thin.png",
+            "cannot preprocess the image",
+            "over the limit",
+        ],
+    );
+}
+
+#[test]
+fn activations_that_overflow_are_refused_not_averaged() {
+    // Finite weights large enough that the MLP's output overflows f32: the Gram of the next
+    // site holds inf/NaN, which must stop the merge with the site named (not fall back to a
+    // plain average, as a failed factorisation would).
+    let pool = Pool::new();
+    pool.edit("task_a/model.safetensors", |n, s, v| {
+        let huge = n == "transformer.h.0.mlp.c_fc.weight";
+        Some((s, if huge { vec![3e38; v.len()] } else { v }))
+    });
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &["h.0.mlp.c_proj", "non-finite activations", "float32"],
+    );
+}

@@ -329,6 +329,19 @@ impl ImageProcessor {
     /// Pixel values `[3, H, W]` of one image file.
     pub fn process_file(&self, path: &Path) -> Result<Vec<f32>> {
         let (rgb, h, w) = decode_rgb(path)?;
+        if self.do_resize {
+            // A thin image (1 × 100 000 pixels is a small file) resized to a shortest edge
+            // of 224 would need gigabytes: refuse it before allocating.
+            let (nh, nw) = self.resized_size(h, w);
+            if nh.saturating_mul(nw) > MAX_PIXELS {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "cannot preprocess the image: resizing {w}×{h} pixels gives {nw}×{nh}, over the limit of {MAX_PIXELS} pixels"
+                    ),
+                ));
+            }
+        }
         let (chw, oh, ow) = self.resize_and_crop(&rgb, h, w);
         let plane = oh * ow;
         Ok(chw

@@ -3,6 +3,7 @@
 use cudarc::driver::CudaSlice;
 
 use crate::backend::cuda::gram::mirror_scale;
+use crate::backend::cuda::solve::any_nonfinite;
 use crate::backend::cuda::CudaDevice;
 use crate::backend::{Backend, GramUpdate};
 use crate::config::Parameters;
@@ -36,6 +37,14 @@ pub struct DeviceGrams {
     pub sites: Vec<(CudaSlice<f32>, u64)>,
     pub examples: usize,
     pub peak_device_bytes: Option<u64>,
+}
+
+/// A Gram holding inf or NaN: the activations overflowed (or the weights are broken). Left
+/// alone, the solve would see it only as a failed factorisation and fall back to averaging.
+fn non_finite(site: &str) -> Error {
+    Error::Numerical(format!(
+        "site `{site}`: the forward pass produced non-finite activations (inf or NaN); on a GPU in float16 a value above 65504 overflows: set `precision: float32` in the config's parameters (or pass --precision float32)"
+    ))
 }
 
 fn no_rows(site: &str) -> Error {
@@ -99,6 +108,9 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
             };
             let scale = if self.compat { 1.0 } else { 1.0 / *rows as f32 };
             mirror_scale(dev, &mut g, site.dim, scale)?;
+            if any_nonfinite(dev, &g)? {
+                return Err(non_finite(&site.name));
+            }
             out.push((g, *rows));
         }
         Ok(Ok(DeviceGrams {
@@ -117,6 +129,10 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
             }
             let mut g = self.backend.download(acc)?;
             let d = site.dim;
+            // The lower triangle is what the accumulator defines.
+            if (0..d).any(|i| g[i * d..i * d + i + 1].iter().any(|v| !v.is_finite())) {
+                return Err(non_finite(&site.name));
+            }
             let n = rows as f32;
             for i in 0..d {
                 for j in 0..=i {
@@ -207,7 +223,7 @@ pub fn accumulate_grams<'b, B: Backend>(
         // the model loads), two at most waiting, so the forward pass never waits for them.
         let (ready, batches) = std::sync::mpsc::sync_channel::<Result<(usize, Batch)>>(2);
         let indices = &indices;
-        scope.spawn(move || {
+        let producer = scope.spawn(move || {
             for chunk in indices.chunks(batch_size) {
                 let batch = crate::profile::span("data: make_batch (ahead)", || {
                     make_batch(data, chunk, padding)
@@ -219,26 +235,37 @@ pub fn accumulate_grams<'b, B: Backend>(
                 }
             }
         });
-        let loading = std::time::Instant::now();
-        let model = Model::load(backend, ckpt)?;
-        let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
-        acc.load_time = loading.elapsed();
-        let mut done = 0;
-        for next in batches {
-            let (n, batch) = next?;
-            crate::profile::span("forward + Grams (enqueue)", || {
-                model.forward(
-                    backend,
-                    &batch,
-                    ForwardHooks {
-                        grams: Some(&mut acc),
-                        hidden_states: None,
-                    },
-                )
-            })?;
-            done += n;
-            observer.event(Event::Examples { done });
-        }
+        let run = || -> Result<GramAccumulator<'b, B>> {
+            let loading = std::time::Instant::now();
+            let model = Model::load(backend, ckpt)?;
+            let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
+            acc.load_time = loading.elapsed();
+            let mut done = 0;
+            for next in batches {
+                let (n, batch) = next?;
+                crate::profile::span("forward + Grams (enqueue)", || {
+                    model.forward(
+                        backend,
+                        &batch,
+                        ForwardHooks {
+                            grams: Some(&mut acc),
+                            hidden_states: None,
+                        },
+                    )
+                })?;
+                done += n;
+                observer.event(Event::Examples { done });
+            }
+            Ok(acc)
+        };
+        let result = run();
+        // Joined here, not by the scope: a panic while making batches becomes an error
+        // (the channel then closes early, which `run` alone would take for the end).
+        let producer = producer
+            .join()
+            .map_err(|_| Error::Backend("the thread preparing input batches panicked".into()));
+        let acc = result?;
+        producer?;
         Ok(acc)
     })?;
     if crate::profile::enabled() {

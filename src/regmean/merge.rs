@@ -150,64 +150,74 @@ pub fn merge<B: Backend>(
     let ahead = opts.device.is_some();
     std::thread::scope(|scope| -> Result<()> {
         let mut next = None;
-        for (index, entry) in cfg.models.iter().enumerate() {
-            let name = entry.display_name();
-            let ckpt = match next.take() {
-                Some(handle) => join_prepared(handle)?,
-                None => open_prepared(entry, &sites, forward_runs(entry), false)?,
-            };
-            if let Some(following) = cfg.models.get(index + 1).filter(|_| ahead) {
-                let sites = &sites;
-                let predecode = forward_runs(following);
-                next = Some(scope.spawn(move || open_prepared(following, sites, predecode, true)));
-            }
-            check_compatible(&base, &model_cfg, &ckpt)?;
-            let mut report = ModelReport {
-                name: name.clone(),
-                examples: 0,
-                rows: 0,
-                from_grams_file: entry.grams.is_some(),
-            };
-            if regmean {
-                let grams = model_grams(
-                    backend,
-                    cfg,
-                    &ckpt,
-                    &model_cfg,
-                    &sites,
-                    entry,
-                    index,
-                    sums.device(),
-                    &mut model_load,
-                    observer,
-                )?;
-                let (examples, rows, peak) = match &grams {
-                    Grams::Host(g) => (
-                        g.examples,
-                        g.sites.first().map(|s| s.rows),
-                        g.peak_device_bytes,
-                    ),
-                    Grams::Device(g) => (
-                        g.examples,
-                        g.sites.first().map(|s| s.1),
-                        g.peak_device_bytes,
-                    ),
+        let mut run = || -> Result<()> {
+            for (index, entry) in cfg.models.iter().enumerate() {
+                let name = entry.display_name();
+                let ckpt = match next.take() {
+                    Some(handle) => join_prepared(handle)?,
+                    None => open_prepared(entry, &sites, forward_runs(entry), false)?,
                 };
-                report.examples = examples;
-                report.rows = rows.unwrap_or(0);
-                peak_device = peak_device.max(peak);
+                if let Some(following) = cfg.models.get(index + 1).filter(|_| ahead) {
+                    let sites = &sites;
+                    let predecode = forward_runs(following);
+                    next =
+                        Some(scope.spawn(move || open_prepared(following, sites, predecode, true)));
+                }
+                check_compatible(&base, &model_cfg, &ckpt)?;
+                let mut report = ModelReport {
+                    name: name.clone(),
+                    examples: 0,
+                    rows: 0,
+                    from_grams_file: entry.grams.is_some(),
+                };
+                if regmean {
+                    let grams = model_grams(
+                        backend,
+                        cfg,
+                        &ckpt,
+                        &model_cfg,
+                        &sites,
+                        entry,
+                        index,
+                        sums.device(),
+                        &mut model_load,
+                        observer,
+                    )?;
+                    let (examples, rows, peak) = match &grams {
+                        Grams::Host(g) => (
+                            g.examples,
+                            g.sites.first().map(|s| s.rows),
+                            g.peak_device_bytes,
+                        ),
+                        Grams::Device(g) => (
+                            g.examples,
+                            g.sites.first().map(|s| s.1),
+                            g.peak_device_bytes,
+                        ),
+                    };
+                    report.examples = examples;
+                    report.rows = rows.unwrap_or(0);
+                    peak_device = peak_device.max(peak);
+                    let t = Instant::now();
+                    sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
+                    sums_time += t.elapsed();
+                }
                 let t = Instant::now();
-                sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
+                crate::profile::span("sums: means", || sums.add_means(&ckpt))?;
                 sums_time += t.elapsed();
+                sums.count += 1;
+                observer.event(Event::ModelDone { index });
+                reports.push(report);
             }
-            let t = Instant::now();
-            crate::profile::span("sums: means", || sums.add_means(&ckpt))?;
-            sums_time += t.elapsed();
-            sums.count += 1;
-            observer.event(Event::ModelDone { index });
-            reports.push(report);
+            Ok(())
+        };
+        let result = run();
+        // After an error the next model may still be decoding: wait for it here, so that
+        // a panic there cannot replace the error (the scope would re-raise it).
+        if let Some(handle) = next.take() {
+            let _ = handle.join();
         }
-        Ok(())
+        result
     })?;
     let grams_time = t0.elapsed();
 

@@ -28,6 +28,10 @@ pub enum DeviceBuffer {
 }
 
 /// A row-major `[rows, cols]` matrix on the GPU.
+///
+/// Invariant: the buffer holds at least rows·cols elements. Every constructor in this module
+/// (uploads, op outputs, accumulators) allocates exactly that (at least one element), and the
+/// fields are private; the launches' SAFETY comments rely on it when they check shapes.
 pub struct CudaTensor {
     buf: DeviceBuffer,
     rows: usize,
@@ -137,11 +141,16 @@ macro_rules! by_precision {
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
     precision: Precision,
+    last_mask: std::sync::Mutex<Option<(Vec<u8>, Arc<CudaSlice<u8>>)>>,
 }
 
 impl CudaBackend {
     pub fn new(dev: Arc<CudaDevice>, precision: Precision) -> Self {
-        CudaBackend { dev, precision }
+        CudaBackend {
+            dev,
+            precision,
+            last_mask: std::sync::Mutex::new(None),
+        }
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {
@@ -167,8 +176,21 @@ impl CudaBackend {
         Ok(T::wrap(buf, rows, cols))
     }
 
-    fn mask_on_device(&self, mask: &[u8]) -> Result<CudaSlice<u8>> {
-        self.dev.upload(mask, "row mask")
+    /// The mask on the device. A batch's mask is the same at every site and attention of
+    /// its forward pass: it is uploaded once and reused while the host mask is unchanged.
+    fn mask_on_device(&self, mask: &[u8]) -> Result<Arc<CudaSlice<u8>>> {
+        let mut last = self
+            .last_mask
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((host, dev)) = last.as_ref() {
+            if host.as_slice() == mask {
+                return Ok(dev.clone());
+            }
+        }
+        let dev = Arc::new(self.dev.upload(mask, "row mask")?);
+        *last = Some((mask.to_vec(), dev.clone()));
+        Ok(dev)
     }
 
     fn upload_t<T: Elem>(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
@@ -183,7 +205,10 @@ impl CudaBackend {
     }
 
     fn download_t<T: Elem>(&self, t: &CudaTensor) -> Result<Vec<f32>> {
-        Ok(T::to_f32(self.dev.download(T::view(t)?)?))
+        let mut host = self.dev.download(T::view(t)?)?;
+        // Empty tensors own a one-element buffer (no zero-size allocations).
+        host.truncate(t.rows * t.cols);
+        Ok(T::to_f32(host))
     }
 
     /// `y[rows, out] = x[rows, in] · w[in, out]` with cuBLAS, f32 accumulation.
@@ -294,9 +319,11 @@ impl CudaBackend {
 
     fn norm_launch(&self, rows: usize, d: usize) -> Result<LaunchConfig> {
         let smem = mul("layer_norm", d, 4)?;
-        if smem > 48 * 1024 {
+        // 48 KiB of shared memory per block without opting in; block_sum's own static
+        // shared memory (36 bytes) takes some of it.
+        if smem + 64 > 48 * 1024 {
             return Err(Error::Backend(format!(
-                "layer_norm: rows of {d} values exceed the kernel's 12288"
+                "layer_norm: rows of {d} values exceed the kernel's limit of 12272"
             )));
         }
         Ok(LaunchConfig {
@@ -457,7 +484,7 @@ impl CudaBackend {
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(T::view(qkv)?).arg(T::view_mut(&mut out)?);
         match &mask {
-            Some(m) => b.arg(m),
+            Some(m) => b.arg(m.as_ref()),
             None => b.arg(&null),
         };
         b.arg(&seq).arg(&heads).arg(&hd).arg(&causal).arg(&scale);
@@ -647,6 +674,9 @@ impl CudaBackend {
                 "gram_update: acc [{}, {}] for d {d}",
                 acc.rows, acc.cols
             )));
+        }
+        if x.rows == 0 {
+            return Ok(());
         }
         let xs = T::view(x)?;
         let act: Activations<'_> = xs.slice(..).into();
