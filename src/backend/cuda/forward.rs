@@ -137,11 +137,14 @@ macro_rules! by_precision {
     };
 }
 
+/// A host row mask and its copy on the device.
+type UploadedMask = (Vec<u8>, Arc<CudaSlice<u8>>);
+
 /// The forward pass on one GPU.
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
     precision: Precision,
-    last_mask: std::sync::Mutex<Option<(Vec<u8>, Arc<CudaSlice<u8>>)>>,
+    last_mask: std::sync::Mutex<Option<UploadedMask>>,
 }
 
 impl CudaBackend {
