@@ -79,41 +79,12 @@ impl ClipVisionConfig {
     }
 
     pub fn sites(&self) -> Vec<Site> {
-        let (d, f) = (self.hidden_size, self.intermediate_size);
-        let lin = |name: String, din, dout| LinearModule {
-            weight: format!("{name}.weight"),
-            transposed: true,
-            in_dim: din,
-            out_dim: dout,
-        };
-        let mut sites = Vec::with_capacity(4 * self.num_hidden_layers);
-        for l in 0..self.num_hidden_layers {
-            let p = format!("{PREFIX}encoder.layers.{l}");
-            sites.push(Site {
-                name: format!("{p}.self_attn.qkv"),
-                dim: d,
-                modules: ["q_proj", "k_proj", "v_proj"]
-                    .iter()
-                    .map(|m| lin(format!("{p}.self_attn.{m}"), d, d))
-                    .collect(),
-            });
-            sites.push(Site {
-                name: format!("{p}.self_attn.out_proj"),
-                dim: d,
-                modules: vec![lin(format!("{p}.self_attn.out_proj"), d, d)],
-            });
-            sites.push(Site {
-                name: format!("{p}.mlp.fc1"),
-                dim: d,
-                modules: vec![lin(format!("{p}.mlp.fc1"), d, f)],
-            });
-            sites.push(Site {
-                name: format!("{p}.mlp.fc2"),
-                dim: f,
-                modules: vec![lin(format!("{p}.mlp.fc2"), f, d)],
-            });
-        }
-        sites
+        encoder_sites(
+            PREFIX,
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.intermediate_size,
+        )
     }
 
     pub fn expected_shapes(&self) -> Vec<(String, Vec<usize>)> {
@@ -155,6 +126,45 @@ impl ClipVisionConfig {
         v.push((n("post_layernorm.bias"), vec![d]));
         v
     }
+}
+
+/// The four sites of every layer of a CLIP encoder (vision or text) under `prefix`: q, k and
+/// v share one input, then out_proj, fc1 and fc2.
+pub(crate) fn encoder_sites(prefix: &str, layers: usize, d: usize, f: usize) -> Vec<Site> {
+    let lin = |name: String, din, dout| LinearModule {
+        weight: format!("{name}.weight"),
+        transposed: true,
+        in_dim: din,
+        out_dim: dout,
+    };
+    let mut sites = Vec::with_capacity(4 * layers);
+    for l in 0..layers {
+        let p = format!("{prefix}encoder.layers.{l}");
+        sites.push(Site {
+            name: format!("{p}.self_attn.qkv"),
+            dim: d,
+            modules: ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|m| lin(format!("{p}.self_attn.{m}"), d, d))
+                .collect(),
+        });
+        sites.push(Site {
+            name: format!("{p}.self_attn.out_proj"),
+            dim: d,
+            modules: vec![lin(format!("{p}.self_attn.out_proj"), d, d)],
+        });
+        sites.push(Site {
+            name: format!("{p}.mlp.fc1"),
+            dim: d,
+            modules: vec![lin(format!("{p}.mlp.fc1"), d, f)],
+        });
+        sites.push(Site {
+            name: format!("{p}.mlp.fc2"),
+            dim: f,
+            modules: vec![lin(format!("{p}.mlp.fc2"), f, d)],
+        });
+    }
+    sites
 }
 
 pub struct ClipVision<B: Backend> {

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use super::block::{BlockRun, LayerNorm, PreLnBlock};
-use super::{field_f32, field_usize, LinearModule, Site};
+use super::{field_f32, field_usize, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -69,41 +69,12 @@ impl ClipTextConfig {
     }
 
     fn sites(&self) -> Vec<Site> {
-        let (d, f) = (self.hidden_size, self.intermediate_size);
-        let lin = |name: String, din, dout| LinearModule {
-            weight: format!("{name}.weight"),
-            transposed: true,
-            in_dim: din,
-            out_dim: dout,
-        };
-        let mut sites = Vec::with_capacity(4 * self.num_hidden_layers);
-        for l in 0..self.num_hidden_layers {
-            let p = format!("{PREFIX}encoder.layers.{l}");
-            sites.push(Site {
-                name: format!("{p}.self_attn.qkv"),
-                dim: d,
-                modules: ["q_proj", "k_proj", "v_proj"]
-                    .iter()
-                    .map(|m| lin(format!("{p}.self_attn.{m}"), d, d))
-                    .collect(),
-            });
-            sites.push(Site {
-                name: format!("{p}.self_attn.out_proj"),
-                dim: d,
-                modules: vec![lin(format!("{p}.self_attn.out_proj"), d, d)],
-            });
-            sites.push(Site {
-                name: format!("{p}.mlp.fc1"),
-                dim: d,
-                modules: vec![lin(format!("{p}.mlp.fc1"), d, f)],
-            });
-            sites.push(Site {
-                name: format!("{p}.mlp.fc2"),
-                dim: f,
-                modules: vec![lin(format!("{p}.mlp.fc2"), f, d)],
-            });
-        }
-        sites
+        super::clip::encoder_sites(
+            PREFIX,
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.intermediate_size,
+        )
     }
 }
 
