@@ -244,7 +244,8 @@ def load_task(arch, model_dir, data_path, params, device, timers):
     return model, batches
 
 
-def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, solve_f64=False):
+def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, solve_f64=False,
+                    also_f64=False):
     regexes = params["exclude_param_names_regex"]
     transpose = arch == "clip"
     sum_g, sum_gw, sum_p = {}, {}, {}
@@ -294,7 +295,17 @@ def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, solv
             merged[pname] = (s / n).cpu()
     sync(device)
     timers["solve_s"] += time.perf_counter() - t
-    return merged
+    if not also_f64:
+        return merged, None
+    # Untimed: the same sums solved in float64, the accuracy reference.
+    t = time.perf_counter()
+    merged64 = dict(merged)
+    with torch.no_grad():
+        for mod in sum_g:
+            w = torch.linalg.solve(sum_g[mod].double(), sum_gw[mod].double()).float()
+            merged64[mod + ".weight"] = (w.transpose(0, 1) if transpose else w).cpu()
+    timers["untimed_s"] = time.perf_counter() - t
+    return merged, merged64
 
 
 # --------------------------------------------------------------------------------------
@@ -438,6 +449,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--also-f64", default=None, metavar="DIR",
+                    help="fusionbench: also write its sums solved in float64 to DIR (untimed)")
     args = ap.parse_args()
 
     if args.threads:
@@ -461,13 +474,39 @@ def main():
         base_keys = set(f.keys())
     timers["load_s"] += time.perf_counter() - t
 
+    merged64 = None
     if args.mode == "skilled":
         merged = run_skilled(arch, models, params, ratio, device, timers, base_keys)
     else:
-        merged = run_fusionbench(arch, models, params, ratio, device, timers, base_keys,
-                                 solve_f64=args.mode == "f64-reference")
+        merged, merged64 = run_fusionbench(
+            arch, models, params, ratio, device, timers, base_keys,
+            solve_f64=args.mode == "f64-reference", also_f64=bool(args.also_f64))
 
-    # load into the base model and write
+    write_merged(arch, merged, base_dir, base_keys, out_dtype, Path(args.out), timers)
+    if merged64 is not None:
+        t = time.perf_counter()
+        write_merged(arch, merged64, base_dir, base_keys, out_dtype, Path(args.also_f64),
+                     {"load_s": 0.0, "write_s": 0.0})
+        timers["untimed_s"] += time.perf_counter() - t
+
+    timers["total_s"] = time.perf_counter() - t0
+    timers["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    timers["peak_device_bytes"] = (torch.cuda.max_memory_allocated(device)
+                                   if device.type == "cuda" else None)
+    timers.update({"mode": args.mode, "arch": arch, "device": args.device,
+                   "threads": torch.get_num_threads(), "models": len(models),
+                   "torch": torch.__version__})
+    # The untimed reference is not part of this implementation's time (run_bench.py takes
+    # it off the wall time too).
+    timers["total_s"] -= timers.get("untimed_s", 0.0)
+    out = Path(args.out)
+    with open(out / "phases.json", "w") as f:
+        json.dump(timers, f, indent=2)
+    print(json.dumps(timers))
+
+
+def write_merged(arch, merged, base_dir, base_keys, out_dtype, out, timers):
+    """Loads the merged tensors into the base model and writes its checkpoint to `out`."""
     t = time.perf_counter()
     base = load_model(arch, base_dir, "cpu")
     load_base_s = time.perf_counter() - t
@@ -489,22 +528,10 @@ def main():
             state[fk] = v.contiguous()
     if set(state) != base_keys:
         sys.exit(f"output keys differ from the base checkpoint: {sorted(base_keys ^ set(state))[:5]}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(base_dir / "config.json", out / "config.json")
     timers["write_s"] += time.perf_counter() - t
-
-    timers["total_s"] = time.perf_counter() - t0
-    timers["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    timers["peak_device_bytes"] = (torch.cuda.max_memory_allocated(device)
-                                   if device.type == "cuda" else None)
-    timers.update({"mode": args.mode, "arch": arch, "device": args.device,
-                   "threads": torch.get_num_threads(), "models": len(models),
-                   "torch": torch.__version__})
-    with open(out / "phases.json", "w") as f:
-        json.dump(timers, f, indent=2)
-    print(json.dumps(timers))
 
 
 if __name__ == "__main__":
