@@ -286,11 +286,15 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 if regmean_gpu::profile::enabled() {
                     eprint!("{}", regmean_gpu::profile::report());
                 }
-                if a.eval || a.compare_average {
-                    eval_after_merge(&backend, &opts, &cfg, &a, ui)?;
-                }
-                Ok(())
-            })
+                Ok::<(), Error>(())
+            })?;
+            if a.eval || a.compare_average {
+                // Evaluation in float32 on a GPU too: its predictions are transformers' own.
+                with_backend!(&gpu, Precision::Float32, |backend| {
+                    eval_after_merge(&backend, &opts, &cfg, &a, ui)
+                })?;
+            }
+            Ok(())
         }
         Command::Eval(a) => eval_command(&a, ui),
         Command::Grams(a) => {
