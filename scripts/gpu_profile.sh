@@ -1,3 +1,8 @@
+#!/usr/bin/env bash
+# Where a GPU merge spends its time: synthesises 2 ViT-B/32 models with 256 images each, then
+# merges them on cuda with REGMEAN_PROFILE=1 (twice in float16, once in float32) and prints
+# the spans. On the GPU machine, from the repository root, over carried binaries
+# (scripts/gpu_bundle.sh):   bash scripts/gpu_profile.sh
 set -u
 b=$PWD/gpu-bundle/regmean-gpu
 t0=$(date +%s)
