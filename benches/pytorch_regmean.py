@@ -244,8 +244,7 @@ def load_task(arch, model_dir, data_path, params, device, timers):
     return model, batches
 
 
-def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, solve_f64=False,
-                    also_f64=False):
+def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, also_f64=False):
     regexes = params["exclude_param_names_regex"]
     transpose = arch == "clip"
     sum_g, sum_gw, sum_p = {}, {}, {}
@@ -284,12 +283,8 @@ def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, solv
     merged = {}
     with torch.no_grad():
         for mod in sum_g:
-            if solve_f64:
-                # The accuracy reference: the same sums, solved in float64.
-                w = torch.linalg.solve(sum_g[mod].double(), sum_gw[mod].double()).float()
-            else:
-                inv = torch.inverse(sum_g[mod])
-                w = torch.matmul(inv, sum_gw[mod])
+            inv = torch.inverse(sum_g[mod])
+            w = torch.matmul(inv, sum_gw[mod])
             merged[mod + ".weight"] = (w.transpose(0, 1) if transpose else w).cpu()
         for pname, s in sum_p.items():
             merged[pname] = (s / n).cpu()
@@ -443,8 +438,7 @@ def run_skilled(arch, models, params, ratio, device, timers, base_keys):
 def main():
     t0 = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["fusionbench", "skilled", "f64-reference"], required=True,
-                    help="f64-reference: fusionbench's sums, solved in float64 (for accuracy)")
+    ap.add_argument("--mode", choices=["fusionbench", "skilled"], required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -479,8 +473,7 @@ def main():
         merged = run_skilled(arch, models, params, ratio, device, timers, base_keys)
     else:
         merged, merged64 = run_fusionbench(
-            arch, models, params, ratio, device, timers, base_keys,
-            solve_f64=args.mode == "f64-reference", also_f64=bool(args.also_f64))
+            arch, models, params, ratio, device, timers, base_keys, also_f64=bool(args.also_f64))
 
     write_merged(arch, merged, base_dir, base_keys, out_dtype, Path(args.out), timers)
     if merged64 is not None:
