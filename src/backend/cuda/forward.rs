@@ -59,28 +59,35 @@ fn wrong_type(want: &str) -> Error {
     Error::Backend(format!("cuda: expected a {want} tensor"))
 }
 
+/// `Elem`'s access to the `DeviceBuffer` variant of one element type.
+macro_rules! buffer_access {
+    ($variant:ident, $name:literal) => {
+        fn view(t: &CudaTensor) -> Result<&CudaSlice<Self>> {
+            match &t.buf {
+                DeviceBuffer::$variant(s) => Ok(s),
+                _ => Err(wrong_type($name)),
+            }
+        }
+        fn view_mut(t: &mut CudaTensor) -> Result<&mut CudaSlice<Self>> {
+            match &mut t.buf {
+                DeviceBuffer::$variant(s) => Ok(s),
+                _ => Err(wrong_type($name)),
+            }
+        }
+        fn wrap(s: CudaSlice<Self>, rows: usize, cols: usize) -> CudaTensor {
+            CudaTensor {
+                buf: DeviceBuffer::$variant(s),
+                rows,
+                cols,
+            }
+        }
+    };
+}
+
 impl Elem for f32 {
     const SUFFIX: &'static str = "f32";
     const CUDA_TYPE: bs::cudaDataType = bs::cudaDataType_t::CUDA_R_32F;
-    fn view(t: &CudaTensor) -> Result<&CudaSlice<f32>> {
-        match &t.buf {
-            DeviceBuffer::F32(s) => Ok(s),
-            _ => Err(wrong_type("f32")),
-        }
-    }
-    fn view_mut(t: &mut CudaTensor) -> Result<&mut CudaSlice<f32>> {
-        match &mut t.buf {
-            DeviceBuffer::F32(s) => Ok(s),
-            _ => Err(wrong_type("f32")),
-        }
-    }
-    fn wrap(s: CudaSlice<f32>, rows: usize, cols: usize) -> CudaTensor {
-        CudaTensor {
-            buf: DeviceBuffer::F32(s),
-            rows,
-            cols,
-        }
-    }
+    buffer_access!(F32, "f32");
     fn from_f32(data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
@@ -92,25 +99,7 @@ impl Elem for f32 {
 impl Elem for f16 {
     const SUFFIX: &'static str = "f16";
     const CUDA_TYPE: bs::cudaDataType = bs::cudaDataType_t::CUDA_R_16F;
-    fn view(t: &CudaTensor) -> Result<&CudaSlice<f16>> {
-        match &t.buf {
-            DeviceBuffer::F16(s) => Ok(s),
-            _ => Err(wrong_type("f16")),
-        }
-    }
-    fn view_mut(t: &mut CudaTensor) -> Result<&mut CudaSlice<f16>> {
-        match &mut t.buf {
-            DeviceBuffer::F16(s) => Ok(s),
-            _ => Err(wrong_type("f16")),
-        }
-    }
-    fn wrap(s: CudaSlice<f16>, rows: usize, cols: usize) -> CudaTensor {
-        CudaTensor {
-            buf: DeviceBuffer::F16(s),
-            rows,
-            cols,
-        }
-    }
+    buffer_access!(F16, "f16");
     fn from_f32(data: &[f32]) -> Vec<f16> {
         use rayon::prelude::*;
         data.par_iter()
