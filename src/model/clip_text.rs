@@ -37,16 +37,7 @@ impl ClipTextConfig {
             ));
         }
         let t = v.get("text_config").unwrap_or(&serde_json::Value::Null);
-        let act = t
-            .get("hidden_act")
-            .and_then(|a| a.as_str())
-            .unwrap_or("quick_gelu");
-        if act != "quick_gelu" {
-            return Err(Error::file(
-                path,
-                format!("text hidden_act `{act}` is not supported (CLIP uses quick_gelu)"),
-            ));
-        }
+        super::clip::require_quick_gelu(t, "text hidden_act", path)?;
         let c = ClipTextConfig {
             vocab_size: field_usize(t, "vocab_size", 49408, path)?,
             hidden_size: field_usize(t, "hidden_size", 512, path)?,
