@@ -119,6 +119,29 @@ impl ClipVisionConfig {
     }
 }
 
+/// The layers of a CLIP encoder (vision or text) under `prefix`, four sites each.
+pub(crate) fn load_encoder<B: Backend>(
+    backend: &B,
+    ckpt: &Checkpoint,
+    prefix: &str,
+    sites: &[Site],
+) -> Result<Vec<PreLnBlock<B>>> {
+    sites
+        .chunks(4)
+        .enumerate()
+        .map(|(l, layer)| {
+            let pre = format!("{prefix}encoder.layers.{l}");
+            PreLnBlock::load(
+                backend,
+                ckpt,
+                layer,
+                &format!("{pre}.layer_norm1"),
+                &format!("{pre}.layer_norm2"),
+            )
+        })
+        .collect()
+}
+
 /// Refuses a CLIP tower config whose `hidden_act` (absent: quick_gelu) is not quick_gelu;
 /// `label` names the field in the message.
 pub(crate) fn require_quick_gelu(
@@ -191,19 +214,7 @@ pub struct ClipVision<B: Backend> {
 impl<B: Backend> ClipVision<B> {
     pub fn load(backend: &B, ckpt: &Checkpoint, config: ClipVisionConfig) -> Result<Self> {
         let (d, p, ch) = (config.hidden_size, config.patch_size, config.num_channels);
-        let sites = config.sites();
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                let pre = format!("{PREFIX}encoder.layers.{l}");
-                PreLnBlock::load(
-                    backend,
-                    ckpt,
-                    &sites[4 * l..4 * l + 4],
-                    &format!("{pre}.layer_norm1"),
-                    &format!("{pre}.layer_norm2"),
-                )
-            })
-            .collect::<Result<_>>()?;
+        let layers = load_encoder(backend, ckpt, PREFIX, &config.sites())?;
         // Conv weight [d, c, p, p] flattened per output channel is the [d, c·p·p] matrix
         // that multiplies an im2col row; the GEMM wants it as [c·p·p, d].
         let k = ch * p * p;

@@ -95,19 +95,7 @@ impl<B: Backend> ClipText<B> {
     pub fn load(backend: &B, ckpt: &Checkpoint) -> Result<Self> {
         let config = ClipTextConfig::from_json(ckpt.config(), &ckpt.dir().join("config.json"))?;
         let (d, p) = (config.hidden_size, config.projection_dim);
-        let sites = config.sites();
-        let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                let pre = format!("{PREFIX}encoder.layers.{l}");
-                PreLnBlock::load(
-                    backend,
-                    ckpt,
-                    &sites[4 * l..4 * l + 4],
-                    &format!("{pre}.layer_norm1"),
-                    &format!("{pre}.layer_norm2"),
-                )
-            })
-            .collect::<Result<_>>()?;
+        let layers = super::clip::load_encoder(backend, ckpt, PREFIX, &config.sites())?;
         let token = ckpt.f32_shaped(
             &format!("{PREFIX}embeddings.token_embedding.weight"),
             &[config.vocab_size, d],
