@@ -9,9 +9,6 @@
 //! instead of garbage. If even that fails (a zero or non-finite ΣG'), the layer is the plain
 //! average.
 
-use faer::linalg::solvers::Solve;
-use faer::{Mat, Side};
-
 /// How a layer was solved.
 #[derive(Clone, Debug, PartialEq)]
 pub enum SolveOutcome {
@@ -44,23 +41,25 @@ pub fn solve_layer(
     d_in: usize,
     d_out: usize,
 ) -> (Vec<f32>, SolveOutcome) {
-    let a = Mat::<f64>::from_fn(d_in, d_in, |i, j| gram_sum[i * d_in + j] as f64);
-    let b = Mat::<f64>::from_fn(d_in, d_out, |i, j| gw_sum[i * d_out + j] as f64);
-    let reason = match try_solve(&a, &b) {
+    let a = to_f64(gram_sum);
+    let b = to_f64(gw_sum);
+    let reason = match try_solve(a.clone(), b.clone(), d_in, d_out) {
         Ok(x) => return (x, SolveOutcome::Cholesky),
         Err(reason) => reason,
     };
-    let mean_diag = (0..d_in).map(|i| a[(i, i)]).sum::<f64>() / d_in as f64;
+    let mean_diag = (0..d_in).map(|i| a[i * d_in + i]).sum::<f64>() / d_in as f64;
     if mean_diag.is_finite() && mean_diag > 0.0 {
         let mut epsilon = 1e-8;
         while epsilon <= 0.1 + 1e-12 {
             let lambda = epsilon * mean_diag;
             let mut ad = a.clone();
-            (0..d_in).for_each(|i| ad[(i, i)] += lambda);
-            let bd = Mat::<f64>::from_fn(d_in, d_out, |i, j| {
-                b[(i, j)] + lambda * w_mean[i * d_out + j] as f64
-            });
-            if let Ok(x) = try_solve(&ad, &bd) {
+            (0..d_in).for_each(|i| ad[i * d_in + i] += lambda);
+            let bd: Vec<f64> = b
+                .iter()
+                .zip(w_mean)
+                .map(|(b, w)| b + lambda * *w as f64)
+                .collect();
+            if let Ok(x) = try_solve(ad, bd, d_in, d_out) {
                 return (x, SolveOutcome::Damped { epsilon, reason });
             }
             epsilon *= 10.0;
@@ -69,15 +68,46 @@ pub fn solve_layer(
     (w_mean.to_vec(), SolveOutcome::Average { reason })
 }
 
-fn try_solve(a: &Mat<f64>, b: &Mat<f64>) -> Result<Vec<f32>, String> {
-    let llt = a.llt(Side::Lower).map_err(|e| {
-        format!("Cholesky failed ({e:?}): the summed Gram is not positive definite")
-    })?;
-    let l = llt.L();
-    let diag: Vec<f64> = (0..l.nrows()).map(|i| l[(i, i)]).collect();
-    let (lo, hi) = diag.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &v| {
-        (lo.min(v), hi.max(v))
-    });
+fn to_f64(values: &[f32]) -> Vec<f64> {
+    use rayon::prelude::*;
+    values.par_iter().map(|&v| v as f64).collect()
+}
+
+/// Cholesky of `a` `[d_in, d_in]` in place, then `a⁻¹·b` in place in `b` `[d_in, d_out]`,
+/// both row-major f64.
+///
+/// Every Gram sum is exactly symmetric (each Gram is mirrored from its lower triangle before
+/// it is added), so the row-major buffer read as column-major is the same matrix: no
+/// transposing copy. The right-hand side is solved as the row-major view it is.
+fn try_solve(
+    mut a: Vec<f64>,
+    mut b: Vec<f64>,
+    d_in: usize,
+    d_out: usize,
+) -> Result<Vec<f32>, String> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::cholesky::llt;
+    use faer::{MatMut, Par};
+    let par = Par::rayon(0);
+    let mut l = MatMut::from_column_major_slice_mut(&mut a, d_in, d_in);
+    let mut scratch = MemBuffer::new(llt::factor::cholesky_in_place_scratch::<f64>(
+        d_in,
+        par,
+        Default::default(),
+    ));
+    llt::factor::cholesky_in_place(
+        l.as_mut(),
+        Default::default(),
+        par,
+        MemStack::new(&mut scratch),
+        Default::default(),
+    )
+    .map_err(|e| format!("Cholesky failed ({e:?}): the summed Gram is not positive definite"))?;
+    let (lo, hi) = (0..d_in)
+        .map(|i| l[(i, i)])
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
     let rcond = (lo / hi).powi(2);
     // NaN compares false: a NaN estimate is rejected too.
     if rcond.is_nan() || rcond < MIN_RCOND {
@@ -85,11 +115,13 @@ fn try_solve(a: &Mat<f64>, b: &Mat<f64>) -> Result<Vec<f32>, String> {
             "the summed Gram is near-singular (reciprocal condition ≈ {rcond:.1e})"
         ));
     }
-    let x = llt.solve(b);
-    let out: Vec<f32> = (0..x.nrows())
-        .flat_map(|i| (0..x.ncols()).map(move |j| (i, j)))
-        .map(|(i, j)| x[(i, j)] as f32)
-        .collect();
+    let rhs = MatMut::from_row_major_slice_mut(&mut b, d_in, d_out);
+    let mut scratch = MemBuffer::new(llt::solve::solve_in_place_scratch::<f64>(d_in, d_out, par));
+    llt::solve::solve_in_place(l.as_ref(), rhs, par, MemStack::new(&mut scratch));
+    let out: Vec<f32> = {
+        use rayon::prelude::*;
+        b.par_iter().map(|&v| v as f32).collect()
+    };
     if out.iter().any(|v| !v.is_finite()) {
         return Err("the solution is not finite".into());
     }
