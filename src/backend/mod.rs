@@ -89,6 +89,10 @@ pub trait Backend {
     fn name(&self) -> String;
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// The tensor's values on the host, giving the tensor up (no copy where it is there).
+    fn download_owned(&self, t: Self::Tensor) -> Result<Vec<f32>> {
+        self.download(&t)
+    }
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
 

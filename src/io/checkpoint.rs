@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use sha2::{Digest, Sha256};
 
 use super::safetensors::{Dtype, SafetensorsFile, TensorEntry};
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,7 +247,7 @@ impl Checkpoint {
     pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
         let (f, stored) = self.locate(name)?;
         let v = f.to_f32(stored)?;
-        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        if let Some(i) = v.par_iter().position_first(|x| !x.is_finite()) {
             return Err(Error::file(
                 f.path(),
                 format!(

@@ -2,6 +2,8 @@
 
 use cudarc::driver::CudaSlice;
 
+use rayon::prelude::*;
+
 use crate::backend::cuda::gram::mirror_scale;
 use crate::backend::cuda::solve::any_nonfinite;
 use crate::backend::cuda::CudaDevice;
@@ -123,27 +125,25 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
     /// Downloads, normalises and symmetrises the accumulators.
     pub fn finish(self, examples: usize) -> Result<ModelGrams> {
         let mut out = Vec::with_capacity(self.sites.len());
-        for ((site, acc), rows) in self.sites.into_iter().zip(&self.acc).zip(self.rows) {
+        for ((site, acc), rows) in self.sites.into_iter().zip(self.acc).zip(self.rows) {
             if rows == 0 {
                 return Err(no_rows(&site.name));
             }
-            let mut g = self.backend.download(acc)?;
+            let mut g = self.backend.download_owned(acc)?;
             let d = site.dim;
             // The lower triangle is what the accumulator defines.
-            if (0..d).any(|i| g[i * d..i * d + i + 1].iter().any(|v| !v.is_finite())) {
+            let finite = g
+                .par_chunks(d.max(1))
+                .enumerate()
+                .all(|(i, row)| row[..=i].iter().all(|v| v.is_finite()));
+            if !finite {
                 return Err(non_finite(&site.name));
             }
-            let n = rows as f32;
-            for i in 0..d {
-                for j in 0..=i {
-                    let v = if self.compat {
-                        g[i * d + j]
-                    } else {
-                        g[i * d + j] / n
-                    };
-                    g[i * d + j] = v;
-                    g[j * d + i] = v;
-                }
+            mirror_lower_in_place(&mut g, d);
+            if !self.compat {
+                let n = rows as f32;
+                g.par_chunks_mut(1 << 14)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v /= n));
             }
             out.push(SiteGram {
                 name: site.name,
@@ -158,6 +158,33 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
             peak_device_bytes: self.peak_device_bytes,
         })
     }
+}
+
+/// Fills the upper triangle of the row-major `[d, d]` matrix `g` from its lower triangle, in
+/// parallel over bands of rows, reading the mirrored part in tiles so that both the reads
+/// and the writes stay within a few cache lines.
+pub(crate) fn mirror_lower_in_place(g: &mut [f32], d: usize) {
+    const BAND: usize = 32;
+    assert_eq!(g.len(), d * d, "mirror_lower_in_place: [{d}, {d}]");
+    struct Base(*mut f32);
+    // SAFETY: shared between the bands below, which touch disjoint elements (see there).
+    unsafe impl Sync for Base {}
+    let base = Base(g.as_mut_ptr());
+    (0..d.div_ceil(BAND)).into_par_iter().for_each(|band| {
+        let base = &base;
+        let (r0, r1) = (band * BAND, ((band + 1) * BAND).min(d));
+        for j0 in (r0..d).step_by(BAND) {
+            for j in j0..(j0 + BAND).min(d) {
+                for i in r0..r1.min(j) {
+                    // SAFETY: both indices are below d·d. This band writes only the upper
+                    // triangle (i < j) of its own rows and reads only the lower triangle
+                    // (row j > column i), which nothing writes: no element is both written
+                    // by one band and touched by another.
+                    unsafe { *base.0.add(i * d + j) = *base.0.add(j * d + i) };
+                }
+            }
+        }
+    });
 }
 
 impl<B: Backend> GramSink<B> for GramAccumulator<'_, B> {
@@ -392,4 +419,36 @@ pub fn grams_to_file<B: Backend>(
     super::stats::write(out, &grams, &info)?;
     observer.event(Event::ModelDone { index: 0 });
     Ok(grams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mirror_lower_in_place;
+
+    #[test]
+    fn mirroring_copies_the_lower_triangle_and_keeps_it() {
+        for d in [0, 1, 31, 32, 33, 70] {
+            let lower: Vec<f32> = (0..d * d)
+                .map(|k| {
+                    if k % d >= k / d.max(1) && k % d != k / d {
+                        -1.0
+                    } else {
+                        k as f32
+                    }
+                })
+                .collect();
+            let mut g = lower.clone();
+            mirror_lower_in_place(&mut g, d);
+            for i in 0..d {
+                for j in 0..d {
+                    let want = if j <= i {
+                        lower[i * d + j]
+                    } else {
+                        lower[j * d + i]
+                    };
+                    assert_eq!(g[i * d + j], want, "d {d} ({i}, {j})");
+                }
+            }
+        }
+    }
 }

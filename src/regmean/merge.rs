@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
 
 use super::gram::{accumulate_grams, DeviceGrams, ModelGrams};
 use super::solve::{solve_layer, SolveOutcome};
@@ -407,9 +408,12 @@ fn model_grams<B: Backend>(
     match sums_on {
         Some(dev) => match acc.finish_on_device(dev, examples)? {
             Ok(on_device) => Ok(Grams::Device(on_device)),
-            Err(acc) => acc.finish(examples).map(Grams::Host),
+            Err(acc) => crate::profile::span("grams: finish (host)", || acc.finish(examples))
+                .map(Grams::Host),
         },
-        None => acc.finish(examples).map(Grams::Host),
+        None => {
+            crate::profile::span("grams: finish (host)", || acc.finish(examples)).map(Grams::Host)
+        }
     }
 }
 
@@ -527,32 +531,34 @@ impl RunningSums {
                 for (site, sum) in grams.sites.into_iter().zip(gram.iter_mut()) {
                     let d = site.dim;
                     let mut g = site.gram;
-                    for i in 0..d {
-                        for j in 0..d {
-                            g[i * d + j] *= if i == j { diag_mult } else { ratio };
-                        }
-                    }
-                    sum.iter_mut().zip(&g).for_each(|(s, v)| *s += v);
+                    g.par_chunks_mut(d.max(1))
+                        .zip(sum.par_chunks_mut(d.max(1)))
+                        .enumerate()
+                        .for_each(|(i, (row, sum_row))| {
+                            for (j, (v, s)) in row.iter_mut().zip(sum_row).enumerate() {
+                                *v *= if i == j { diag_mult } else { ratio };
+                                *s += *v;
+                            }
+                        });
                     reduced.push(g);
                 }
                 for ((m, gw_sum), w_sum) in self.modules.iter().zip(gw.iter_mut()).zip(w.iter_mut())
                 {
                     let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
                     let weights = take_linear_in_out(ckpt, &m.module)?;
-                    let mut product = vec![0.0f32; d_in * d_out];
+                    // Σ G'W accumulates in the product's own GEMM.
                     matmul(
-                        MatMut::from_row_major_slice_mut(&mut product, d_in, d_out),
-                        Accum::Replace,
+                        MatMut::from_row_major_slice_mut(gw_sum, d_in, d_out),
+                        Accum::Add,
                         MatRef::from_row_major_slice(&reduced[m.site], d_in, d_in),
                         MatRef::from_row_major_slice(&weights, d_in, d_out),
                         1.0,
                         Par::rayon(0),
                     );
-                    gw_sum.iter_mut().zip(&product).for_each(|(s, v)| *s += v);
                     w_sum
-                        .iter_mut()
-                        .zip(weights.iter())
-                        .for_each(|(s, v)| *s += v);
+                        .par_chunks_mut(1 << 14)
+                        .zip(weights.par_chunks(1 << 14))
+                        .for_each(|(s, v)| s.iter_mut().zip(v).for_each(|(s, v)| *s += v));
                 }
             }
             LinearSums::Device {
