@@ -3,7 +3,8 @@
 #   1. where the driver, cuBLAS and cuSOLVER live;  2. `doctor` (every kernel against its
 #   CPU twin);  3. the GPU tests (the forward layer by layer, merges);  4. `merge --device
 #   cuda` of the tiny test pools against `--device cpu`, in float32 (to 1e-4) and float16
-#   (to 1e-2);  5. the kernel benchmark (`doctor --bench`).
+#   (to 1e-2);  5. the kernel benchmark (`cargo bench --bench kernels`, carried as
+#   kernel-bench: doctor's kernel checks, then the GPU and CPU kernel timings).
 # Five files go to $OUT (or gpu-logs/); a summary table is printed last. Run from the repo root:
 #   bash scripts/gpu_check.sh [BUNDLE_DIR]
 set -uo pipefail
@@ -44,7 +45,7 @@ gpu_tests() {
   echo "$log"
   [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log"
 }
-bench() { "$bin" doctor --bench && has_gpu; }
+bench() { "$bundle/kernel-bench" --bench && has_gpu; }
 merge_pair() { # pool config: the whole merge on cuda against cpu, float32 and float16
   local tmp; tmp=$(mktemp -d)
   "$bin" merge -q "tests/fixtures/$1/$2" "$tmp/cpu" --device cpu &&
