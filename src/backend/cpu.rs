@@ -428,6 +428,21 @@ impl Backend for CpuBackend {
                     Accum::Add,
                 );
             }
+            GramUpdate::RunningMean { seen: 0 } => {
+                if n == 0 {
+                    return Ok(());
+                }
+                // FusionBench's (0·0 + XᵀX) / n is XᵀX / n exactly: no second buffer.
+                lower_gram(
+                    MatMut::from_row_major_slice_mut(&mut acc.data, d, d),
+                    Accum::Replace,
+                );
+                let total_f = n as f32;
+                acc.data
+                    .par_chunks_mut(d)
+                    .enumerate()
+                    .for_each(|(i, a)| a[..=i].iter_mut().for_each(|v| *v /= total_f));
+            }
             GramUpdate::RunningMean { seen } => {
                 if n == 0 {
                     return Ok(());

@@ -41,12 +41,12 @@ pub fn solve_layer(
     d_in: usize,
     d_out: usize,
 ) -> (Vec<f32>, SolveOutcome) {
-    let a = to_f64(gram_sum);
-    let b = to_f64(gw_sum);
-    let reason = match try_solve(a.clone(), b.clone(), d_in, d_out) {
+    // Factorised in place: the fallback converts again (rarely needed, so not kept).
+    let reason = match try_solve(to_f64(gram_sum), to_f64(gw_sum), d_in, d_out) {
         Ok(x) => return (x, SolveOutcome::Cholesky),
         Err(reason) => reason,
     };
+    let (a, b) = (to_f64(gram_sum), to_f64(gw_sum));
     let mean_diag = (0..d_in).map(|i| a[i * d_in + i]).sum::<f64>() / d_in as f64;
     if mean_diag.is_finite() && mean_diag > 0.0 {
         let mut epsilon = 1e-8;
