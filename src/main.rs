@@ -218,9 +218,9 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 
 /// glibc serves large blocks with fresh `mmap`s and returns them on free, so every
 /// activation buffer of every batch was paid for again in page faults, page zeroing and,
-/// with several threads, TLB shoot-downs: 15% of a CPU merge's time went to the kernel.
-/// Keeping freed memory in the process lets the next batch reuse it; the peak is unchanged,
-/// as the same buffers are live at the same time.
+/// with several threads, TLB shoot-downs: an eighth of a CPU merge's time went to the kernel.
+/// Keeping freed memory in the process lets the next batch reuse it; the peak does not grow
+/// (the same buffers are live at the same time), but it is not given back until exit.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
