@@ -33,7 +33,7 @@ impl ClipVisionConfig {
         } else {
             v
         };
-        require_quick_gelu(v, "hidden_act", path)?;
+        super::require_activation(v, "hidden_act", "hidden_act", "quick_gelu", "CLIP", path)?;
         let c = ClipVisionConfig {
             hidden_size: field_usize(v, "hidden_size", 768, path)?,
             intermediate_size: field_usize(v, "intermediate_size", 3072, path)?,
@@ -140,26 +140,6 @@ pub(crate) fn load_encoder<B: Backend>(
             )
         })
         .collect()
-}
-
-/// Refuses a CLIP tower config whose `hidden_act` (absent: quick_gelu) is not quick_gelu;
-/// `label` names the field in the message.
-pub(crate) fn require_quick_gelu(
-    tower: &serde_json::Value,
-    label: &str,
-    path: &Path,
-) -> Result<()> {
-    let act = tower
-        .get("hidden_act")
-        .and_then(|a| a.as_str())
-        .unwrap_or("quick_gelu");
-    if act != "quick_gelu" {
-        return Err(Error::file(
-            path,
-            format!("{label} `{act}` is not supported (CLIP uses quick_gelu)"),
-        ));
-    }
-    Ok(())
 }
 
 /// The four sites of every layer of a CLIP encoder (vision or text) under `prefix`: q, k and

@@ -37,7 +37,14 @@ impl ClipTextConfig {
             ));
         }
         let t = v.get("text_config").unwrap_or(&serde_json::Value::Null);
-        super::clip::require_quick_gelu(t, "text hidden_act", path)?;
+        super::require_activation(
+            t,
+            "hidden_act",
+            "text hidden_act",
+            "quick_gelu",
+            "CLIP",
+            path,
+        )?;
         let c = ClipTextConfig {
             vocab_size: field_usize(t, "vocab_size", 49408, path)?,
             hidden_size: field_usize(t, "hidden_size", 512, path)?,

@@ -28,16 +28,14 @@ impl Gpt2Config {
     pub fn from_json(v: &serde_json::Value, path: &Path) -> Result<Self> {
         let n_embd = field_usize(v, "n_embd", 768, path)?;
         let n_head = field_usize(v, "n_head", 12, path)?;
-        let act = v
-            .get("activation_function")
-            .and_then(|a| a.as_str())
-            .unwrap_or("gelu_new");
-        if act != "gelu_new" {
-            return Err(Error::file(
-                path,
-                format!("activation_function `{act}` is not supported (GPT-2 uses gelu_new)"),
-            ));
-        }
+        super::require_activation(
+            v,
+            "activation_function",
+            "activation_function",
+            "gelu_new",
+            "GPT-2",
+            path,
+        )?;
         if n_head == 0 || n_embd % n_head != 0 {
             return Err(Error::file(
                 path,

@@ -209,10 +209,31 @@ impl<B: Backend> Model<B> {
     }
 }
 
-/// Reads an optional field with a default, checking its type.
 /// The largest size a config.json field may hold (2²⁰: vocabularies, widths, lengths).
 pub const MAX_CONFIG_SIZE: u64 = 1 << 20;
 
+/// Refuses a config whose activation field `key` (absent: transformers' default, `expected`)
+/// names another function than `expected`, the one `model` is built with; `label` names the
+/// field in the message.
+pub(crate) fn require_activation(
+    v: &serde_json::Value,
+    key: &str,
+    label: &str,
+    expected: &str,
+    model: &str,
+    path: &std::path::Path,
+) -> Result<()> {
+    let act = v.get(key).and_then(|a| a.as_str()).unwrap_or(expected);
+    if act != expected {
+        return Err(Error::file(
+            path,
+            format!("{label} `{act}` is not supported ({model} uses {expected})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Reads an optional field with a default, checking its type.
 pub(crate) fn field_usize(
     v: &serde_json::Value,
     key: &str,

@@ -405,16 +405,14 @@ fn model_grams<B: Backend>(
     let (acc, examples) =
         accumulate_grams(backend, ckpt, model_cfg, &data, &cfg.parameters, observer)?;
     *load_time += acc.load_time;
-    match sums_on {
+    let acc = match sums_on {
         Some(dev) => match acc.finish_on_device(dev, examples)? {
-            Ok(on_device) => Ok(Grams::Device(on_device)),
-            Err(acc) => crate::profile::span("grams: finish (host)", || acc.finish(examples))
-                .map(Grams::Host),
+            Ok(on_device) => return Ok(Grams::Device(on_device)),
+            Err(acc) => acc,
         },
-        None => {
-            crate::profile::span("grams: finish (host)", || acc.finish(examples)).map(Grams::Host)
-        }
-    }
+        None => acc,
+    };
+    crate::profile::span("grams: finish (host)", || acc.finish(examples)).map(Grams::Host)
 }
 
 impl RunningSums {
