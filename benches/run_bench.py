@@ -37,6 +37,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TORCH_SCRIPT = ROOT / "benches" / "pytorch_regmean.py"
 
+
+def _shown(path):
+    """A path as recorded in results: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 WORKLOADS = {
     # name: (synth args, num_regmean_examples, batch_size, max_length)
     "clip8": (["--arch", "clip", "--models", "8", "--examples", "256"], 256, 32, 512),
@@ -308,8 +318,8 @@ def main():
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                  "python": platform.python_version(), "torch": torch_version},
-        "binary": str(binary),
-        "config": str(config),
+        "binary": _shown(binary),
+        "config": _shown(config),
         "median": med,
         "runs": runs,
         **speed,
@@ -321,7 +331,7 @@ def main():
     res_dir.mkdir(parents=True, exist_ok=True)
     path = res_dir / f"{args.workload}-{args.device}-{date}.json"
     path.write_text(json.dumps(result, indent=2))
-    print(f"results: {path}")
+    print(f"results: {_shown(path)}")
     summary = {
         "workload": args.workload,
         "device": args.device,
