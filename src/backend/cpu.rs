@@ -149,6 +149,13 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::new(data.to_vec(), rows, cols))
     }
 
+    fn upload_owned(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
+        check(data.len() == rows * cols, || {
+            format!("upload of {} values as [{rows}, {cols}]", data.len())
+        })?;
+        Ok(CpuTensor::new(data, rows, cols))
+    }
+
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
         Ok(t.data.clone())
     }

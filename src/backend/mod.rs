@@ -88,6 +88,10 @@ pub trait Backend {
 
     fn name(&self) -> String;
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// [`Backend::upload`] of a buffer the caller gives up (no copy where it can stay put).
+    fn upload_owned(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.upload(&data, rows, cols)
+    }
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// The tensor's values on the host, giving the tensor up (no copy where it is there).
     fn download_owned(&self, t: Self::Tensor) -> Result<Vec<f32>> {

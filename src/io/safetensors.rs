@@ -222,34 +222,37 @@ fn duplicate_key(header: &[u8]) -> Option<String> {
 
 /// Converts little-endian float bytes to f32; None for non-float dtypes.
 pub fn decode_f32(dtype: &Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    use rayon::prelude::*;
-    // In parallel for large tensors: this is where a checkpoint's pages are first touched
-    // (and faulted in from the page cache), and conversion is memory-bound.
-    const MIN_CHUNKS: usize = 1 << 16;
     // from_le_bytes per element: tensor data in a safetensors file need not be aligned.
     Some(match dtype {
-        Dtype::F32 => bytes
-            .par_chunks_exact(4)
-            .with_min_len(MIN_CHUNKS)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => bytes
-            .par_chunks_exact(2)
-            .with_min_len(MIN_CHUNKS)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => bytes
-            .par_chunks_exact(2)
-            .with_min_len(MIN_CHUNKS)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::F64 => bytes
-            .par_chunks_exact(8)
-            .with_min_len(MIN_CHUNKS)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("chunk of 8")) as f32)
-            .collect(),
+        Dtype::F32 => decode_each::<4>(bytes, f32::from_le_bytes),
+        Dtype::F16 => decode_each::<2>(bytes, |b| half::f16::from_le_bytes(b).to_f32()),
+        Dtype::BF16 => decode_each::<2>(bytes, |b| half::bf16::from_le_bytes(b).to_f32()),
+        Dtype::F64 => decode_each::<8>(bytes, |b| f64::from_le_bytes(b) as f32),
         Dtype::Other(_) => return None,
     })
+}
+
+/// `bytes` as `N`-byte elements, each converted by `convert`: in parallel chunks, because
+/// this is where a checkpoint's pages are first touched (faulted in from the page cache),
+/// and written straight into the output, with no zeroing pass and no per-element
+/// bookkeeping (a rayon `collect` of one element at a time ran at a third of this speed).
+fn decode_each<const N: usize>(bytes: &[u8], convert: impl Fn([u8; N]) -> f32 + Sync) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
+    let n = bytes.len() / N;
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(bytes[..n * N].par_chunks(CHUNK * N))
+        .for_each(|(dst, src)| {
+            for (d, s) in dst.iter_mut().zip(src.chunks_exact(N)) {
+                d.write(convert(s.try_into().expect("chunk of N")));
+            }
+        });
+    // SAFETY: the loop above wrote every one of the first n elements (the chunks of `dst`
+    // and `src` pair up one to one and cover n elements each).
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// What a written tensor holds: f32 values converted to the tensor's dtype on the way out,
@@ -360,6 +363,28 @@ fn encode_f32(dtype: &Dtype, values: &[f32], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_covers_every_element_across_parallel_chunks() {
+        let n = 2 * (1 << 16) + 3;
+        let vals: Vec<f32> = (0..n).map(|i| (i as f32 - 7.0) * 0.5).collect();
+        let f32_bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode_f32(&Dtype::F32, &f32_bytes).unwrap(), vals);
+        let f64_bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| (v as f64).to_le_bytes())
+            .collect();
+        assert_eq!(decode_f32(&Dtype::F64, &f64_bytes).unwrap(), vals);
+        let halves: Vec<half::f16> = vals.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let f16_bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+        let want: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+        assert_eq!(decode_f32(&Dtype::F16, &f16_bytes).unwrap(), want);
+        // A trailing partial element is not a value.
+        assert_eq!(
+            decode_f32(&Dtype::F32, &f32_bytes[..9]).unwrap(),
+            &vals[..2]
+        );
+    }
 
     #[test]
     fn roundtrip_all_float_dtypes_and_raw_bytes() {

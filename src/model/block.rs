@@ -70,8 +70,8 @@ impl<B: Backend> Linear<B> {
         }
         crate::profile::span("load: upload", || {
             Ok(Linear {
-                w: backend.upload(&w, site.dim, out)?,
-                b: backend.upload(&b, 1, out)?,
+                w: backend.upload_owned(w, site.dim, out)?,
+                b: backend.upload_owned(b, 1, out)?,
             })
         })
     }
