@@ -94,6 +94,27 @@ fn nan_in_pixel_data() {
 }
 
 #[test]
+fn inf_in_a_transposed_linear_weight_is_named_as_stored() {
+    // nn.Linear weights are transposed while they are decoded; the element named must be
+    // the stored one (row 7, column 3 of [67, 45]).
+    let pool = Pool::of("clip_pool");
+    pool.edit("task_a/model.safetensors", |n, s, mut v| {
+        if n == "encoder.layers.0.mlp.fc1.weight" {
+            v[7 * 45 + 3] = f32::NEG_INFINITY;
+        }
+        Some((s, v))
+    });
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &[
+            "task_a/model.safetensors",
+            "encoder.layers.0.mlp.fc1.weight",
+            "non-finite value (-inf) at element 318",
+        ],
+    );
+}
+
+#[test]
 fn sequence_longer_than_n_positions() {
     let pool = Pool::new();
     let long: Vec<String> = (0..40).map(|i| (i % 90).to_string()).collect();

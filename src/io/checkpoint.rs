@@ -247,15 +247,18 @@ impl Checkpoint {
     pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
         let (f, stored) = self.locate(name)?;
         let v = f.to_f32(stored)?;
-        if let Some(i) = first_non_finite(&v) {
-            return Err(Error::file(
-                f.path(),
-                format!(
-                    "tensor `{stored}` holds a non-finite value ({}) at element {i}",
-                    v[i]
-                ),
-            ));
-        }
+        check_finite(f, stored, &v, |i| i)?;
+        Ok(v)
+    }
+
+    /// A 2-D float tensor stored `[rows, cols]`, as f32 `[cols, rows]` (converted and
+    /// transposed in one pass), checked for NaN and Inf like [`Checkpoint::f32`].
+    pub fn f32_transposed(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        self.expect_shape(name, &[rows, cols])?;
+        let (f, stored) = self.locate(name)?;
+        let v = f.to_f32_transposed(stored, rows, cols)?;
+        // Name the element as stored, not as transposed.
+        check_finite(f, stored, &v, |i| (i % rows) * cols + i / rows)?;
         Ok(v)
     }
 
@@ -379,6 +382,27 @@ fn open_weight_files(dir: &Path) -> Result<Vec<SafetensorsFile>> {
         }
     }
     Ok(files)
+}
+
+/// An error naming the first NaN or ±Inf of tensor `stored` (decoded as `v`; `stored_index`
+/// maps a position in `v` to the element's index in the file).
+fn check_finite(
+    f: &SafetensorsFile,
+    stored: &str,
+    v: &[f32],
+    stored_index: impl Fn(usize) -> usize,
+) -> Result<()> {
+    match first_non_finite(v) {
+        None => Ok(()),
+        Some(i) => Err(Error::file(
+            f.path(),
+            format!(
+                "tensor `{stored}` holds a non-finite value ({}) at element {}",
+                v[i],
+                stored_index(i)
+            ),
+        )),
+    }
 }
 
 /// The index of the first NaN or ±Inf in `v`. Chunks are tested with a branch-free fold that

@@ -180,12 +180,30 @@ impl SafetensorsFile {
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
         let bytes = &self.mmap[e.range.clone()];
-        decode_f32(&e.dtype, bytes).ok_or_else(|| {
-            Error::file(
+        decode_f32(&e.dtype, bytes).ok_or_else(|| self.not_float(name, e))
+    }
+
+    /// A `[rows, cols]` tensor converted to f32 and transposed to `[cols, rows]`.
+    pub fn to_f32_transposed(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        let e = self.entry(name)?;
+        let bytes = &self.mmap[e.range.clone()];
+        if e.shape.iter().product::<usize>() != rows * cols {
+            return Err(Error::file(
                 &self.path,
-                format!("tensor `{name}` has non-float dtype {}", e.dtype.name()),
-            )
-        })
+                format!(
+                    "tensor `{name}` has shape {:?}, not [{rows}, {cols}]",
+                    e.shape
+                ),
+            ));
+        }
+        decode_f32_transposed(&e.dtype, bytes, rows, cols).ok_or_else(|| self.not_float(name, e))
+    }
+
+    fn not_float(&self, name: &str, e: &TensorEntry) -> Error {
+        Error::file(
+            &self.path,
+            format!("tensor `{name}` has non-float dtype {}", e.dtype.name()),
+        )
     }
 }
 
@@ -230,6 +248,66 @@ pub fn decode_f32(dtype: &Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
         Dtype::F64 => decode_each::<8>(bytes, |b| f64::from_le_bytes(b) as f32),
         Dtype::Other(_) => return None,
     })
+}
+
+/// Little-endian float bytes of a row-major `[rows, cols]` tensor, as f32 `[cols, rows]`;
+/// None for non-float dtypes. Checkpoints store nn.Linear weights `[out, in]`, the engine
+/// multiplies by `[in, out]`: converting while transposing reads each byte once.
+pub fn decode_f32_transposed(
+    dtype: &Dtype,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => transpose_each::<4>(bytes, rows, cols, f32::from_le_bytes),
+        Dtype::F16 => {
+            transpose_each::<2>(bytes, rows, cols, |b| half::f16::from_le_bytes(b).to_f32())
+        }
+        Dtype::BF16 => {
+            transpose_each::<2>(bytes, rows, cols, |b| half::bf16::from_le_bytes(b).to_f32())
+        }
+        Dtype::F64 => transpose_each::<8>(bytes, rows, cols, |b| f64::from_le_bytes(b) as f32),
+        Dtype::Other(_) => return None,
+    })
+}
+
+/// [`decode_each`] into the transposed layout: 32 × 32 tiles (so the strided side stays in
+/// cache), in parallel over 32-row bands of the output.
+fn transpose_each<const N: usize>(
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    convert: impl Fn([u8; N]) -> f32 + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let n = rows * cols;
+    assert!(bytes.len() >= n * N, "tensor bytes shorter than its shape");
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, dst)| {
+            let c0 = band * TILE;
+            let width = dst.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let start = (r * cols + c0) * N;
+                    let src = &bytes[start..start + width * N];
+                    for (j, s) in src.chunks_exact(N).enumerate() {
+                        dst[j * rows + r].write(convert(s.try_into().expect("chunk of N")));
+                    }
+                }
+            }
+        });
+    // SAFETY: band b covers output rows (input columns) 32b.. up to 32 of them, all `rows`
+    // of each; the loops write every (column j, row r) of the band, so all n elements.
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// `bytes` as `N`-byte elements, each converted by `convert`: in parallel chunks, because
@@ -379,6 +457,26 @@ mod tests {
         let f16_bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
         let want: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
         assert_eq!(decode_f32(&Dtype::F16, &f16_bytes).unwrap(), want);
+        // Transposed while converting, at shapes that are not multiples of the tile.
+        for (rows, cols) in [(70, 33), (1, 5), (5, 1), (32, 64), (0, 3)] {
+            let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let b: Vec<u8> = m.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let t = decode_f32_transposed(&Dtype::F32, &b, rows, cols).unwrap();
+            let want: Vec<f32> = (0..rows * cols)
+                .map(|i| m[(i % rows) * cols + i / rows])
+                .collect();
+            assert_eq!(t, want, "[{rows}, {cols}]");
+            let b16: Vec<u8> = m
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect();
+            let t16 = decode_f32_transposed(&Dtype::BF16, &b16, rows, cols).unwrap();
+            let want16: Vec<f32> = want
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            assert_eq!(t16, want16, "bf16 [{rows}, {cols}]");
+        }
         // A trailing partial element is not a value.
         assert_eq!(
             decode_f32(&Dtype::F32, &f32_bytes[..9]).unwrap(),

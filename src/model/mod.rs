@@ -285,17 +285,11 @@ pub fn take_linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Arc<Vec
 
 /// A linear weight as a row-major `[in, out]` host matrix, whatever its stored layout.
 pub fn linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
-    let shape = if m.transposed {
-        [m.out_dim, m.in_dim]
+    if m.transposed {
+        ckpt.f32_transposed(&m.weight, m.out_dim, m.in_dim)
     } else {
-        [m.in_dim, m.out_dim]
-    };
-    let w = ckpt.f32_shaped(&m.weight, &shape)?;
-    Ok(if m.transposed {
-        transpose(&w, m.out_dim, m.in_dim)
-    } else {
-        w
-    })
+        ckpt.f32_shaped(&m.weight, &[m.in_dim, m.out_dim])
+    }
 }
 
 /// Row-major `[rows, cols]` → `[cols, rows]`, in 32-wide tiles (so both sides stay in
