@@ -399,30 +399,33 @@ impl Backend for CpuBackend {
         check(acc.rows == d && acc.cols == d, || {
             format!("gram_update: acc [{}, {}] for d {d}", acc.rows, acc.cols)
         })?;
-        let compacted;
-        let rows: MatRef<'_, f32> = match row_mask {
+        // The Gram is formed as Xᵀ·X with Xᵀ stored row-major (transposed here, padding
+        // rows dropped): faer runs that layout at 116 GFLOP/s on a 2-core AVX2 machine
+        // against 81 for the row-major X read as a transposed operand, and the copy costs a
+        // small fraction of the product (rows·d against rows·d²).
+        let xt = match row_mask {
             Some(mask) => {
                 check(mask.len() == x.rows, || "gram_update: mask length".into())?;
-                let mut buf = Vec::with_capacity(x.data.len());
+                let mut real = Vec::with_capacity(x.data.len());
                 for (r, &m) in mask.iter().enumerate() {
                     if m != 0 {
-                        buf.extend_from_slice(&x.data[r * d..(r + 1) * d]);
+                        real.extend_from_slice(&x.data[r * d..(r + 1) * d]);
                     }
                 }
-                compacted = buf;
-                MatRef::from_row_major_slice(&compacted, compacted.len() / d.max(1), d)
+                crate::model::transpose(&real, real.len() / d.max(1), d)
             }
-            None => x.view(),
+            None => crate::model::transpose(&x.data, x.rows, d),
         };
-        let n = rows.nrows();
+        let n = xt.len() / d.max(1);
+        let xt = MatRef::from_row_major_slice(&xt, d, n);
         let lower_gram = |dst: MatMut<'_, f32>, beta: Accum| {
             triangular::matmul(
                 dst,
                 BlockStructure::TriangularLower,
                 beta,
-                rows.transpose(),
+                xt,
                 BlockStructure::Rectangular,
-                rows,
+                xt.transpose(),
                 BlockStructure::Rectangular,
                 1.0,
                 par(),
