@@ -66,6 +66,22 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+def git_commit():
+    """The checkout's commit, with "-dirty" when tracked files differ from it; None outside git.
+
+    It names the source the harness ran from: the binary is whatever --bin points at, so a
+    result is reproducible only if that binary was built from this checkout.
+    """
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
 def ensure_pool(binary, workload, threads):
     synth_args, n_ex, bs, max_len = WORKLOADS[workload]
     pool = ROOT / "target" / "bench-pools" / workload
@@ -319,6 +335,7 @@ def main():
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                  "python": platform.python_version(), "torch": torch_version},
         "binary": _shown(binary),
+        "commit": git_commit(),
         "config": _shown(config),
         "median": med,
         "runs": runs,
