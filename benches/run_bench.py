@@ -218,6 +218,7 @@ def main():
     if not binary.exists():
         raise SystemExit(f"{binary} not found: build it with `cargo build --release`")
     t_start = time.perf_counter()
+    commit = git_commit()  # before the runs: the checkout may change while they go on
     pool, config = ensure_pool(binary, args.workload, args.threads)
     work = ROOT / "target" / "bench-work" / f"{args.workload}-{args.device}"
     work.mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,7 @@ def main():
         "host": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                  "python": platform.python_version(), "torch": torch_version},
         "binary": _shown(binary),
-        "commit": git_commit(),
+        "commit": commit,
         "config": _shown(config),
         "median": med,
         "runs": runs,

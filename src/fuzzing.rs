@@ -29,17 +29,27 @@ fn tiny_gpt2() -> serde_json::Value {
     serde_json::json!({"model_type": "gpt2", "vocab_size": 11, "n_positions": 8, "n_embd": 6, "n_layer": 1, "n_head": 2})
 }
 
-/// A safetensors file: open it and decode every float tensor.
+/// A safetensors file: open it and decode every float tensor, 2-D ones transposed too (as
+/// nn.Linear weights are read), and with a shape they do not have.
 pub fn safetensors_file(data: &[u8]) {
     let path = scratch().join("file.safetensors");
     if std::fs::write(&path, data).is_err() {
         return;
     }
     if let Ok(f) = SafetensorsFile::open(&path) {
-        let names: Vec<String> = f.tensors().keys().cloned().collect();
-        for n in names {
+        let tensors: Vec<(String, Vec<usize>)> = f
+            .tensors()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone()))
+            .collect();
+        for (n, shape) in tensors {
             let _ = f.to_f32(&n);
             let _ = f.bytes(&n);
+            if let [rows, cols] = shape[..] {
+                let _ = f.to_f32_transposed(&n, rows, cols);
+                let _ = f.to_f32_transposed(&n, cols, rows);
+            }
+            let _ = f.to_f32_transposed(&n, 2, 3);
         }
     }
 }

@@ -96,11 +96,13 @@ fn nan_in_pixel_data() {
 #[test]
 fn inf_in_a_transposed_linear_weight_is_named_as_stored() {
     // nn.Linear weights are transposed while they are decoded; the element named must be
-    // the stored one (row 7, column 3 of [67, 45]).
+    // the first stored one (row 7, column 3 of [67, 45]), not the first transposed one
+    // (the NaN at row 8, column 0 comes first in the transposed layout).
     let pool = Pool::of("clip_pool");
     pool.edit("task_a/model.safetensors", |n, s, mut v| {
         if n == "encoder.layers.0.mlp.fc1.weight" {
             v[7 * 45 + 3] = f32::NEG_INFINITY;
+            v[8 * 45] = f32::NAN;
         }
         Some((s, v))
     });

@@ -543,24 +543,35 @@ mod tests {
 
     #[test]
     fn gram_lower_triangle_matches_f64_and_skips_masked_rows() {
-        let (n, d) = (37, 19);
-        let x = CpuTensor::new(rand_vec(n * d, 1), n, d);
-        let mask: Vec<u8> = (0..n).map(|r| (r % 3 != 0) as u8).collect();
-        let mut acc = CpuBackend.zeros(d, d).unwrap();
-        CpuBackend
-            .gram_update(&mut acc, &x, Some(&mask), GramUpdate::Sum)
-            .unwrap();
-        for i in 0..d {
-            for j in 0..=i {
-                let want: f64 = (0..n)
-                    .filter(|r| mask[*r] != 0)
-                    .map(|r| x.data[r * d + i] as f64 * x.data[r * d + j] as f64)
-                    .sum();
-                let got = acc.data[i * d + j] as f64;
-                assert!(
-                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
-                    "({i},{j}) {got} vs {want}"
-                );
+        // d = 70 spans three 32-column strips of the transposing copy.
+        for (n, d) in [(37, 19), (45, 70)] {
+            let x = CpuTensor::new(rand_vec(n * d, 1), n, d);
+            let mask: Vec<u8> = (0..n).map(|r| (r % 3 != 0) as u8).collect();
+            let mut acc = CpuBackend.zeros(d, d).unwrap();
+            CpuBackend
+                .gram_update(&mut acc, &x, Some(&mask), GramUpdate::Sum)
+                .unwrap();
+            for i in 0..d {
+                for j in 0..=i {
+                    let want: f64 = (0..n)
+                        .filter(|r| mask[*r] != 0)
+                        .map(|r| x.data[r * d + i] as f64 * x.data[r * d + j] as f64)
+                        .sum();
+                    let got = acc.data[i * d + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "[{n}, {d}] ({i},{j}) {got} vs {want}"
+                    );
+                }
+            }
+            // A batch of padding only changes nothing, in either update.
+            let before = acc.data.clone();
+            let none = vec![0u8; n];
+            for update in [GramUpdate::Sum, GramUpdate::RunningMean { seen: 0 }] {
+                CpuBackend
+                    .gram_update(&mut acc, &x, Some(&none), update)
+                    .unwrap();
+                assert_eq!(acc.data, before, "{update:?}");
             }
         }
     }

@@ -400,7 +400,7 @@ pub fn make_batch(data: &Dataset, indices: &[usize], padding: TextPadding) -> Re
                 })
                 .collect();
             let values = images.concat();
-            if let Some(bad) = values.par_iter().position_first(|v| !v.is_finite()) {
+            if let Some(bad) = crate::io::checkpoint::first_non_finite(&values) {
                 return Err(Error::file(
                     file.path(),
                     format!("pixel_values holds a non-finite value at element {bad} of the batch"),

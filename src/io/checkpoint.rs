@@ -384,30 +384,35 @@ fn open_weight_files(dir: &Path) -> Result<Vec<SafetensorsFile>> {
     Ok(files)
 }
 
-/// An error naming the first NaN or ±Inf of tensor `stored` (decoded as `v`; `stored_index`
-/// maps a position in `v` to the element's index in the file).
+/// An error naming the first NaN or ±Inf of tensor `stored` in the file's order (decoded
+/// as `v`; `stored_index` maps a position in `v` to the element's index in the file).
 fn check_finite(
     f: &SafetensorsFile,
     stored: &str,
     v: &[f32],
-    stored_index: impl Fn(usize) -> usize,
+    stored_index: impl Fn(usize) -> usize + Sync,
 ) -> Result<()> {
-    match first_non_finite(v) {
-        None => Ok(()),
-        Some(i) => Err(Error::file(
-            f.path(),
-            format!(
-                "tensor `{stored}` holds a non-finite value ({}) at element {}",
-                v[i],
-                stored_index(i)
-            ),
-        )),
+    if first_non_finite(v).is_none() {
+        return Ok(());
     }
+    // Only on the way to an error: in a transposed `v` the first bad value found need not
+    // be the first stored.
+    let (at, value) = v
+        .par_iter()
+        .enumerate()
+        .filter(|(_, x)| !x.is_finite())
+        .map(|(i, x)| (stored_index(i), *x))
+        .min_by_key(|(at, _)| *at)
+        .expect("a non-finite value was found");
+    Err(Error::file(
+        f.path(),
+        format!("tensor `{stored}` holds a non-finite value ({value}) at element {at}"),
+    ))
 }
 
 /// The index of the first NaN or ±Inf in `v`. Chunks are tested with a branch-free fold that
 /// vectorises (a per-element `position` did not, and cost more than decoding the tensor).
-pub fn first_non_finite(v: &[f32]) -> Option<usize> {
+pub(crate) fn first_non_finite(v: &[f32]) -> Option<usize> {
     const CHUNK: usize = 1 << 14;
     let has_non_finite = |c: &[f32]| {
         c.iter().fold(false, |bad, x| {
@@ -433,13 +438,34 @@ mod tests {
         assert_eq!(first_non_finite(&[]), None);
         let edge = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, -0.0, 1e-45];
         assert_eq!(first_non_finite(&edge), None);
-        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
-            for at in [0, 1, (1 << 14) - 1, 1 << 14, 2 * (1 << 14) + 3, n - 1] {
+        let nans = [
+            0x7fc0_0000u32,
+            0xffc0_0000,
+            0x7f80_0001,
+            0xff80_0001,
+            0x7fff_ffff,
+        ];
+        let bad_values = [f32::INFINITY, f32::NEG_INFINITY]
+            .into_iter()
+            .chain(nans.map(f32::from_bits));
+        for bad in bad_values {
+            for at in [
+                0,
+                1,
+                (1 << 14) - 1,
+                1 << 14,
+                2 * (1 << 14) + 3,
+                n - 2,
+                n - 1,
+            ] {
                 let mut v = vec![0.25f32; n];
                 v[at] = bad;
-                // A later one must not hide the first.
-                v[n - 1] = f32::NAN;
                 assert_eq!(first_non_finite(&v), Some(at), "{bad} at {at}");
+                // A later one must not hide the first.
+                if at < n - 1 {
+                    v[n - 1] = f32::NAN;
+                    assert_eq!(first_non_finite(&v), Some(at), "{bad} at {at}, NaN last");
+                }
             }
         }
     }

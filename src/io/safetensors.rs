@@ -187,7 +187,7 @@ impl SafetensorsFile {
     pub fn to_f32_transposed(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
         let bytes = &self.mmap[e.range.clone()];
-        if e.shape.iter().product::<usize>() != rows * cols {
+        if e.shape != [rows, cols] {
             return Err(Error::file(
                 &self.path,
                 format!(
@@ -251,7 +251,8 @@ pub fn decode_f32(dtype: &Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
 }
 
 /// Little-endian float bytes of a row-major `[rows, cols]` tensor, as f32 `[cols, rows]`;
-/// None for non-float dtypes. Checkpoints store nn.Linear weights `[out, in]`, the engine
+/// None for non-float dtypes. Panics if `bytes` is shorter than the shape (a file's
+/// entries are validated against their shapes when it is opened). Checkpoints store nn.Linear weights `[out, in]`, the engine
 /// multiplies by `[in, out]`: converting while transposing reads each byte once.
 pub fn decode_f32_transposed(
     dtype: &Dtype,
@@ -272,8 +273,8 @@ pub fn decode_f32_transposed(
     })
 }
 
-/// [`decode_each`] into the transposed layout: 32 × 32 tiles (so the strided side stays in
-/// cache), in parallel over 32-row bands of the output.
+/// [`decode_each`] into the transposed layout, in parallel over strips of 32 input columns
+/// (as `model::transpose`). Panics if `bytes` holds fewer than `rows·cols` elements.
 fn transpose_each<const N: usize>(
     bytes: &[u8],
     rows: usize,
@@ -282,8 +283,11 @@ fn transpose_each<const N: usize>(
 ) -> Vec<f32> {
     use rayon::prelude::*;
     const TILE: usize = 32;
-    let n = rows * cols;
-    assert!(bytes.len() >= n * N, "tensor bytes shorter than its shape");
+    let n = rows.checked_mul(cols).expect("tensor size overflows usize");
+    assert!(
+        bytes.len() / N >= n,
+        "tensor bytes shorter than its shape [{rows}, {cols}]"
+    );
     let mut out: Vec<f32> = Vec::with_capacity(n);
     if n == 0 {
         return out;
@@ -291,21 +295,20 @@ fn transpose_each<const N: usize>(
     out.spare_capacity_mut()[..n]
         .par_chunks_mut(TILE * rows)
         .enumerate()
-        .for_each(|(band, dst)| {
-            let c0 = band * TILE;
+        .for_each(|(strip, dst)| {
+            let c0 = strip * TILE;
+            // Whole output rows: n is a multiple of rows, so is every chunk.
             let width = dst.len() / rows;
-            for r0 in (0..rows).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    let start = (r * cols + c0) * N;
-                    let src = &bytes[start..start + width * N];
-                    for (j, s) in src.chunks_exact(N).enumerate() {
-                        dst[j * rows + r].write(convert(s.try_into().expect("chunk of N")));
-                    }
+            for r in 0..rows {
+                let start = (r * cols + c0) * N;
+                let src = &bytes[start..start + width * N];
+                for (j, s) in src.chunks_exact(N).enumerate() {
+                    dst[j * rows + r].write(convert(s.try_into().expect("chunk of N")));
                 }
             }
         });
-    // SAFETY: band b covers output rows (input columns) 32b.. up to 32 of them, all `rows`
-    // of each; the loops write every (column j, row r) of the band, so all n elements.
+    // SAFETY: strip s holds output rows (input columns) 32s.. (`width` of them, all `rows`
+    // elements of each); the loop writes every (j < width, r < rows) of it, so all n.
     unsafe { out.set_len(n) };
     out
 }
@@ -457,26 +460,33 @@ mod tests {
         let f16_bytes: Vec<u8> = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
         let want: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
         assert_eq!(decode_f32(&Dtype::F16, &f16_bytes).unwrap(), want);
-        // Transposed while converting, at shapes that are not multiples of the tile.
-        for (rows, cols) in [(70, 33), (1, 5), (5, 1), (32, 64), (0, 3)] {
-            let m: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let b: Vec<u8> = m.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let t = decode_f32_transposed(&Dtype::F32, &b, rows, cols).unwrap();
-            let want: Vec<f32> = (0..rows * cols)
-                .map(|i| m[(i % rows) * cols + i / rows])
-                .collect();
-            assert_eq!(t, want, "[{rows}, {cols}]");
-            let b16: Vec<u8> = m
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect();
-            let t16 = decode_f32_transposed(&Dtype::BF16, &b16, rows, cols).unwrap();
-            let want16: Vec<f32> = want
-                .iter()
-                .map(|&v| half::bf16::from_f32(v).to_f32())
-                .collect();
-            assert_eq!(t16, want16, "bf16 [{rows}, {cols}]");
+        // Transposed while converting, at shapes that are not multiples of the strip width.
+        type Encode = fn(f32) -> (Vec<u8>, f32);
+        let encodings: [(Dtype, Encode); 4] = [
+            (Dtype::F32, |v| (v.to_le_bytes().to_vec(), v)),
+            (Dtype::F64, |v| ((v as f64).to_le_bytes().to_vec(), v)),
+            (Dtype::F16, |v| {
+                let h = half::f16::from_f32(v);
+                (h.to_le_bytes().to_vec(), h.to_f32())
+            }),
+            (Dtype::BF16, |v| {
+                let h = half::bf16::from_f32(v);
+                (h.to_le_bytes().to_vec(), h.to_f32())
+            }),
+        ];
+        for (rows, cols) in [(70, 33), (1, 5), (5, 1), (32, 64), (0, 3), (3, 0)] {
+            let m: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.75).collect();
+            for (dtype, encode) in &encodings {
+                let (bytes, stored): (Vec<Vec<u8>>, Vec<f32>) =
+                    m.iter().map(|&v| encode(v)).unzip();
+                let want: Vec<f32> = (0..rows * cols)
+                    .map(|i| stored[(i % rows) * cols + i / rows])
+                    .collect();
+                let got = decode_f32_transposed(dtype, &bytes.concat(), rows, cols).unwrap();
+                assert_eq!(got, want, "{} [{rows}, {cols}]", dtype.name());
+            }
         }
+        assert!(decode_f32_transposed(&Dtype::Other("I64".into()), &[0; 16], 2, 1).is_none());
         // A trailing partial element is not a value.
         assert_eq!(
             decode_f32(&Dtype::F32, &f32_bytes[..9]).unwrap(),

@@ -292,8 +292,9 @@ pub fn linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
     }
 }
 
-/// Row-major `[rows, cols]` → `[cols, rows]`, in 32-wide tiles (so both sides stay in
-/// cache) and in parallel over the output's rows: checkpoints transpose every linear weight.
+/// Row-major `[rows, cols]` → `[cols, rows]`, in parallel over strips of 32 input columns:
+/// each strip reads 128 contiguous bytes per input row and appends one element to each of
+/// its 32 output rows, so reads and writes both stream.
 pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     use rayon::prelude::*;
     const TILE: usize = 32;
@@ -306,11 +307,9 @@ pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         .for_each(|(tc, block)| {
             let c0 = tc * TILE;
             let c1 = (c0 + TILE).min(cols);
-            for r0 in (0..rows).step_by(TILE) {
-                for r in r0..(r0 + TILE).min(rows) {
-                    for c in c0..c1 {
-                        block[(c - c0) * rows + r] = a[r * cols + c];
-                    }
+            for r in 0..rows {
+                for c in c0..c1 {
+                    block[(c - c0) * rows + r] = a[r * cols + c];
                 }
             }
         });
