@@ -273,37 +273,55 @@ pub fn decode_f32_transposed(
     })
 }
 
-/// [`decode_each`] into the transposed layout, in parallel over strips of 32 input columns
-/// (as `model::transpose`). Panics if `bytes` holds fewer than `rows·cols` elements.
+/// [`decode_each`] into the transposed layout. Panics if `bytes` holds fewer than
+/// `rows·cols` elements.
 fn transpose_each<const N: usize>(
     bytes: &[u8],
     rows: usize,
     cols: usize,
     convert: impl Fn([u8; N]) -> f32 + Sync,
 ) -> Vec<f32> {
+    // SAFETY: `[u8; N]` has alignment 1 and size N, so the first len / N groups of N bytes
+    // are valid `[u8; N]` values inside `bytes` (what `slice::as_chunks` gives from 1.88).
+    let elements: &[[u8; N]] =
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / N) };
+    transpose_with(elements, rows, cols, |b| convert(*b))
+}
+
+/// Row-major `[rows, cols]` elements, each converted by `convert`, as f32 `[cols, rows]`: in
+/// parallel over strips of 32 input columns, each of which reads 32 contiguous elements per
+/// input row and appends one value to each of its 32 output rows, so reads and writes both
+/// stream. Written straight into the output, with no zeroing pass. Panics if `src` holds
+/// fewer than `rows·cols` elements.
+pub(crate) fn transpose_with<T: Sync>(
+    src: &[T],
+    rows: usize,
+    cols: usize,
+    convert: impl Fn(&T) -> f32 + Sync,
+) -> Vec<f32> {
     use rayon::prelude::*;
-    const TILE: usize = 32;
+    const STRIP: usize = 32;
     let n = rows.checked_mul(cols).expect("tensor size overflows usize");
     assert!(
-        bytes.len() / N >= n,
-        "tensor bytes shorter than its shape [{rows}, {cols}]"
+        src.len() >= n,
+        "{} elements for a [{rows}, {cols}] tensor",
+        src.len()
     );
     let mut out: Vec<f32> = Vec::with_capacity(n);
     if n == 0 {
         return out;
     }
     out.spare_capacity_mut()[..n]
-        .par_chunks_mut(TILE * rows)
+        .par_chunks_mut(STRIP * rows)
         .enumerate()
         .for_each(|(strip, dst)| {
-            let c0 = strip * TILE;
+            let c0 = strip * STRIP;
             // Whole output rows: n is a multiple of rows, so is every chunk.
             let width = dst.len() / rows;
             for r in 0..rows {
-                let start = (r * cols + c0) * N;
-                let src = &bytes[start..start + width * N];
-                for (j, s) in src.chunks_exact(N).enumerate() {
-                    dst[j * rows + r].write(convert(s.try_into().expect("chunk of N")));
+                let start = r * cols + c0;
+                for (j, s) in src[start..start + width].iter().enumerate() {
+                    dst[j * rows + r].write(convert(s));
                 }
             }
         });

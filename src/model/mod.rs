@@ -292,26 +292,8 @@ pub fn linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
     }
 }
 
-/// Row-major `[rows, cols]` → `[cols, rows]`, in parallel over strips of 32 input columns:
-/// each strip reads 128 contiguous bytes per input row and appends one element to each of
-/// its 32 output rows, so reads and writes both stream.
+/// Row-major `[rows, cols]` → `[cols, rows]` (see [`crate::io::safetensors::transpose_with`]).
 pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    const TILE: usize = 32;
-    let mut out = vec![0.0; a.len()];
-    if rows == 0 || cols == 0 {
-        return out;
-    }
-    out.par_chunks_mut(TILE * rows)
-        .enumerate()
-        .for_each(|(tc, block)| {
-            let c0 = tc * TILE;
-            let c1 = (c0 + TILE).min(cols);
-            for r in 0..rows {
-                for c in c0..c1 {
-                    block[(c - c0) * rows + r] = a[r * cols + c];
-                }
-            }
-        });
-    out
+    assert_eq!(a.len(), rows * cols, "transpose of [{rows}, {cols}]");
+    crate::io::safetensors::transpose_with(a, rows, cols, |&v| v)
 }
