@@ -5,13 +5,14 @@
 //   gram_running_mean         FusionBench's running mean of Grams, on the lower triangle
 //   reduce_offdiag_accumulate RegMean's off-diagonal reduction, written out and summed
 //   axpy_f32, axpy_f64_from_f32, f32_to_f64, f64_to_f32, add_diagonal_f64, diagonal_f64,
-//   transpose_f32, any_nonfinite_f32: the small vector steps of the solve and its checks.
+//   any_nonfinite_f32: the small vector steps of the solve and its checks (the transpose
+//   is weights.cu's stored_to_f32_f32).
 //
 // Launch contract
 //   blockDim = (256); gridDim.x = min(ceil(n / 256), 65535) with n the element count
-//   (d*d for the d×d kernels, d for the diagonal ones, rows*cols for transpose_f32). Every
-//   kernel loops grid-stride, so it is correct for any grid and any block size (transpose_f32
-//   needs exactly 256 threads). No shared memory is configured by the host.
+//   (d*d for the d×d kernels, d for the diagonal ones). Every kernel loops grid-stride, so
+//   it is correct for any grid and any block size. No shared memory is configured by the
+//   host.
 //
 // Why this design
 //   The d×d kernels walk rows with blocks and columns with threads (grid-stride on both):
@@ -21,10 +22,6 @@
 //   a product is added the kernels use __fmul_rn / __fadd_rn / __fdiv_rn (and the f64
 //   equivalents): nvcc would otherwise fuse them, and the results would differ from the CPU
 //   in the last bit (gram_running_mean is specified as that exact f32 operation order).
-//   transpose_f32 goes through a padded 32×33 shared tile so both the read and the write are
-//   coalesced.
-
-#define FINALIZE_THREADS 256
 
 namespace {
 
@@ -100,30 +97,6 @@ extern "C" __global__ void axpy_f64_from_f32(double* B, const float* W, long lon
                                              double alpha) {
     for (long long i = grid_start(); i < n; i += grid_stride())
         B[i] = __dadd_rn(B[i], __dmul_rn(alpha, (double)W[i]));
-}
-
-// out[c*rows + r] = in[r*cols + c]. Blocks walk 32×32 tiles grid-stride (the loop bound only
-// depends on blockIdx, so the barriers inside are uniform per block). Needs 256 threads.
-extern "C" __global__ void __launch_bounds__(FINALIZE_THREADS)
-    transpose_f32(const float* in, float* out, int rows, int cols) {
-    __shared__ float tile[32][33];
-    const long long tiles_r = (rows + 31) / 32, tiles_c = (cols + 31) / 32;
-    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;  // 32 × 8
-    for (long long t = blockIdx.x; t < tiles_r * tiles_c; t += gridDim.x) {
-        const long long r0 = (t / tiles_c) * 32, c0 = (t % tiles_c) * 32;
-#pragma unroll
-        for (int k = 0; k < 32; k += 8) {
-            const long long r = r0 + ty + k, c = c0 + tx;
-            if (r < rows && c < cols) tile[ty + k][tx] = in[r * cols + c];
-        }
-        __syncthreads();
-#pragma unroll
-        for (int k = 0; k < 32; k += 8) {
-            const long long c = c0 + ty + k, r = r0 + tx;
-            if (r < rows && c < cols) out[c * rows + r] = tile[tx][ty + k];
-        }
-        __syncthreads();
-    }
 }
 
 // diag[i] = A[i*d+i]

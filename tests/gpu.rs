@@ -5,12 +5,17 @@
 
 mod common;
 
-use common::{assert_model_matches, fixtures, i64_tensor, rel_err};
+use std::path::Path;
+
+use common::{
+    assert_mentions, assert_model_matches, copy_dir, fixtures, i64_tensor, rel_err,
+    rewrite_safetensors, Pool,
+};
 use regmean_gpu::backend::cuda::{self, CudaDevice};
 use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
 use regmean_gpu::config::MergeConfig;
-use regmean_gpu::io::{Checkpoint, SafetensorsFile};
-use regmean_gpu::model::{Batch, ForwardHooks, Model};
+use regmean_gpu::io::{Checkpoint, Dtype, SafetensorsFile};
+use regmean_gpu::model::{linear_in_out, Batch, ForwardHooks, Model, ModelConfig};
 use regmean_gpu::progress::Silent;
 use regmean_gpu::regmean::{merge, MergeOptions};
 
@@ -165,4 +170,95 @@ fn merge_on_cuda_matches_the_cpu_engine() {
             assert_model_matches(&gpu, &cpu.join("model.safetensors"), tol);
         }
     }
+}
+
+/// A copy of the checkpoint directory `model` with every float tensor stored as `dtype`.
+fn stored_as(model: &Path, dtype: Dtype, to: &Path) {
+    copy_dir(model, to);
+    rewrite_safetensors(&to.join("model.safetensors"), |_, _, s, v| {
+        Some((dtype.clone(), s, v))
+    });
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn linear_weights_made_on_the_gpu_equal_the_host_decode() {
+    if !gpu_or_skip("linear_weights_made_on_the_gpu_equal_the_host_decode") {
+        return;
+    }
+    // GPT-2's Conv1D weights are stored [in, out], CLIP's nn.Linear [out, in] (transposed
+    // on the device); each in the three float types a checkpoint may use. The GPU must give
+    // the host's values bit for bit: the f32 copy for G'W, and the fused site weight in
+    // both precisions (the host path converts to f16 with the same rounding).
+    let dev = CudaDevice::open(0).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for pool in ["gpt2_pool", "clip_pool"] {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let dir = tmp.path().join(format!("{pool}-{}", dtype.name()));
+            stored_as(&fixtures().join(pool).join("task_a"), dtype.clone(), &dir);
+            let ckpt = Checkpoint::open(&dir).unwrap();
+            let sites = ModelConfig::from_checkpoint(&ckpt).unwrap().sites();
+            for site in &sites {
+                for m in &site.modules {
+                    let host = linear_in_out(&ckpt, m).unwrap();
+                    let gpu = cuda::weights::linear_in_out(&dev, &ckpt, m).unwrap();
+                    let gpu = dev.download(&gpu).unwrap();
+                    assert!(
+                        bits(&gpu[..host.len()]) == bits(&host),
+                        "{pool} {} {}: GPU weight differs from the host decode",
+                        dtype.name(),
+                        m.weight
+                    );
+                }
+                let fused = CpuBackend.site_weight(&ckpt, site).unwrap();
+                let (rows, cols) = CpuBackend.shape(&fused);
+                let fused = CpuBackend.download(&fused).unwrap();
+                for precision in [Precision::Float32, Precision::Float16] {
+                    let gpu = CudaBackend::new(dev.clone(), precision);
+                    let got = gpu
+                        .download(&gpu.site_weight(&ckpt, site).unwrap())
+                        .unwrap();
+                    let want = gpu
+                        .download(&gpu.upload(&fused, rows, cols).unwrap())
+                        .unwrap();
+                    assert!(
+                        bits(&got) == bits(&want),
+                        "{pool} {} {} {}: fused weight differs",
+                        dtype.name(),
+                        site.name,
+                        precision.name()
+                    );
+                }
+            }
+            eprintln!("{pool} {}: {} sites equal", dtype.name(), sites.len());
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_weight_is_named_as_stored_on_the_gpu_too() {
+    if !gpu_or_skip("a_non_finite_weight_is_named_as_stored_on_the_gpu_too") {
+        return;
+    }
+    // The device check finds it; the message is the host's (file, tensor, first element in
+    // the file's order).
+    let pool = Pool::of("clip_pool");
+    let expected = pool.poison_transposed_weight();
+    let cfg = MergeConfig::load(&pool.path("compat.yaml")).unwrap();
+    let dev = CudaDevice::open(0).unwrap();
+    let opts = MergeOptions {
+        device: Some(dev.clone()),
+        ..MergeOptions::default()
+    };
+    let out = pool.path("merged");
+    let backend = CudaBackend::new(dev, Precision::Float16);
+    let Err(err) = merge(&backend, &cfg, &out, &opts, &Silent) else {
+        panic!("the merge must refuse a non-finite weight");
+    };
+    let err = err.to_string();
+    assert_mentions(&err, &expected);
+    assert!(!out.exists(), "a failed merge left {}", out.display());
 }

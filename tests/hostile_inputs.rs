@@ -99,21 +99,8 @@ fn inf_in_a_transposed_linear_weight_is_named_as_stored() {
     // the first stored one (row 7, column 3 of [67, 45]), not the first transposed one
     // (the NaN at row 8, column 0 comes first in the transposed layout).
     let pool = Pool::of("clip_pool");
-    pool.edit("task_a/model.safetensors", |n, s, mut v| {
-        if n == "encoder.layers.0.mlp.fc1.weight" {
-            v[7 * 45 + 3] = f32::NEG_INFINITY;
-            v[8 * 45] = f32::NAN;
-        }
-        Some((s, v))
-    });
-    assert_mentions(
-        &pool.merge_fails("compat.yaml"),
-        &[
-            "task_a/model.safetensors",
-            "encoder.layers.0.mlp.fc1.weight",
-            "non-finite value (-inf) at element 318",
-        ],
-    );
+    let expected = pool.poison_transposed_weight();
+    assert_mentions(&pool.merge_fails("compat.yaml"), &expected);
 }
 
 #[test]

@@ -8,7 +8,11 @@ pub mod cuda;
 pub use cpu::{CpuBackend, CpuTensor};
 pub use cuda::forward::{CudaBackend, CudaTensor};
 
+use std::sync::Arc;
+
 use crate::error::Result;
+use crate::io::Checkpoint;
+use crate::model::{shared_linear_in_out, Site};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -93,6 +97,25 @@ pub trait Backend {
         self.upload(&data, rows, cols)
     }
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// The `[in, Σ out]` weight of the linear layer(s) `site` feeds, read from `ckpt` and
+    /// fused along the output (CLIP's q, k and v become one `[d, 3d]` matrix, the layout of
+    /// GPT-2's c_attn). Decoded on the host here; a GPU makes it from the stored bytes.
+    fn site_weight(&self, ckpt: &Checkpoint, site: &Site) -> Result<Self::Tensor> {
+        let parts: Vec<Arc<Vec<f32>>> = crate::profile::span("load: decode + transpose", || {
+            site.modules
+                .iter()
+                .map(|m| shared_linear_in_out(ckpt, m))
+                .collect::<Result<_>>()
+        })?;
+        let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
+        let mut w = Vec::with_capacity(site.dim * out);
+        for r in 0..site.dim {
+            for (part, m) in parts.iter().zip(&site.modules) {
+                w.extend_from_slice(&part[r * m.out_dim..(r + 1) * m.out_dim]);
+            }
+        }
+        crate::profile::span("load: upload", || self.upload_owned(w, site.dim, out))
+    }
     /// The tensor's values on the host, giving the tensor up (no copy where it is there).
     fn download_owned(&self, t: Self::Tensor) -> Result<Vec<f32>> {
         self.download(&t)

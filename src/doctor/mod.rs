@@ -92,6 +92,7 @@ pub fn run(bench: bool, say: &dyn Fn(&str)) -> Result<Report> {
         checks.push(check_gram(&dev, &mut rng, d, rows, ldx, masked, false)?);
     }
     checks.extend(check_finalize(&dev, &mut rng)?);
+    checks.extend(check_weights(&dev, &mut rng)?);
     checks.push(check_device_gram(&dev, &mut rng, true)?);
     checks.push(check_device_gram(&dev, &mut rng, false)?);
     checks.push(check_sums_and_solve(&dev, &mut rng)?);
@@ -432,25 +433,6 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         EXACT,
     ));
 
-    let (rows, cols) = (33usize, 51usize);
-    let t_in = rng.normals(rows * cols, 1.0);
-    let tin = dev.upload(&t_in, "in")?;
-    let mut tout = dev.upload(&vec![f32::NAN; rows * cols], "out")?;
-    let (ri, ci) = (rows as i32, cols as i32);
-    launch!(dev, "transpose_f32", rows * cols, &tin, &mut tout, &ri, &ci);
-    let want: Vec<f64> = (0..rows * cols)
-        .map(|k| {
-            let (c, r) = (k / rows, k % rows);
-            t_in[r * cols + c] as f64
-        })
-        .collect();
-    out.push(check(
-        "transpose_f32".into(),
-        &f64s(&dev.download(&tout)?),
-        &want,
-        EXACT,
-    ));
-
     for (label, poison) in [
         ("any_nonfinite_f32 (clean)", None),
         ("any_nonfinite_f32 (NaN)", Some(f32::NAN)),
@@ -473,6 +455,50 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
 }
 
 /// `DeviceGram` over three batches against the CPU engine's accumulator.
+/// kernels/weights.cu's stored → f32 conversion (straight and transposed, from each float
+/// type a checkpoint may hold) against the host decode, which it must equal bit for bit.
+fn check_weights(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
+    use crate::io::safetensors::{decode_f32, decode_f32_transposed};
+    use crate::io::Dtype;
+    let (rows, cols) = (45usize, 70usize);
+    let values = rng.normals(rows * cols, 3.0);
+    let mut out = Vec::new();
+    for (dtype, kernel) in [
+        (Dtype::F32, "stored_to_f32_f32"),
+        (Dtype::F16, "stored_to_f32_f16"),
+        (Dtype::BF16, "stored_to_f32_bf16"),
+    ] {
+        let bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|&v| match dtype {
+                Dtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                Dtype::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                _ => v.to_le_bytes().to_vec(),
+            })
+            .collect();
+        let stored = dev.upload(&bytes, "stored weight")?;
+        for transposed in [false, true] {
+            let got = cuda::weights::stored_to_f32(dev, kernel, &stored, rows, cols, transposed)?;
+            let want = if transposed {
+                decode_f32_transposed(&dtype, &bytes, rows, cols)
+            } else {
+                decode_f32(&dtype, &bytes)
+            }
+            .expect("a float type");
+            out.push(check(
+                format!(
+                    "{kernel} ({})",
+                    if transposed { "transposed" } else { "straight" }
+                ),
+                &f64s(&dev.download(&got)?),
+                &f64s(&want),
+                EXACT,
+            ));
+        }
+    }
+    Ok(out)
+}
+
 fn check_device_gram(dev: &Arc<CudaDevice>, rng: &mut Rng, compat: bool) -> Result<Check> {
     let d = 96;
     let mut gpu = DeviceGram::new(dev, d, compat)?;

@@ -8,6 +8,7 @@
 //!   bare keys (`encoder.layers...`) get the prefix, and a full `CLIPModel`'s text tower and
 //!   projections are not backbone.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +67,9 @@ impl Arch {
     }
 }
 
+/// A value [`Checkpoint::keep`] holds: a host decode, or a weight's copy on a GPU.
+type Kept = Arc<dyn Any + Send + Sync>;
+
 pub struct Checkpoint {
     dir: PathBuf,
     config: serde_json::Value,
@@ -75,7 +79,7 @@ pub struct Checkpoint {
     backbone: BTreeMap<String, (usize, String)>,
     /// Decoded tensors kept between their first and last use in a merge (a linear weight is
     /// read for the forward pass, then again for G'W): each is decoded once.
-    decoded: Mutex<HashMap<String, Arc<Vec<f32>>>>,
+    decoded: Mutex<HashMap<String, Kept>>,
     keeping: AtomicBool,
 }
 
@@ -87,36 +91,39 @@ impl Checkpoint {
     }
 
     /// A derived tensor under `key`, computed by `make` the first time and, when keeping is
-    /// on, kept for a later [`Checkpoint::take_kept`].
-    pub fn keep(
+    /// on, kept for a later [`Checkpoint::take_kept`]. The host decode and the GPU's copy of
+    /// a weight are both kept this way, under different keys.
+    pub fn keep<T: Any + Send + Sync>(
         &self,
         key: &str,
-        make: impl FnOnce() -> Result<Vec<f32>>,
-    ) -> Result<Arc<Vec<f32>>> {
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
         if !self.keeping.load(Ordering::Relaxed) {
             return make().map(Arc::new);
         }
-        if let Some(v) = self.kept().get(key) {
-            return Ok(v.clone());
+        if let Some(v) = self.kept().get(key).cloned() {
+            if let Ok(v) = v.downcast::<T>() {
+                return Ok(v);
+            }
         }
         let v = Arc::new(make()?);
         self.kept().insert(key.to_string(), v.clone());
         Ok(v)
     }
 
-    /// The tensor kept under `key` (then forgotten), or `make`'s when none was kept.
-    pub fn take_kept(
+    /// The value kept under `key` (then forgotten), or `make`'s when none of type T was kept.
+    pub fn take_kept<T: Any + Send + Sync>(
         &self,
         key: &str,
-        make: impl FnOnce() -> Result<Vec<f32>>,
-    ) -> Result<Arc<Vec<f32>>> {
-        match self.kept().remove(key) {
-            Some(v) => Ok(v),
-            None => make().map(Arc::new),
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
+        match self.kept().remove(key).map(|v| v.downcast::<T>()) {
+            Some(Ok(v)) => Ok(v),
+            _ => make().map(Arc::new),
         }
     }
 
-    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Vec<f32>>>> {
+    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
         // Entries are inserted whole: a panic elsewhere cannot leave one half-made.
         self.decoded
             .lock()

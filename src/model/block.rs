@@ -1,9 +1,7 @@
 //! The pieces GPT-2 and the CLIP encoder share: LayerNorm, a linear layer (optionally fused
 //! over the modules of a site), and the pre-LN transformer block with its four Gram sites.
 
-use std::sync::Arc;
-
-use super::{shared_linear_in_out, GramSink, Site};
+use super::{GramSink, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::Result;
 use crate::io::Checkpoint;
@@ -48,31 +46,18 @@ pub(crate) struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// The linear layer(s) a site feeds, fused along the output when there are several
-    /// (CLIP's q, k and v become one `[d, 3d]` GEMM, the layout of GPT-2's c_attn).
+    /// ([`Backend::site_weight`]), with their biases.
     pub fn load_site(backend: &B, ckpt: &Checkpoint, site: &Site) -> Result<Self> {
-        let parts: Vec<Arc<Vec<f32>>> = crate::profile::span("load: decode + transpose", || {
-            site.modules
-                .iter()
-                .map(|m| shared_linear_in_out(ckpt, m))
-                .collect::<Result<_>>()
-        })?;
+        let w = backend.site_weight(ckpt, site)?;
         let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
-        let mut w = Vec::with_capacity(site.dim * out);
-        for r in 0..site.dim {
-            for (part, m) in parts.iter().zip(&site.modules) {
-                w.extend_from_slice(&part[r * m.out_dim..(r + 1) * m.out_dim]);
-            }
-        }
         let mut b = Vec::with_capacity(out);
         for m in &site.modules {
             let name = format!("{}.bias", m.weight.trim_end_matches(".weight"));
             b.extend(ckpt.f32_shaped(&name, &[m.out_dim])?);
         }
-        crate::profile::span("load: upload", || {
-            Ok(Linear {
-                w: backend.upload_owned(w, site.dim, out)?,
-                b: backend.upload_owned(b, 1, out)?,
-            })
+        Ok(Linear {
+            w,
+            b: backend.upload_owned(b, 1, out)?,
         })
     }
 

@@ -24,9 +24,7 @@ use crate::error::{Error, Result};
 use crate::io::safetensors::{OutTensor, TensorData};
 use crate::io::writer::{copy_sidecars, write_model_tensors, OutputDir};
 use crate::io::{Arch, Checkpoint, Dtype};
-use crate::model::{
-    shared_linear_in_out, take_linear_in_out, transpose, LinearModule, ModelConfig, Site,
-};
+use crate::model::{take_linear_in_out, transpose, LinearModule, ModelConfig, Site};
 use crate::progress::{Event, Observer};
 
 pub struct MergeOptions {
@@ -145,8 +143,9 @@ pub fn merge<B: Backend>(
     let mut model_load = Duration::ZERO;
     let mut sums_time = Duration::ZERO;
     let t0 = Instant::now();
-    // Linear weights are read for the forward pass and again for G'W: decoded once. On a
-    // GPU, the next model's are decoded on another thread while this one computes.
+    // Linear weights are read for the forward pass and again for G'W: made once (decoded on
+    // the host, or on a GPU from the stored bytes). On a GPU, the next model's pages are
+    // read in on another thread while this one computes.
     let forward_runs = |entry: &ModelEntry| regmean && entry.grams.is_none();
     let ahead = opts.device.is_some();
     std::thread::scope(|scope| -> Result<()> {
@@ -160,9 +159,8 @@ pub fn merge<B: Backend>(
                 };
                 if let Some(following) = cfg.models.get(index + 1).filter(|_| ahead) {
                     let sites = &sites;
-                    let predecode = forward_runs(following);
-                    next =
-                        Some(scope.spawn(move || open_prepared(following, sites, predecode, true)));
+                    let keep = forward_runs(following);
+                    next = Some(scope.spawn(move || open_prepared(following, sites, keep, true)));
                 }
                 check_compatible(&base, &model_cfg, &ckpt)?;
                 let mut report = ModelReport {
@@ -317,21 +315,26 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
     base_cfg.check_checkpoint(ckpt)
 }
 
-/// Opens a task model set to keep the linear weights it decodes; with `decode_now`, decodes
-/// them all at once (ahead of its turn, on another thread). Decoding errors are left for
-/// the checks that follow on the merge's own thread, which report them in order.
+/// Opens a task model set to keep the linear weights it makes; with `ahead` (on another
+/// thread, before its turn, for a GPU merge), reads through their stored bytes so that the
+/// pages are in memory when they are copied to the device. Errors are left for the checks
+/// that follow on the merge's own thread, which report them in order.
 fn open_prepared(
     entry: &ModelEntry,
     sites: &[Site],
     keep: bool,
-    decode_now: bool,
+    ahead: bool,
 ) -> Result<Checkpoint> {
     let ckpt = Checkpoint::open(&entry.model)?;
     ckpt.set_keeping(keep);
-    if keep && decode_now {
-        crate::profile::span("ahead: decode + transpose", || {
+    if keep && ahead {
+        crate::profile::span("ahead: fault in stored weights", || {
             for m in sites.iter().flat_map(|s| &s.modules) {
-                let _ = shared_linear_in_out(&ckpt, m);
+                if let Ok(bytes) = ckpt.bytes(&m.weight) {
+                    // One read per page maps it (and reads it from disk when it is not cached).
+                    let touched = bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b);
+                    std::hint::black_box(touched);
+                }
             }
         });
     }
@@ -634,10 +637,10 @@ fn add_products(
         .zip(sums.iter_mut())
         .filter(|(m, _)| m.site == si)
     {
-        let host = span("sums: decode + transpose", || {
-            take_linear_in_out(ckpt, &m.module)
+        // Made by the forward pass from the stored bytes (or now, for Grams read from a file).
+        let weights = span("sums: weight on the GPU", || {
+            crate::backend::cuda::weights::take_linear_in_out(dev, ckpt, &m.module)
         })?;
-        let weights = span("sums: upload", || dev.upload(&host, "linear weight"))?;
         span("sums: G'W (enqueue)", || {
             sums.add(dev, &site.reduced, &weights)
         })?;

@@ -9,7 +9,7 @@ use regmean_gpu::io::safetensors::{write_file, OutTensor, TensorData};
 
 pub use regmean_gpu::compare::rel_err;
 
-use regmean_gpu::io::SafetensorsFile;
+use regmean_gpu::io::{Dtype, SafetensorsFile};
 
 /// The repository root: `REGMEAN_REPO` when set (test binaries carried to another machine,
 /// such as the GPU check), else the crate directory this was built in.
@@ -93,32 +93,28 @@ impl Pool {
         rel: &str,
         edit: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(Vec<usize>, Vec<f32>)>,
     ) {
-        let path = self.path(rel);
-        let f = SafetensorsFile::open(&path).unwrap();
-        let kept: Vec<(String, regmean_gpu::io::Dtype, Vec<usize>, Vec<f32>)> = f
-            .tensors()
-            .iter()
-            .filter_map(|(n, e)| {
-                edit(n, e.shape.clone(), f.to_f32(n).unwrap())
-                    .map(|(s, v)| (n.clone(), e.dtype.clone(), s, v))
-            })
-            .collect();
-        drop(f);
-        let out: Vec<OutTensor> = kept
-            .iter()
-            .map(|(n, d, s, v)| OutTensor {
-                name: n.clone(),
-                dtype: d.clone(),
-                shape: s.clone(),
-                data: TensorData::F32(v),
-            })
-            .collect();
-        write_file(
-            &path,
-            &out,
-            &BTreeMap::from([("format".into(), "pt".into())]),
-        )
-        .unwrap();
+        rewrite_safetensors(&self.path(rel), |n, d, s, v| {
+            edit(n, s, v).map(|(s, v)| (d, s, v))
+        });
+    }
+
+    /// Puts -inf at row 7, column 3 and NaN at row 8, column 0 of task_a's
+    /// `encoder.layers.0.mlp.fc1.weight` (a CLIP pool's; stored `[67, 45]`, `[out, in]`):
+    /// the first non-finite value in the file's order is the -inf, in the transposed
+    /// layout the NaN. Returns what the error must mention.
+    pub fn poison_transposed_weight(&self) -> [&'static str; 3] {
+        self.edit("task_a/model.safetensors", |n, s, mut v| {
+            if n == "encoder.layers.0.mlp.fc1.weight" {
+                v[7 * 45 + 3] = f32::NEG_INFINITY;
+                v[8 * 45] = f32::NAN;
+            }
+            Some((s, v))
+        });
+        [
+            "task_a/model.safetensors",
+            "encoder.layers.0.mlp.fc1.weight",
+            "non-finite value (-inf) at element 318",
+        ]
     }
 
     /// Runs `regmean-gpu merge CONFIG OUT EXTRA...` on the pool.
@@ -154,6 +150,40 @@ impl Pool {
         assert!(left.is_empty(), "left behind: {left:?}");
         errors[0].to_string()
     }
+}
+
+/// Rewrites a safetensors file through `edit(name, dtype, shape, values)`: the values are
+/// written in the dtype returned; None drops a tensor.
+#[allow(clippy::type_complexity)]
+pub fn rewrite_safetensors(
+    path: &Path,
+    edit: impl Fn(&str, Dtype, Vec<usize>, Vec<f32>) -> Option<(Dtype, Vec<usize>, Vec<f32>)>,
+) {
+    let f = SafetensorsFile::open(path).unwrap();
+    let kept: Vec<(String, Dtype, Vec<usize>, Vec<f32>)> = f
+        .tensors()
+        .iter()
+        .filter_map(|(n, e)| {
+            edit(n, e.dtype.clone(), e.shape.clone(), f.to_f32(n).unwrap())
+                .map(|(d, s, v)| (n.clone(), d, s, v))
+        })
+        .collect();
+    drop(f);
+    let out: Vec<OutTensor> = kept
+        .iter()
+        .map(|(n, d, s, v)| OutTensor {
+            name: n.clone(),
+            dtype: d.clone(),
+            shape: s.clone(),
+            data: TensorData::F32(v),
+        })
+        .collect();
+    write_file(
+        path,
+        &out,
+        &BTreeMap::from([("format".into(), "pt".into())]),
+    )
+    .unwrap();
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {

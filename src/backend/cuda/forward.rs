@@ -12,9 +12,11 @@ use cudarc::driver::{
 use half::f16;
 
 use super::gram::{launch_gram, Activations};
-use super::{c_int, check_len, elementwise, mul, CudaDevice};
+use super::{c_int, check_len, elementwise, mul, weights, CudaDevice};
 use crate::backend::{Activation, AttentionShape, Backend, GramUpdate, Precision};
 use crate::error::{Error, Result};
+use crate::io::Checkpoint;
+use crate::model::Site;
 
 /// Mirrors of the launch contract in kernels/forward.cu.
 const ATTN_WARPS: usize = 4;
@@ -618,6 +620,49 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// A site's fused `[in, Σ out]` weight, made on the device from each module's f32
+    /// `[in, out]` copy (kept on the checkpoint for G'W when it keeps values).
+    fn site_weight_t<T: Elem>(&self, ckpt: &Checkpoint, site: &Site) -> Result<CudaTensor> {
+        let out_dim: usize = site.modules.iter().map(|m| m.out_dim).sum();
+        let mut w = self.output::<T>(site.dim, out_dim, "linear weight")?;
+        let f = self
+            .dev
+            .function("weights", &format!("place_columns_{}", T::SUFFIX))?;
+        let (rows, ld) = (c_int("in", site.dim)?, c_int("out", out_dim)?);
+        let mut offset = 0usize;
+        for m in &site.modules {
+            if m.in_dim != site.dim {
+                return Err(Error::Backend(format!(
+                    "site {}: module {} takes {} inputs, the site has {}",
+                    site.name, m.weight, m.in_dim, site.dim
+                )));
+            }
+            let part = crate::profile::span("load: weights on the GPU", || {
+                weights::shared_linear_in_out(&self.dev, ckpt, m)
+            })?;
+            let n = mul("linear weight", site.dim, m.out_dim)?;
+            check_len("linear weight", part.len(), n)?;
+            if n > 0 {
+                let (cols, off) = (c_int("out", m.out_dim)?, c_int("offset", offset)?);
+                let mut b = self.dev.stream().launch_builder(&f);
+                b.arg(&*part)
+                    .arg(T::view_mut(&mut w)?)
+                    .arg(&rows)
+                    .arg(&cols)
+                    .arg(&ld)
+                    .arg(&off);
+                // SAFETY: (const float*, T*, int, int, int, int) as pushed; part holds
+                // in·out values (checked), w in·Σout, and offset + out ≤ Σout: every write
+                // r·ld + offset + c lies inside w.
+                unsafe { b.launch(elementwise(n)) }?;
+            }
+            offset += m.out_dim;
+        }
+        // Every column of w was written above (the modules' widths sum to Σ out), as
+        // `output` requires.
+        Ok(w)
+    }
+
     fn gather_rows_t<T: Elem>(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
         if let Some(bad) = rows.iter().find(|&&r| r >= x.rows) {
             return Err(Error::Backend(format!(
@@ -742,6 +787,10 @@ impl Backend for CudaBackend {
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         by_precision!(self.upload_t(data, rows, cols))
+    }
+
+    fn site_weight(&self, ckpt: &Checkpoint, site: &Site) -> Result<CudaTensor> {
+        by_precision!(self.site_weight_t(ckpt, site))
     }
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {

@@ -10,6 +10,7 @@
 pub mod forward;
 pub mod gram;
 pub mod solve;
+pub mod weights;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -208,17 +208,7 @@ pub(crate) fn transpose(
     rows: usize,
     cols: usize,
 ) -> Result<CudaSlice<f32>> {
-    let n = mul("transpose", rows, cols)?;
-    check_len("transpose input", x.len(), n)?;
-    let mut out = dev.zeros::<f32>(n, "transpose")?;
-    let f = dev.function("finalize", "transpose_f32")?;
-    let (r, c) = (c_int("rows", rows)?, c_int("cols", cols)?);
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(x).arg(&mut out).arg(&r).arg(&c);
-    // SAFETY: (const float*, float*, int, int) as pushed; x and out hold rows·cols values;
-    // elementwise launches the exactly 256 threads the kernel needs.
-    unsafe { b.launch(elementwise(n)) }?;
-    Ok(out)
+    super::weights::stored_to_f32(dev, "stored_to_f32_f32", x, rows, cols, true)
 }
 
 /// y += alpha·(f64)x over the first n elements.
