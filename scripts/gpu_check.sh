@@ -7,6 +7,7 @@
 #   kernel-bench: doctor's kernel checks, then the GPU and CPU kernel timings).
 # Five files go to $OUT (or gpu-logs/); a summary table is printed last. Run from the repo root:
 #   bash scripts/gpu_check.sh [BUNDLE_DIR]
+# STEPS="doctor gpu-tests" runs only the steps named; STEP_TIMEOUT bounds each (150 s).
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 out=${OUT:-gpu-logs}
@@ -15,6 +16,8 @@ bin="$bundle/regmean-gpu"
 declare -a summary
 step() { # name, command...
   local name=$1; shift
+  # STEPS="doctor gpu-tests ..." runs only those (a second run on a short lease).
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
   local start=$(date +%s)
   # Each step is bounded so that one hang cannot eat the machine's whole lease.
   if timeout "${STEP_TIMEOUT:-150}" bash -c "$*" > "$out/$name.log" 2>&1; then r=PASS; else r=FAIL; fi

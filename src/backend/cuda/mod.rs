@@ -122,7 +122,7 @@ pub fn select(choice: DeviceChoice) -> Result<Option<Arc<CudaDevice>>> {
     match choice {
         DeviceChoice::Cpu => Ok(None),
         DeviceChoice::Auto => {
-            let p = probe();
+            let p = crate::profile::span("cuda: probe", probe);
             if p.unavailable_reason().is_some() {
                 Ok(None)
             } else {
@@ -130,7 +130,7 @@ pub fn select(choice: DeviceChoice) -> Result<Option<Arc<CudaDevice>>> {
             }
         }
         DeviceChoice::Cuda(n) => {
-            let p = probe();
+            let p = crate::profile::span("cuda: probe", probe);
             if let Some(why) = p.unavailable_reason() {
                 return Err(Error::invalid(format!(
                     "--device cuda:{n}: {why}; use --device cpu"
@@ -165,15 +165,17 @@ impl CudaDevice {
         if let Some(why) = probe().unavailable_reason() {
             return Err(Error::invalid(format!("cannot use the GPU: {why}")));
         }
-        Self::on_stream(CudaContext::new(ordinal)?.default_stream())
+        let ctx = crate::profile::span("cuda: context", || CudaContext::new(ordinal))?;
+        Self::on_stream(ctx.default_stream())
     }
 
     /// Binds to a stream the caller owns (a CUDA pipeline's own stream): every kernel,
     /// cuBLAS and cuSOLVER call of this device is then ordered on that stream.
     pub fn on_stream(stream: Arc<CudaStream>) -> Result<Arc<Self>> {
         let ordinal = stream.context().ordinal();
-        let blas = CudaBlas::new(stream.clone())?;
-        let solver = DnHandle::new(stream.clone())?;
+        let blas = crate::profile::span("cuda: cuBLAS handle", || CudaBlas::new(stream.clone()))?;
+        let solver =
+            crate::profile::span("cuda: cuSOLVER handle", || DnHandle::new(stream.clone()))?;
         Ok(Arc::new(CudaDevice {
             ordinal,
             stream,
@@ -307,7 +309,7 @@ impl CudaDevice {
     }
 }
 
-fn oom(e: cudarc::driver::DriverError, what: &str, bytes: usize) -> Error {
+pub(crate) fn oom(e: cudarc::driver::DriverError, what: &str, bytes: usize) -> Error {
     if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         Error::OutOfMemory {
             what: what.to_string(),
