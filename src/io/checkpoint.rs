@@ -117,7 +117,9 @@ impl Checkpoint {
         key: &str,
         make: impl FnOnce() -> Result<T>,
     ) -> Result<Arc<T>> {
-        match self.kept().remove(key).map(|v| v.downcast::<T>()) {
+        // Out of the lock before `make`, which may read this checkpoint's kept values too.
+        let kept = self.kept().remove(key);
+        match kept.map(|v| v.downcast::<T>()) {
             Some(Ok(v)) => Ok(v),
             _ => make().map(Arc::new),
         }
@@ -436,7 +438,43 @@ pub(crate) fn first_non_finite(v: &[f32]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::first_non_finite;
+    use super::{first_non_finite, Checkpoint};
+    use crate::error::Error;
+
+    #[test]
+    fn kept_values_are_typed_and_made_without_the_lock_held() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gpt2_pool/task_a");
+        let ckpt = Checkpoint::open(dir).unwrap();
+        ckpt.set_keeping(true);
+        let a = ckpt.keep("a", || Ok(vec![1.0f32, 2.0])).unwrap();
+        assert!(std::sync::Arc::ptr_eq(
+            &a,
+            &ckpt.keep("a", || Ok(vec![9.0f32])).unwrap()
+        ));
+        // A make that reads another kept value (a weight made from staged bytes would) must
+        // not find the map locked; a value asked for as another type is not handed out.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let b = ckpt.take_kept("b", || {
+                    let inner = ckpt.take_kept::<Vec<f32>>("a", || Err(Error::invalid("gone")))?;
+                    Ok(inner.iter().sum::<f32>())
+                });
+                let _ = done.send(b.map(|b| *b).ok());
+            });
+            let b = finished.recv_timeout(std::time::Duration::from_secs(20));
+            // A deadlocked thread cannot be joined: leave the process rather than hang.
+            if b.is_err() {
+                eprintln!("take_kept deadlocked: `make` ran with the map locked");
+                std::process::exit(101);
+            }
+            assert_eq!(b.unwrap(), Some(3.0));
+        });
+        ckpt.keep("c", || Ok(5u32)).unwrap();
+        let c = ckpt.take_kept::<Vec<f32>>("c", || Ok(vec![7.0])).unwrap();
+        assert_eq!(*c, vec![7.0]);
+    }
 
     #[test]
     fn first_non_finite_finds_the_first_nan_or_inf_anywhere() {

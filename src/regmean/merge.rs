@@ -16,7 +16,6 @@ use super::gram::{accumulate_grams, DeviceGrams, ModelGrams};
 use super::solve::{solve_layer, SolveOutcome};
 use super::stats::{self, GramFileInfo};
 use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
-use crate::backend::cuda::weights::StagingPool;
 use crate::backend::cuda::CudaDevice;
 use crate::backend::Backend;
 use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry};
@@ -145,14 +144,10 @@ pub fn merge<B: Backend>(
     let mut sums_time = Duration::ZERO;
     let t0 = Instant::now();
     // Linear weights are read for the forward pass and again for G'W: made once (decoded on
-    // the host, or on a GPU from the stored bytes). On a GPU, the next model's stored bytes
-    // are staged in page-locked memory on another thread while this one computes.
+    // the host, or on a GPU from the stored bytes). On a GPU, the next model's pages are
+    // read in on another thread while this one computes.
     let forward_runs = |entry: &ModelEntry| regmean && entry.grams.is_none();
-    let staging = opts
-        .device
-        .as_ref()
-        .filter(|_| regmean)
-        .map(|dev| StagingPool::new(dev));
+    let ahead = opts.device.is_some();
     std::thread::scope(|scope| -> Result<()> {
         let mut next = None;
         let mut run = || -> Result<()> {
@@ -160,14 +155,12 @@ pub fn merge<B: Backend>(
                 let name = entry.display_name();
                 let ckpt = match next.take() {
                     Some(handle) => join_prepared(handle)?,
-                    None => open_prepared(entry, &sites, forward_runs(entry), None)?,
+                    None => open_prepared(entry, &sites, forward_runs(entry), false)?,
                 };
-                let following = cfg.models.get(index + 1);
-                if let (Some(following), Some(staging)) = (following, &staging) {
+                if let Some(following) = cfg.models.get(index + 1).filter(|_| ahead) {
                     let sites = &sites;
-                    next = Some(
-                        scope.spawn(move || open_prepared(following, sites, true, Some(staging))),
-                    );
+                    let keep = forward_runs(following);
+                    next = Some(scope.spawn(move || open_prepared(following, sites, keep, true)));
                 }
                 check_compatible(&base, &model_cfg, &ckpt)?;
                 let mut report = ModelReport {
@@ -235,7 +228,8 @@ pub fn merge<B: Backend>(
     let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
     let mut fallbacks = Vec::new();
     for (done, m) in sums.modules.iter().enumerate() {
-        let (w, outcome) = sums.solve(done, m.site, &m.module)?;
+        let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
+        let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
         if outcome.is_fallback() {
             observer.event(Event::Warning(format!(
                 "{}: {}",
@@ -244,6 +238,11 @@ pub fn merge<B: Backend>(
             )));
             fallbacks.push((m.module.weight.clone(), outcome));
         }
+        let w = if m.module.transposed {
+            transpose(&w, d_in, d_out)
+        } else {
+            w
+        };
         merged.insert(m.module.weight.clone(), w);
         observer.event(Event::Solved { done: done + 1 });
     }
@@ -316,21 +315,27 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
     base_cfg.check_checkpoint(ckpt)
 }
 
-/// Opens a task model set to keep the linear weights it makes; with `staging` (on another
-/// thread, before its turn, for a GPU merge), copies their stored bytes into page-locked
-/// buffers for the copies to the device. Errors are left for the checks that follow on the
-/// merge's own thread, which report them in order.
+/// Opens a task model set to keep the linear weights it makes; with `ahead` (on another
+/// thread, before its turn, for a GPU merge), reads through their stored bytes so that the
+/// pages are in memory when they are copied to the device. Errors are left for the checks
+/// that follow on the merge's own thread, which report them in order.
 fn open_prepared(
     entry: &ModelEntry,
     sites: &[Site],
     keep: bool,
-    staging: Option<&Arc<StagingPool>>,
+    ahead: bool,
 ) -> Result<Checkpoint> {
     let ckpt = Checkpoint::open(&entry.model)?;
     ckpt.set_keeping(keep);
-    if let Some(pool) = staging.filter(|_| keep) {
-        crate::profile::span("ahead: stage stored weights", || {
-            pool.stage(&ckpt, sites.iter().flat_map(|s| &s.modules))
+    if keep && ahead {
+        crate::profile::span("ahead: fault in stored weights", || {
+            for m in sites.iter().flat_map(|s| &s.modules) {
+                if let Ok(bytes) = ckpt.bytes(&m.weight) {
+                    // One read per page maps it (and reads it from disk when it is not cached).
+                    let touched = bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b);
+                    std::hint::black_box(touched);
+                }
+            }
         });
     }
     Ok(ckpt)
@@ -573,26 +578,19 @@ impl RunningSums {
         Ok(())
     }
 
-    /// Solves module `index` (its site `site`): the merged weights in the module's stored
-    /// layout (`[out, in]` for nn.Linear, `[in, out]` for Conv1D), and how.
+    /// Solves module `index` (its site `site`): the merged weights `[in, out]` and how.
     fn solve(
         &self,
         index: usize,
         site: usize,
-        module: &LinearModule,
+        d_in: usize,
+        d_out: usize,
     ) -> Result<(Vec<f32>, SolveOutcome)> {
-        let (d_in, d_out) = (module.in_dim, module.out_dim);
         let k = self.count;
         match &self.linear {
             LinearSums::Host { gram, gw, w } => {
                 let w_mean: Vec<f32> = w[index].iter().map(|v| v / k as f32).collect();
-                let (w, outcome) = solve_layer(&gram[site], &gw[index], &w_mean, d_in, d_out);
-                let w = if module.transposed {
-                    transpose(&w, d_in, d_out)
-                } else {
-                    w
-                };
-                Ok((w, outcome))
+                Ok(solve_layer(&gram[site], &gw[index], &w_mean, d_in, d_out))
             }
             LinearSums::Device {
                 dev,
@@ -609,12 +607,6 @@ impl RunningSums {
                     d_in,
                     d_out,
                 )?;
-                // Transposed where it is, before the copy back: the host would take longer.
-                let x = if module.transposed {
-                    crate::backend::cuda::solve::transpose(dev, &x, d_in, d_out)?
-                } else {
-                    x
-                };
                 Ok((dev.download(&x)?, outcome))
             }
         }

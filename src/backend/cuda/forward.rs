@@ -3,13 +3,11 @@
 //! kernels/forward.cu, and the Gram of every linear input taken from the activation buffer
 //! in place. The CPU backend is its oracle (`doctor`, tests/gpu.rs).
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cudarc::cublas::sys as bs;
 use cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PinnedHostSlice, PushKernelArg,
-    ValidAsZeroBits,
+    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use half::f16;
 
@@ -49,7 +47,7 @@ impl CudaTensor {
 }
 
 /// An element type the forward kernels come in.
-trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync + 'static {
+trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + 'static {
     const SUFFIX: &'static str;
     const CUDA_TYPE: bs::cudaDataType;
     fn view(t: &CudaTensor) -> Result<&CudaSlice<Self>>;
@@ -57,10 +55,6 @@ trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + Send + Sync 
     fn wrap(s: CudaSlice<Self>, rows: usize, cols: usize) -> CudaTensor;
     fn from_f32(data: &[f32]) -> Vec<Self>;
     fn to_f32(data: Vec<Self>) -> Vec<f32>;
-    /// `dst[i] = src[i]` converted (same lengths).
-    fn convert_into(dst: &mut [Self], src: &[f32]);
-    /// The backend's page-locked buffers for input batches of this type.
-    fn staging(b: &CudaBackend) -> &Mutex<VecDeque<PinnedHostSlice<Self>>>;
 }
 
 fn wrong_type(want: &str) -> Error {
@@ -102,12 +96,6 @@ impl Elem for f32 {
     fn to_f32(data: Vec<f32>) -> Vec<f32> {
         data
     }
-    fn convert_into(dst: &mut [f32], src: &[f32]) {
-        dst.copy_from_slice(src);
-    }
-    fn staging(b: &CudaBackend) -> &Mutex<VecDeque<PinnedHostSlice<f32>>> {
-        &b.staging_f32
-    }
 }
 
 impl Elem for f16 {
@@ -120,14 +108,6 @@ impl Elem for f16 {
             .with_min_len(1 << 16)
             .map(|&v| f16::from_f32(v))
             .collect()
-    }
-    fn convert_into(dst: &mut [f16], src: &[f32]) {
-        dst.iter_mut()
-            .zip(src)
-            .for_each(|(d, &s)| *d = f16::from_f32(s));
-    }
-    fn staging(b: &CudaBackend) -> &Mutex<VecDeque<PinnedHostSlice<f16>>> {
-        &b.staging_f16
     }
     fn to_f32(data: Vec<f16>) -> Vec<f32> {
         use rayon::prelude::*;
@@ -156,15 +136,7 @@ pub struct CudaBackend {
     dev: Arc<CudaDevice>,
     precision: Precision,
     last_mask: std::sync::Mutex<Option<UploadedMask>>,
-    /// Page-locked buffers the input batches go through, oldest first: a copy from them is
-    /// asynchronous, one from pageable memory holds the thread for the transfer.
-    staging_f32: Mutex<VecDeque<PinnedHostSlice<f32>>>,
-    staging_f16: Mutex<VecDeque<PinnedHostSlice<f16>>>,
 }
-
-/// Batches in flight through page-locked buffers before the oldest buffer is reused (and
-/// waited for, if the GPU has not copied it yet).
-const STAGED_BATCHES: usize = 3;
 
 impl CudaBackend {
     pub fn new(dev: Arc<CudaDevice>, precision: Precision) -> Self {
@@ -172,8 +144,6 @@ impl CudaBackend {
             dev,
             precision,
             last_mask: std::sync::Mutex::new(None),
-            staging_f32: Mutex::new(VecDeque::new()),
-            staging_f16: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -226,44 +196,6 @@ impl CudaBackend {
         }
         let host = T::from_f32(data);
         Ok(T::wrap(self.dev.upload(&host, "tensor")?, rows, cols))
-    }
-
-    /// `data` converted to T on the device, through a page-locked buffer (pageable memory
-    /// when none can be had): the copy runs while the host goes on.
-    fn upload_staged<T: Elem>(&self, data: &[f32], what: &str) -> Result<CudaSlice<T>> {
-        let reused = {
-            let mut pool = T::staging(self)
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match pool.iter().position(|b| b.len() == data.len()) {
-                Some(i) if pool.len() >= STAGED_BATCHES => pool.remove(i),
-                _ => None,
-            }
-        };
-        // SAFETY: written whole below before it is copied.
-        let buf = reused
-            .or_else(|| unsafe { self.dev.stream().context().alloc_pinned::<T>(data.len()) }.ok());
-        let Some(mut buf) = buf else {
-            return self.dev.upload(&T::from_f32(data), what);
-        };
-        {
-            use rayon::prelude::*;
-            // Waits for this buffer's previous copy, if the GPU has not made it yet.
-            let host = buf.as_mut_slice()?;
-            host.par_chunks_mut(1 << 16)
-                .zip(data.par_chunks(1 << 16))
-                .for_each(|(d, s)| T::convert_into(d, s));
-        }
-        let out = self
-            .dev
-            .stream()
-            .clone_htod(&buf)
-            .map_err(|e| super::oom(e, what, std::mem::size_of_val(data)))?;
-        T::staging(self)
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push_back(buf);
-        Ok(out)
     }
 
     fn download_t<T: Elem>(&self, t: &CudaTensor) -> Result<Vec<f32>> {
@@ -669,7 +601,7 @@ impl CudaBackend {
         if pixels.is_empty() {
             return Ok(out);
         }
-        let pix = self.upload_staged::<T>(pixels, "pixel values")?;
+        let pix = self.dev.upload(&T::from_f32(pixels), "pixel values")?;
         let (bi, ci) = (c_int("batch", batch)?, c_int("channels", channels)?);
         let (si, pi) = (c_int("image_size", size)?, c_int("patch_size", patch)?);
         let f = self

@@ -309,7 +309,7 @@ impl CudaDevice {
     }
 }
 
-pub(crate) fn oom(e: cudarc::driver::DriverError, what: &str, bytes: usize) -> Error {
+fn oom(e: cudarc::driver::DriverError, what: &str, bytes: usize) -> Error {
     if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         Error::OutOfMemory {
             what: what.to_string(),
