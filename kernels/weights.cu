@@ -10,7 +10,7 @@
 //   stored_to_f32_*: blockDim exactly 256; any gridDim.x (blocks walk 32×32 tiles
 //   grid-stride). `in` is the raw upload of the stored bytes (device allocations are
 //   256-byte aligned, so any element type may be read from it).
-//   place_columns_*: blockDim 256, any gridDim.x (grid-stride over rows·cols).
+//   place_columns_*: any blockDim and gridDim.x (grid-stride over rows·cols).
 //
 // Why this design
 //   A merge reads every linear weight twice: the forward pass wants it in the activations'
@@ -44,7 +44,7 @@ __device__ __forceinline__ void store_from_f32(__half* p, long long i, float v) 
 template <typename S>
 __device__ void stored_to_f32(const S* in, float* out, int rows, int cols, int transposed) {
     __shared__ float tile[32][33];
-    const long long tiles_r = (rows + 31) / 32, tiles_c = (cols + 31) / 32;
+    const long long tiles_r = ((long long)rows + 31) / 32, tiles_c = ((long long)cols + 31) / 32;
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;  // 32 × 8
     // The loop bound depends only on blockIdx: the barriers inside are uniform per block.
     for (long long t = blockIdx.x; t < tiles_r * tiles_c; t += gridDim.x) {

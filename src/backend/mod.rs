@@ -107,6 +107,12 @@ pub trait Backend {
                 .map(|m| shared_linear_in_out(ckpt, m))
                 .collect::<Result<_>>()
         })?;
+        if let Some(m) = site.modules.iter().find(|m| m.in_dim != site.dim) {
+            return Err(crate::error::Error::Backend(format!(
+                "site {}: module {} takes {} inputs, the site has {}",
+                site.name, m.weight, m.in_dim, site.dim
+            )));
+        }
         let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
         let mut w = Vec::with_capacity(site.dim * out);
         for r in 0..site.dim {

@@ -454,7 +454,6 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
     Ok(out)
 }
 
-/// `DeviceGram` over three batches against the CPU engine's accumulator.
 /// kernels/weights.cu's stored → f32 conversion (straight and transposed, from each float
 /// type a checkpoint may hold) against the host decode, which it must equal bit for bit.
 fn check_weights(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
@@ -499,6 +498,7 @@ fn check_weights(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
     Ok(out)
 }
 
+/// `DeviceGram` over three batches against the CPU engine's accumulator.
 fn check_device_gram(dev: &Arc<CudaDevice>, rng: &mut Rng, compat: bool) -> Result<Check> {
     let d = 96;
     let mut gpu = DeviceGram::new(dev, d, compat)?;

@@ -77,9 +77,10 @@ pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     /// canonical name → (index into `files`, name as stored)
     backbone: BTreeMap<String, (usize, String)>,
-    /// Decoded tensors kept between their first and last use in a merge (a linear weight is
-    /// read for the forward pass, then again for G'W): each is decoded once.
-    decoded: Mutex<HashMap<String, Kept>>,
+    /// Values derived from tensors, kept between their first and last use in a merge (a
+    /// linear weight is read for the forward pass, then again for G'W): host decodes, or a
+    /// weight's copy on a GPU. Each is made once.
+    kept: Mutex<HashMap<String, Kept>>,
     keeping: AtomicBool,
 }
 
@@ -127,7 +128,7 @@ impl Checkpoint {
 
     fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
         // Entries are inserted whole: a panic elsewhere cannot leave one half-made.
-        self.decoded
+        self.kept
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -200,7 +201,7 @@ impl Checkpoint {
             arch,
             files,
             backbone,
-            decoded: Mutex::new(HashMap::new()),
+            kept: Mutex::new(HashMap::new()),
             keeping: AtomicBool::new(false),
         })
     }
@@ -454,23 +455,22 @@ mod tests {
         ));
         // A make that reads another kept value (a weight made from staged bytes would) must
         // not find the map locked; a value asked for as another type is not handed out.
+        let ckpt = std::sync::Arc::new(ckpt);
         let (done, finished) = std::sync::mpsc::channel();
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                let b = ckpt.take_kept("b", || {
-                    let inner = ckpt.take_kept::<Vec<f32>>("a", || Err(Error::invalid("gone")))?;
-                    Ok(inner.iter().sum::<f32>())
-                });
-                let _ = done.send(b.map(|b| *b).ok());
+        let shared = ckpt.clone();
+        // On a thread of its own: were `make` run under the lock, it would block for good,
+        // and the test must fail rather than hang.
+        std::thread::spawn(move || {
+            let b = shared.take_kept("b", || {
+                let inner = shared.take_kept::<Vec<f32>>("a", || Err(Error::invalid("gone")))?;
+                Ok(inner.iter().sum::<f32>())
             });
-            let b = finished.recv_timeout(std::time::Duration::from_secs(20));
-            // A deadlocked thread cannot be joined: leave the process rather than hang.
-            if b.is_err() {
-                eprintln!("take_kept deadlocked: `make` ran with the map locked");
-                std::process::exit(101);
-            }
-            assert_eq!(b.unwrap(), Some(3.0));
+            let _ = done.send(b.map(|b| *b).ok());
         });
+        let b = finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("take_kept deadlocked: `make` ran with the map locked");
+        assert_eq!(b, Some(3.0));
         ckpt.keep("c", || Ok(5u32)).unwrap();
         let c = ckpt.take_kept::<Vec<f32>>("c", || Ok(vec![7.0])).unwrap();
         assert_eq!(*c, vec![7.0]);

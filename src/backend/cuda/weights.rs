@@ -55,6 +55,10 @@ pub fn linear_in_out(
         (m.in_dim, m.out_dim)
     };
     ckpt.expect_shape(&m.weight, &[rows, cols])?;
+    let n = mul("linear weight", rows, cols)?;
+    if n == 0 {
+        return dev.zeros(0, "linear weight");
+    }
     let dtype = ckpt.entry(&m.weight)?.dtype.clone();
     let kernel = match dtype {
         Dtype::F32 => "stored_to_f32_f32",
@@ -63,10 +67,6 @@ pub fn linear_in_out(
         // Rare enough to take the host's way.
         _ => return dev.upload(&crate::model::linear_in_out(ckpt, m)?, "linear weight"),
     };
-    let n = mul("linear weight", rows, cols)?;
-    if n == 0 {
-        return dev.zeros(0, "linear weight");
-    }
     let size = dtype.float_size().expect("a float type");
     let bytes = ckpt.bytes(&m.weight)?;
     if bytes.len() != mul("linear weight bytes", n, size)? {
@@ -88,10 +88,13 @@ pub fn linear_in_out(
     if any_nonfinite(dev, &out)? {
         // The host decode names the first bad element in the file's order.
         crate::model::linear_in_out(ckpt, m)?;
-        return Err(Error::Backend(format!(
-            "cuda: `{}` holds a non-finite value on the GPU but not on the host",
-            m.weight
-        )));
+        return Err(Error::file(
+            ckpt.file_of(&m.weight),
+            format!(
+                "tensor `{}` holds a non-finite value on the GPU but not on the host",
+                m.weight
+            ),
+        ));
     }
     Ok(out)
 }
@@ -118,12 +121,12 @@ pub(crate) fn stored_to_f32<S: DeviceRepr>(
         mul("stored bytes", stored.len(), std::mem::size_of::<S>())?,
         mul("weight bytes", n, size)?,
     )?;
+    if n == 0 {
+        return dev.zeros(0, "linear weight (f32)");
+    }
     // SAFETY: the kernel writes every one of the rows·cols elements (each tile covers its
     // part of the matrix, the grid-stride loop every tile) before anything reads them.
     let mut out = unsafe { dev.uninit::<f32>(n, "linear weight (f32)") }?;
-    if n == 0 {
-        return Ok(out);
-    }
     let f = dev.function("weights", kernel)?;
     let (r, c, t) = (
         c_int("rows", rows)?,
