@@ -331,8 +331,13 @@ fn open_prepared(
         crate::profile::span("ahead: fault in stored weights", || {
             for m in sites.iter().flat_map(|s| &s.modules) {
                 if let Ok(bytes) = ckpt.bytes(&m.weight) {
-                    // One read per page maps it (and reads it from disk when it is not cached).
-                    let touched = bytes.iter().step_by(4096).fold(0u8, |a, &b| a ^ b);
+                    // One read per page maps it (and reads it from disk when it is not cached);
+                    // the last byte too, as the tensor need not start on a page.
+                    let touched = bytes
+                        .iter()
+                        .step_by(4096)
+                        .chain(bytes.last())
+                        .fold(0u8, |a, &b| a ^ b);
                     std::hint::black_box(touched);
                 }
             }
