@@ -91,7 +91,7 @@ def ensure_pool(binary, workload, threads):
     if ok and marker.exists():
         ok = json.loads(marker.read_text()) == want
     if not ok:
-        log(f"generating pool {pool} (once) ...")
+        log(f"generating pool {pool.relative_to(ROOT)} (once) ...")
         if pool.exists():
             import shutil
             shutil.rmtree(pool)
