@@ -101,18 +101,18 @@ pub trait Backend {
     /// fused along the output (CLIP's q, k and v become one `[d, 3d]` matrix, the layout of
     /// GPT-2's c_attn). Decoded on the host here; a GPU makes it from the stored bytes.
     fn site_weight(&self, ckpt: &Checkpoint, site: &Site) -> Result<Self::Tensor> {
-        let parts: Vec<Arc<Vec<f32>>> = crate::profile::span("load: decode + transpose", || {
-            site.modules
-                .iter()
-                .map(|m| shared_linear_in_out(ckpt, m))
-                .collect::<Result<_>>()
-        })?;
         if let Some(m) = site.modules.iter().find(|m| m.in_dim != site.dim) {
             return Err(crate::error::Error::Backend(format!(
                 "site {}: module {} takes {} inputs, the site has {}",
                 site.name, m.weight, m.in_dim, site.dim
             )));
         }
+        let parts: Vec<Arc<Vec<f32>>> = crate::profile::span("load: decode + transpose", || {
+            site.modules
+                .iter()
+                .map(|m| shared_linear_in_out(ckpt, m))
+                .collect::<Result<_>>()
+        })?;
         let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
         let mut w = Vec::with_capacity(site.dim * out);
         for r in 0..site.dim {

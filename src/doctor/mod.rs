@@ -462,11 +462,7 @@ fn check_weights(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
     let (rows, cols) = (45usize, 70usize);
     let values = rng.normals(rows * cols, 3.0);
     let mut out = Vec::new();
-    for (dtype, kernel) in [
-        (Dtype::F32, "stored_to_f32_f32"),
-        (Dtype::F16, "stored_to_f32_f16"),
-        (Dtype::BF16, "stored_to_f32_bf16"),
-    ] {
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
         let bytes: Vec<u8> = values
             .iter()
             .flat_map(|&v| match dtype {
@@ -477,7 +473,7 @@ fn check_weights(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
             .collect();
         let stored = dev.upload(&bytes, "stored weight")?;
         for transposed in [false, true] {
-            let got = cuda::weights::stored_to_f32(dev, kernel, &stored, rows, cols, transposed)?;
+            let got = cuda::weights::stored_to_f32(dev, &dtype, &stored, rows, cols, transposed)?;
             let want = if transposed {
                 decode_f32_transposed(&dtype, &bytes, rows, cols)
             } else {
@@ -486,7 +482,8 @@ fn check_weights(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
             .expect("a float type");
             out.push(check(
                 format!(
-                    "{kernel} ({})",
+                    "stored_to_f32_{} ({})",
+                    dtype.name().to_lowercase(),
                     if transposed { "transposed" } else { "straight" }
                 ),
                 &f64s(&dev.download(&got)?),

@@ -642,14 +642,9 @@ fn add_products(
         .zip(sums.iter_mut())
         .filter(|(m, _)| m.site == si)
     {
-        // Made by the forward pass from the stored bytes (or now, for Grams read from a file);
-        // a forward pass on the CPU (the library allows it) kept a host decode instead.
-        let host = ckpt.take_kept::<Vec<f32>>(&m.module.weight, || {
-            Err(Error::Backend("no host decode kept".into()))
-        });
-        let weights = span("sums: weight on the GPU", || match host {
-            Ok(host) => dev.upload(&host, "linear weight").map(Arc::new),
-            Err(_) => crate::backend::cuda::weights::take_linear_in_out(dev, ckpt, &m.module),
+        // Made by the forward pass (or now, for Grams read from a file).
+        let weights = span("sums: weight on the GPU", || {
+            crate::backend::cuda::weights::take_linear_in_out(dev, ckpt, &m.module)
         })?;
         span("sums: G'W (enqueue)", || {
             sums.add(dev, &site.reduced, &weights)

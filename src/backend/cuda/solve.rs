@@ -208,7 +208,7 @@ pub(crate) fn transpose(
     rows: usize,
     cols: usize,
 ) -> Result<CudaSlice<f32>> {
-    super::weights::stored_to_f32(dev, "stored_to_f32_f32", x, rows, cols, true)
+    super::weights::stored_to_f32(dev, &crate::io::Dtype::F32, x, rows, cols, true)
 }
 
 /// y += alpha·(f64)x over the first n elements.

@@ -32,13 +32,21 @@ pub fn shared_linear_in_out(
 }
 
 /// The device copy [`shared_linear_in_out`] kept (forgotten by the checkpoint now), or a
-/// new one.
+/// new one: uploaded from the host decode a forward pass on the CPU kept (the library
+/// allows a CPU forward with the sums on a GPU), else made from the stored bytes.
 pub fn take_linear_in_out(
     dev: &CudaDevice,
     ckpt: &Checkpoint,
     m: &LinearModule,
 ) -> Result<Arc<CudaSlice<f32>>> {
-    ckpt.take_kept(&kept_key(m), || linear_in_out(dev, ckpt, m))
+    ckpt.take_kept(&kept_key(m), || {
+        match ckpt.take_kept::<Vec<f32>>(&m.weight, || {
+            Err(Error::Backend("no host decode kept".into()))
+        }) {
+            Ok(host) => dev.upload(&host, "linear weight"),
+            Err(_) => linear_in_out(dev, ckpt, m),
+        }
+    })
 }
 
 /// A linear weight as a row-major f32 `[in, out]` matrix on the device, whatever its stored
@@ -60,13 +68,10 @@ pub fn linear_in_out(
         return dev.zeros(0, "linear weight");
     }
     let dtype = ckpt.entry(&m.weight)?.dtype.clone();
-    let kernel = match dtype {
-        Dtype::F32 => "stored_to_f32_f32",
-        Dtype::F16 => "stored_to_f32_f16",
-        Dtype::BF16 => "stored_to_f32_bf16",
+    if stored_kernel(&dtype).is_none() {
         // Rare enough to take the host's way.
-        _ => return dev.upload(&crate::model::linear_in_out(ckpt, m)?, "linear weight"),
-    };
+        return dev.upload(&crate::model::linear_in_out(ckpt, m)?, "linear weight");
+    }
     let size = dtype.float_size().expect("a float type");
     let bytes = ckpt.bytes(&m.weight)?;
     if bytes.len() != mul("linear weight bytes", n, size)? {
@@ -84,7 +89,7 @@ pub fn linear_in_out(
     let stored = crate::profile::span("load: stored bytes → GPU", || {
         dev.upload(bytes, "linear weight (stored)")
     })?;
-    let out = stored_to_f32(dev, kernel, &stored, rows, cols, m.transposed)?;
+    let out = stored_to_f32(dev, &dtype, &stored, rows, cols, m.transposed)?;
     if any_nonfinite(dev, &out)? {
         // The host decode names the first bad element in the file's order.
         crate::model::linear_in_out(ckpt, m)?;
@@ -99,22 +104,33 @@ pub fn linear_in_out(
     Ok(out)
 }
 
-/// Stored `[rows, cols]` values → f32, transposed to `[cols, rows]` when asked. `kernel`
-/// names the stored type (`stored_to_f32_{f32,f16,bf16}`); `stored` holds its values as
-/// uploaded, in elements of any size (the raw bytes of a checkpoint, or f32).
+/// The kernel that reads stored values of `dtype`, for the float types it reads.
+fn stored_kernel(dtype: &Dtype) -> Option<&'static str> {
+    match dtype {
+        Dtype::F32 => Some("stored_to_f32_f32"),
+        Dtype::F16 => Some("stored_to_f32_f16"),
+        Dtype::BF16 => Some("stored_to_f32_bf16"),
+        _ => None,
+    }
+}
+
+/// Stored `[rows, cols]` values of `dtype` (F32, F16 or BF16) → f32, transposed to
+/// `[cols, rows]` when asked; `stored` holds them as uploaded, in elements of any size (the
+/// raw bytes of a checkpoint, or f32).
 pub(crate) fn stored_to_f32<S: DeviceRepr>(
     dev: &CudaDevice,
-    kernel: &str,
+    dtype: &Dtype,
     stored: &CudaSlice<S>,
     rows: usize,
     cols: usize,
     transposed: bool,
 ) -> Result<CudaSlice<f32>> {
     let n = mul("weight", rows, cols)?;
-    let size = match kernel {
-        "stored_to_f32_f32" => 4,
-        "stored_to_f32_f16" | "stored_to_f32_bf16" => 2,
-        other => return Err(Error::invalid(format!("no weight kernel `{other}`"))),
+    let (Some(kernel), Some(size)) = (stored_kernel(dtype), dtype.float_size()) else {
+        return Err(Error::invalid(format!(
+            "no kernel reads stored {} weights",
+            dtype.name()
+        )));
     };
     super::check_len(
         "stored weight bytes",
