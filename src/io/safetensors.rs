@@ -377,13 +377,13 @@ impl OutTensor<'_> {
     }
 }
 
-/// Writes a safetensors file, streaming tensor data (no second copy of the model), and
-/// flushes it to disk so that a full disk surfaces here, not later.
-pub fn write_file(
-    path: &Path,
-    tensors: &[OutTensor<'_>],
+/// The header of a safetensors file holding `tensors` (name, dtype, shape, byte length)
+/// back to back in the given order, padded with spaces so that tensor data starts 8-byte
+/// aligned, as the reference writer does. The 8-byte length prefix is not included.
+pub fn header_bytes<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a Dtype, &'a [usize], usize)>,
     metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
         header.insert(
@@ -392,29 +392,39 @@ pub fn write_file(
         );
     }
     let mut offset = 0usize;
-    for t in tensors {
-        let len = t.byte_len();
-        if let TensorData::F32(v) = &t.data {
-            if t.dtype.float_size().is_none() {
-                return Err(Error::invalid(format!(
-                    "tensor `{}`: cannot write f32 data as {}",
-                    t.name,
-                    t.dtype.name()
-                )));
-            }
-            debug_assert_eq!(v.len(), t.shape.iter().product::<usize>());
-        }
+    for (name, dtype, shape, len) in tensors {
         header.insert(
-            t.name.clone(),
-            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
+            name.to_string(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [offset, offset + len]}),
         );
         offset += len;
     }
-    let mut header_bytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-    // Pad the header with spaces so tensor data starts 8-byte aligned, as the reference writer does.
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
+    let mut bytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
+    while bytes.len() % 8 != 0 {
+        bytes.push(b' ');
     }
+    bytes
+}
+
+/// Writes a safetensors file, streaming tensor data (no second copy of the model), and
+/// flushes it to disk so that a full disk surfaces here, not later.
+pub fn write_file(
+    path: &Path,
+    tensors: &[OutTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    for t in tensors {
+        if let TensorData::F32(v) = &t.data {
+            check_f32_target(&t.name, &t.dtype)?;
+            debug_assert_eq!(v.len(), t.shape.iter().product::<usize>());
+        }
+    }
+    let header_bytes = header_bytes(
+        tensors
+            .iter()
+            .map(|t| (t.name.as_str(), &t.dtype, t.shape.as_slice(), t.byte_len())),
+        metadata,
+    );
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let io = |e| Error::io(path, e);
@@ -441,7 +451,18 @@ pub fn write_file(
     Ok(())
 }
 
-fn encode_f32(dtype: &Dtype, values: &[f32], out: &mut Vec<u8>) {
+/// f32 values can be written as `dtype` only when it is a float type.
+pub(crate) fn check_f32_target(name: &str, dtype: &Dtype) -> Result<()> {
+    if dtype.float_size().is_none() {
+        return Err(Error::invalid(format!(
+            "tensor `{name}`: cannot write f32 data as {}",
+            dtype.name()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn encode_f32(dtype: &Dtype, values: &[f32], out: &mut Vec<u8>) {
     match dtype {
         Dtype::F32 => values
             .iter()

@@ -1,9 +1,11 @@
 //! The whole merge, streaming over task models: each model is opened, its Grams computed
 //! (or read), folded into running sums, and dropped before the next, so memory does not
 //! grow with the number of models. Then every linear layer is solved, every other float
-//! parameter averaged, and the result written as a transformers model directory.
+//! parameter averaged, and the result written as a transformers model directory: a second
+//! thread writes each tensor into its planned place as soon as it is ready, while the
+//! solve goes on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +23,7 @@ use crate::backend::Backend;
 use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::io::safetensors::{OutTensor, TensorData};
-use crate::io::writer::{copy_sidecars, write_model_tensors, OutputDir};
+use crate::io::writer::{copy_sidecars, ModelWriter, OutputDir, PlannedTensor};
 use crate::io::{Arch, Checkpoint, Dtype};
 use crate::model::{take_linear_in_out, transpose, LinearModule, ModelConfig, Site};
 use crate::progress::{Event, Observer};
@@ -220,45 +221,76 @@ pub fn merge<B: Backend>(
     })?;
     let grams_time = t0.elapsed();
 
+    // The output's layout is fixed before the first layer is solved, and a second thread
+    // writes every tensor as soon as it is ready: the write runs alongside the solve.
     let t1 = Instant::now();
+    let merged_names: HashSet<String> = sums
+        .modules
+        .iter()
+        .map(|m| m.module.weight.clone())
+        .chain(sums.mean_sum.keys().cloned())
+        .collect();
+    let plan = output_plan(&base, &model_cfg, &merged_names, &exclude, &out_dtype)?;
+    let planned: Vec<PlannedTensor> = plan.iter().map(|(t, _)| t.clone()).collect();
+    let mut writer = ModelWriter::create(out_dir.path(), &planned, opts.out_shard_bytes)?;
     observer.event(Event::SolveStart {
         layers: sums.modules.len(),
     });
     let k = sums.count as f32;
-    let mut merged: HashMap<String, Vec<f32>> = HashMap::new();
     let mut fallbacks = Vec::new();
-    for (done, m) in sums.modules.iter().enumerate() {
-        let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
-        let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
-        if outcome.is_fallback() {
-            observer.event(Event::Warning(format!(
-                "{}: {}",
-                m.module.weight,
-                describe(&outcome)
-            )));
-            fallbacks.push((m.module.weight.clone(), outcome));
-        }
-        let w = if m.module.transposed {
-            transpose(&w, d_in, d_out)
-        } else {
-            w
+    let mut solve_time = Duration::ZERO;
+    std::thread::scope(|scope| -> Result<()> {
+        // Bounded: solved layers wait here, not in memory, when the disk is the slower.
+        let (ready, arrivals) = std::sync::mpsc::sync_channel::<Ready>(4);
+        let (writer, base, plan) = (&mut writer, &base, &plan);
+        let writing = scope.spawn(move || write_merged(writer, base, plan, arrivals));
+        let mut solving = || -> Result<()> {
+            // A failed send means the writer stopped on an error, which join reports.
+            let send = |r: Ready| ready.send(r).is_ok();
+            for (name, sum) in std::mem::take(&mut sums.mean_sum) {
+                let mean = sum.into_iter().map(|v| v / k).collect();
+                if !send(Ready::new(name, mean)) {
+                    return Ok(());
+                }
+            }
+            for (done, m) in sums.modules.iter().enumerate() {
+                let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
+                let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
+                if outcome.is_fallback() {
+                    observer.event(Event::Warning(format!(
+                        "{}: {}",
+                        m.module.weight,
+                        describe(&outcome)
+                    )));
+                    fallbacks.push((m.module.weight.clone(), outcome));
+                }
+                let mut r = Ready::new(m.module.weight.clone(), w);
+                // The solve gives [in, out]; nn.Linear stores [out, in].
+                r.transpose_from = m.module.transposed.then_some((d_in, d_out));
+                if !send(r) {
+                    return Ok(());
+                }
+                observer.event(Event::Solved { done: done + 1 });
+            }
+            Ok(())
         };
-        merged.insert(m.module.weight.clone(), w);
-        observer.event(Event::Solved { done: done + 1 });
-    }
+        let solved = solving();
+        solve_time = t1.elapsed();
+        drop(ready);
+        let written = writing
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // A solve error comes first: the writer only stopped because of it.
+        solved.and(written)
+    })?;
     let layers_solved = sums.modules.len();
     peak_device = peak_device.max(backend.memory_in_use());
-    for (name, sum) in std::mem::take(&mut sums.mean_sum) {
-        merged.insert(name, sum.into_iter().map(|v| v / k).collect());
-    }
     drop(sums);
-    let solve_time = t1.elapsed();
 
     let t2 = Instant::now();
     observer.event(Event::Writing { path: out });
-    let files = write_output(
-        &out_dir, &base, &model_cfg, &merged, &exclude, out_dtype, cfg, opts,
-    )?;
+    let mut files = writer.finish()?;
+    files.extend(write_sidecars(&out_dir, &base, out_dtype, cfg)?);
     out_dir.commit()?;
     Ok(MergeReport {
         arch,
@@ -653,55 +685,128 @@ fn add_products(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_output(
-    out_dir: &OutputDir,
+/// Where each output tensor's values come from.
+enum Source {
+    /// Solved or averaged by the merge: sent to the writer when ready.
+    Merged,
+    /// An excluded parameter: the base model's values, in the output dtype.
+    Base,
+    /// A buffer (position ids, causal masks): the base model's bytes as they are.
+    Raw,
+}
+
+/// The output tensors, in the base model's order: merged and excluded parameters in
+/// `out_dtype`, buffers as stored.
+fn output_plan(
     base: &Checkpoint,
     model_cfg: &ModelConfig,
-    merged: &HashMap<String, Vec<f32>>,
+    merged: &HashSet<String>,
     exclude: &ExcludeSet,
-    out_dtype: Dtype,
-    cfg: &MergeConfig,
-    opts: &MergeOptions,
-) -> Result<Vec<String>> {
-    let params: std::collections::HashSet<String> = model_cfg
+    out_dtype: &Dtype,
+) -> Result<Vec<(PlannedTensor, Source)>> {
+    let params: HashSet<String> = model_cfg
         .expected_shapes()
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    // Excluded parameters keep the base model's values; they are converted to the output dtype.
-    let mut kept: HashMap<&str, Vec<f32>> = HashMap::new();
-    for name in base.names() {
-        if params.contains(name) && !merged.contains_key(name) && exclude.excludes(name) {
-            kept.insert(name, base.f32(name)?);
-        }
-    }
-    let mut tensors = Vec::new();
+    let mut plan = Vec::new();
     for name in base.names() {
         let e = base.entry(name)?;
-        let data = match merged.get(name).or_else(|| kept.get(name)) {
-            Some(v) => {
-                if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::Numerical(format!("merged `{name}` has a non-finite value at element {i}; nothing was written")));
-                }
-                OutTensor {
-                    name: name.to_string(),
-                    dtype: out_dtype.clone(),
-                    shape: e.shape.clone(),
-                    data: TensorData::F32(v),
-                }
-            }
-            // Buffers (position ids, causal masks) pass through byte for byte.
-            None => OutTensor {
-                name: name.to_string(),
-                dtype: e.dtype.clone(),
-                shape: e.shape.clone(),
-                data: TensorData::Raw(base.bytes(name)?),
-            },
+        let source = if merged.contains(name) {
+            Source::Merged
+        } else if params.contains(name) && exclude.excludes(name) {
+            Source::Base
+        } else {
+            Source::Raw
         };
-        tensors.push(data);
+        let (dtype, byte_len) = match source {
+            Source::Raw => (e.dtype.clone(), base.bytes(name)?.len()),
+            Source::Merged | Source::Base => {
+                let elements: usize = e.shape.iter().product();
+                let size = out_dtype.float_size().ok_or_else(|| {
+                    Error::invalid(format!(
+                        "cannot write merged tensors as {}",
+                        out_dtype.name()
+                    ))
+                })?;
+                (out_dtype.clone(), elements * size)
+            }
+        };
+        plan.push((
+            PlannedTensor {
+                name: name.to_string(),
+                dtype,
+                shape: e.shape.clone(),
+                byte_len,
+            },
+            source,
+        ));
     }
-    let mut files = write_model_tensors(out_dir.path(), &tensors, opts.out_shard_bytes)?;
+    Ok(plan)
+}
+
+/// A merged tensor ready to be written.
+struct Ready {
+    name: String,
+    values: Vec<f32>,
+    /// `[rows, cols]` when the values are the transpose of what is stored.
+    transpose_from: Option<(usize, usize)>,
+}
+
+impl Ready {
+    fn new(name: String, values: Vec<f32>) -> Self {
+        Ready {
+            name,
+            values,
+            transpose_from: None,
+        }
+    }
+}
+
+/// Writes what comes from the base model first, then every merged tensor as it arrives.
+fn write_merged(
+    writer: &mut ModelWriter,
+    base: &Checkpoint,
+    plan: &[(PlannedTensor, Source)],
+    arrivals: std::sync::mpsc::Receiver<Ready>,
+) -> Result<()> {
+    let finite = |name: &str, v: &[f32]| match v.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(Error::Numerical(format!(
+            "merged `{name}` has a non-finite value at element {i}; nothing was written"
+        ))),
+        None => Ok(()),
+    };
+    for (t, source) in plan {
+        match source {
+            Source::Merged => {}
+            Source::Base => {
+                let v = base.f32(&t.name)?;
+                finite(&t.name, &v)?;
+                writer.write_f32(&t.name, &v)?;
+            }
+            Source::Raw => writer.write_raw(&t.name, base.bytes(&t.name)?)?,
+        }
+    }
+    for r in arrivals {
+        let values = match r.transpose_from {
+            Some((rows, cols)) => transpose(&r.values, rows, cols),
+            None => r.values,
+        };
+        finite(&r.name, &values)?;
+        writer.write_f32(&r.name, &values)?;
+    }
+    Ok(())
+}
+
+/// The merged model's other files: config.json, the base model's tokenizer and
+/// preprocessing files, and a model card.
+fn write_sidecars(
+    out_dir: &OutputDir,
+    base: &Checkpoint,
+    out_dtype: Dtype,
+    cfg: &MergeConfig,
+) -> Result<Vec<String>> {
+    let mut files = Vec::new();
     let config = output_config(base, out_dtype.torch_name());
     out_dir.write_text(
         "config.json",
