@@ -262,3 +262,88 @@ fn a_non_finite_weight_is_named_as_stored_on_the_gpu_too() {
     assert_mentions(&err, &expected);
     assert!(!out.exists(), "a failed merge left {}", out.display());
 }
+
+/// Copies through the page-locked ring while the GPU is busy, so that the host runs ahead
+/// of its copies and comes back to each buffer while copies out of it are queued: a buffer
+/// rewritten before its copy ran (the withdrawn third GPU run) shows up as wrong bytes, and
+/// a refill that did not wait is seen directly, as the queued GEMMs still running.
+#[test]
+fn staged_copies_arrive_whole_while_the_gpu_is_busy() {
+    if !gpu_or_skip("staged_copies_arrive_whole_while_the_gpu_is_busy") {
+        return;
+    }
+    use cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
+    use cudarc::cublas::{Gemm, GemmConfig};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dev = CudaDevice::open(0).unwrap();
+    let n = 4096usize;
+    let a = dev.zeros::<f32>(n * n, "a").unwrap();
+    let mut c = dev.zeros::<f32>(n * n, "c").unwrap();
+    let cfg = GemmConfig {
+        transa: CUBLAS_OP_N,
+        transb: CUBLAS_OP_N,
+        m: n as i32,
+        n: n as i32,
+        k: n as i32,
+        alpha: 1.0f32,
+        lda: n as i32,
+        ldb: n as i32,
+        beta: 0.0,
+        ldc: n as i32,
+    };
+    let len = (100 << 20) + 12_345;
+    let pattern: Vec<u8> = (0..len).map(|i| (i * 31 + i / 4099) as u8).collect();
+    let values: Vec<f32> = (0..len / 4).map(|i| (i as f32 * 0.013).sin()).collect();
+    for round in 0..2 {
+        // About 0.1 s of queued work ahead of the copies.
+        let t = std::time::Instant::now();
+        for _ in 0..40 {
+            // SAFETY: a and c hold n·n f32 values, column-major with leading dimension n.
+            unsafe { dev.blas().gemm(cfg, &a, &a, &mut c) }.unwrap();
+        }
+        let gemms = dev.stream().record_event(None).unwrap();
+        // Pieces filled while the GEMMs still ran: before the ring came round (the host
+        // running ahead, as wanted) and after it (a refill that did not wait: wrong).
+        let (ahead, unwaited) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let bytes = dev
+            .upload_staged::<u8>(len, "pattern", |first, dst| {
+                dev.bind().unwrap();
+                if !gemms.is_complete() {
+                    let seen = if first < cuda::STAGED_AHEAD {
+                        &ahead
+                    } else {
+                        &unwaited
+                    };
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+                dst.copy_from_slice(&pattern[first..first + dst.len()])
+            })
+            .unwrap();
+        let halves = dev
+            .upload_staged::<half::f16>(values.len(), "values", |first, dst| {
+                for (d, &v) in dst.iter_mut().zip(&values[first..]) {
+                    *d = half::f16::from_f32(v);
+                }
+            })
+            .unwrap();
+        let queued = t.elapsed();
+        let back = dev.download(&bytes).unwrap();
+        let halves = dev.download(&halves).unwrap();
+        let (ahead, unwaited) = (ahead.into_inner(), unwaited.into_inner());
+        eprintln!(
+            "round {round}: queued in {queued:?}, all done after {:?}; pieces filled while \
+             the GEMMs ran: {ahead} ahead of the copies, {unwaited} on a buffer not waited for",
+            t.elapsed()
+        );
+        assert!(ahead > 0, "the GPU was not busy: the test checked nothing");
+        assert_eq!(unwaited, 0, "a buffer was refilled before its copy ran");
+        let wrong = back.iter().zip(&pattern).filter(|(a, b)| a != b).count();
+        assert_eq!(wrong, 0, "round {round}: {wrong} of {len} bytes differ");
+        let wrong = halves
+            .iter()
+            .zip(&values)
+            .filter(|(h, &v)| h.to_bits() != half::f16::from_f32(v).to_bits())
+            .count();
+        assert_eq!(wrong, 0, "round {round}: {wrong} f16 values differ");
+    }
+}

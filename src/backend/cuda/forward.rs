@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys as bs;
 use cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use half::f16;
 
@@ -47,7 +47,7 @@ impl CudaTensor {
 }
 
 /// An element type the forward kernels come in.
-trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + 'static {
+trait Elem: super::staging::Plain + ValidAsZeroBits + Unpin + 'static {
     const SUFFIX: &'static str;
     const CUDA_TYPE: bs::cudaDataType;
     fn view(t: &CudaTensor) -> Result<&CudaSlice<Self>>;
@@ -55,6 +55,8 @@ trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Unpin + 'static {
     fn wrap(s: CudaSlice<Self>, rows: usize, cols: usize) -> CudaTensor;
     fn from_f32(data: &[f32]) -> Vec<Self>;
     fn to_f32(data: Vec<Self>) -> Vec<f32>;
+    /// `dst[i] = src[i]` converted (same lengths).
+    fn convert_into(dst: &mut [Self], src: &[f32]);
 }
 
 fn wrong_type(want: &str) -> Error {
@@ -93,6 +95,9 @@ impl Elem for f32 {
     fn from_f32(data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
+    fn convert_into(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
     fn to_f32(data: Vec<f32>) -> Vec<f32> {
         data
     }
@@ -108,6 +113,11 @@ impl Elem for f16 {
             .with_min_len(1 << 16)
             .map(|&v| f16::from_f32(v))
             .collect()
+    }
+    fn convert_into(dst: &mut [f16], src: &[f32]) {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &s)| *d = f16::from_f32(s));
     }
     fn to_f32(data: Vec<f16>) -> Vec<f32> {
         use rayon::prelude::*;
@@ -601,7 +611,11 @@ impl CudaBackend {
         if pixels.is_empty() {
             return Ok(out);
         }
-        let pix = self.dev.upload(&T::from_f32(pixels), "pixel values")?;
+        let pix = self
+            .dev
+            .upload_staged::<T>(pixels.len(), "pixel values", |first, dst| {
+                T::convert_into(dst, &pixels[first..first + dst.len()])
+            })?;
         let (bi, ci) = (c_int("batch", batch)?, c_int("channels", channels)?);
         let (si, pi) = (c_int("image_size", size)?, c_int("patch_size", patch)?);
         let f = self

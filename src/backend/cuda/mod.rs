@@ -10,6 +10,8 @@
 pub mod forward;
 pub mod gram;
 pub mod solve;
+mod staging;
+pub use staging::{Plain, STAGED_AHEAD};
 pub mod weights;
 
 use std::collections::HashMap;
@@ -157,6 +159,22 @@ pub struct CudaDevice {
     /// Kernels already looked up, by `module/name`: the forward pass launches hundreds per
     /// batch, and each lookup in the module is a driver call.
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Page-locked buffers for host → device copies (staging.rs), made on first use.
+    staging: Mutex<Option<staging::Ring<CudaDevice>>>,
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        // Page-locked buffers are freed with the ring: no copy may still read them.
+        let ring = self
+            .staging
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(ring) = ring {
+            let _ = ring.drain(self);
+        }
+    }
 }
 
 impl CudaDevice {
@@ -183,6 +201,7 @@ impl CudaDevice {
             solver,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            staging: Mutex::new(None),
         }))
     }
 

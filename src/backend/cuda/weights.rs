@@ -86,8 +86,10 @@ pub fn linear_in_out(
             ),
         ));
     }
-    let stored = crate::profile::span("load: stored bytes → GPU", || {
-        dev.upload(bytes, "linear weight (stored)")
+    let stored = crate::profile::span("load: stored bytes → GPU (staged)", || {
+        dev.upload_staged::<u8>(bytes.len(), "linear weight (stored)", |first, dst| {
+            dst.copy_from_slice(&bytes[first..first + dst.len()])
+        })
     })?;
     let out = stored_to_f32(dev, &dtype, &stored, rows, cols, m.transposed)?;
     if any_nonfinite(dev, &out)? {
