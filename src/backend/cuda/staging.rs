@@ -205,10 +205,24 @@ impl CudaDevice {
         if len == 0 {
             return Ok(dst);
         }
-        let mut ring = self
-            .staging
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pageable = |mut dst: CudaSlice<T>| -> Result<CudaSlice<T>> {
+            let piece = (1usize << 20) / size;
+            let mut host = vec![T::default(); len];
+            host.par_chunks_mut(piece)
+                .enumerate()
+                .for_each(|(i, v)| fill(i * piece, v));
+            self.stream
+                .memcpy_htod(&host, &mut dst)
+                .map_err(|e| super::oom(e, what, total))?;
+            Ok(dst)
+        };
+        // Busy (another thread's upload, or this thread's own from inside `fill`, which
+        // rayon can run here while it waits): the pageable way rather than a deadlock.
+        let mut ring = match self.staging.try_lock() {
+            Ok(ring) => ring,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return pageable(dst),
+        };
         let ring = ring.get_or_insert_with(|| Ring::new(SLOT_BYTES, SLOTS));
         let fill_bytes = |offset: usize, chunk: &mut [u8]| {
             assert_eq!(chunk.as_ptr().align_offset(std::mem::align_of::<T>()), 0);
@@ -239,13 +253,7 @@ impl CudaDevice {
         match staged {
             Ok(()) => Ok(dst),
             // No page-locked memory to be had (a first buffer failed): the pageable way.
-            Err(_) if ring.slots.is_empty() => {
-                let mut host = vec![T::default(); len];
-                host.par_chunks_mut((1usize << 20) / size)
-                    .enumerate()
-                    .for_each(|(i, v)| fill(i * ((1usize << 20) / size), v));
-                self.upload(&host, what)
-            }
+            Err(_) if ring.slots.is_empty() => pageable(dst),
             Err(e) => Err(e),
         }
     }
