@@ -579,15 +579,31 @@ mod tests {
             let one = tempfile::tempdir().unwrap();
             let mut meta = BTreeMap::new();
             meta.insert("format".to_string(), "pt".to_string());
-            if shard_bytes == u64::MAX {
-                crate::io::safetensors::write_file(
-                    &one.path().join("model.safetensors"),
-                    &ts,
-                    &meta,
-                )
-                .unwrap();
+            // Each file as the sequential writer makes it, from the tensors it should hold
+            // (20 B | 600,000 B | the five others, 280,118 B, against a 400,000 B limit).
+            let shards: Vec<(String, std::ops::Range<usize>)> = if shard_bytes == u64::MAX {
+                vec![("model.safetensors".into(), 0..ts.len())]
             } else {
-                write_model_tensors(one.path(), &ts, shard_bytes).unwrap();
+                [0..1, 1..2, 2..ts.len()]
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("model-{:05}-of-00003.safetensors", i + 1), r))
+                    .collect()
+            };
+            for (file, range) in &shards {
+                let group: Vec<OutTensor> = ts[range.clone()]
+                    .iter()
+                    .map(|t| OutTensor {
+                        name: t.name.clone(),
+                        dtype: t.dtype.clone(),
+                        shape: t.shape.clone(),
+                        data: match t.data {
+                            TensorData::F32(v) => TensorData::F32(v),
+                            TensorData::Raw(b) => TensorData::Raw(b),
+                        },
+                    })
+                    .collect();
+                crate::io::safetensors::write_file(&one.path().join(file), &group, &meta).unwrap();
             }
             let other = tempfile::tempdir().unwrap();
             let mut w = ModelWriter::create(other.path(), &planned(&ts), shard_bytes).unwrap();
@@ -598,8 +614,17 @@ mod tests {
                 }
             }
             let names = w.finish().unwrap();
-            let (want, got) = (files_of(one.path()), files_of(other.path()));
-            assert!(want.len() > 1 || shard_bytes == u64::MAX, "{names:?}");
+            let (want, mut got) = (files_of(one.path()), files_of(other.path()));
+            if shards.len() > 1 {
+                let index = got
+                    .remove("model.safetensors.index.json")
+                    .expect("an index");
+                let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+                assert_eq!(
+                    index["weight_map"]["position_ids"],
+                    "model-00003-of-00003.safetensors"
+                );
+            }
             assert_eq!(
                 want.keys().collect::<Vec<_>>(),
                 got.keys().collect::<Vec<_>>()
@@ -607,7 +632,7 @@ mod tests {
             for (name, bytes) in &want {
                 assert!(got[name] == *bytes, "{name} differs");
             }
-            assert_eq!(names.len(), want.len());
+            assert_eq!(names.len(), want.len() + usize::from(shards.len() > 1));
         }
     }
 

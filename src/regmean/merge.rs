@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,7 +66,11 @@ pub struct Timings {
     pub model_load: Duration,
     /// Of which: folding each model into the running sums (G', G'W, Σ W, means).
     pub sums: Duration,
+    /// Until the last layer is solved. The output is written alongside, on another thread:
+    /// this includes any wait for the writer (it takes at most a few solved layers ahead).
     pub solve: Duration,
+    /// What writing takes after the last layer is solved: the rest of the tensors, the flush
+    /// to disk, config.json and the other files.
     pub write: Duration,
 }
 
@@ -239,20 +244,15 @@ pub fn merge<B: Backend>(
     let k = sums.count as f32;
     let mut fallbacks = Vec::new();
     let mut solve_time = Duration::ZERO;
+    let stop = AtomicBool::new(false);
     std::thread::scope(|scope| -> Result<()> {
         // Bounded: solved layers wait here, not in memory, when the disk is the slower.
         let (ready, arrivals) = std::sync::mpsc::sync_channel::<Ready>(4);
-        let (writer, base, plan) = (&mut writer, &base, &plan);
-        let writing = scope.spawn(move || write_merged(writer, base, plan, arrivals));
+        let means = std::mem::take(&mut sums.mean_sum);
+        let (writer, base, plan, stop_ref) = (&mut writer, &base, &plan, &stop);
+        let writing =
+            scope.spawn(move || write_merged(writer, base, plan, means, k, arrivals, stop_ref));
         let mut solving = || -> Result<()> {
-            // A failed send means the writer stopped on an error, which join reports.
-            let send = |r: Ready| ready.send(r).is_ok();
-            for (name, sum) in std::mem::take(&mut sums.mean_sum) {
-                let mean = sum.into_iter().map(|v| v / k).collect();
-                if !send(Ready::new(name, mean)) {
-                    return Ok(());
-                }
-            }
             for (done, m) in sums.modules.iter().enumerate() {
                 let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
                 let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
@@ -267,7 +267,8 @@ pub fn merge<B: Backend>(
                 let mut r = Ready::new(m.module.weight.clone(), w);
                 // The solve gives [in, out]; nn.Linear stores [out, in].
                 r.transpose_from = m.module.transposed.then_some((d_in, d_out));
-                if !send(r) {
+                if ready.send(r).is_err() {
+                    // The writer stopped on an error, which join reports.
                     return Ok(());
                 }
                 observer.event(Event::Solved { done: done + 1 });
@@ -276,6 +277,9 @@ pub fn merge<B: Backend>(
         };
         let solved = solving();
         solve_time = t1.elapsed();
+        if solved.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
         drop(ready);
         let written = writing
             .join()
@@ -763,37 +767,58 @@ impl Ready {
     }
 }
 
-/// Writes what comes from the base model first, then every merged tensor as it arrives.
+/// Writes every output tensor: each solved layer as it arrives, first (the solve never waits
+/// for the rest), and between them what the base model gives and the averages (Σ / k), until
+/// `stop` says the solve failed.
 fn write_merged(
     writer: &mut ModelWriter,
     base: &Checkpoint,
     plan: &[(PlannedTensor, Source)],
+    means: BTreeMap<String, Vec<f32>>,
+    k: f32,
     arrivals: std::sync::mpsc::Receiver<Ready>,
+    stop: &AtomicBool,
 ) -> Result<()> {
-    let finite = |name: &str, v: &[f32]| match v.iter().position(|x| !x.is_finite()) {
-        Some(i) => Err(Error::Numerical(format!(
-            "merged `{name}` has a non-finite value at element {i}; nothing was written"
-        ))),
-        None => Ok(()),
-    };
-    for (t, source) in plan {
-        match source {
-            Source::Merged => {}
-            Source::Base => {
-                let v = base.f32(&t.name)?;
-                finite(&t.name, &v)?;
-                writer.write_f32(&t.name, &v)?;
-            }
-            Source::Raw => writer.write_raw(&t.name, base.bytes(&t.name)?)?,
+    let write = |writer: &mut ModelWriter, name: &str, values: &[f32]| {
+        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+            return Err(Error::Numerical(format!(
+                "merged `{name}` has a non-finite value at element {i}; nothing was written"
+            )));
         }
-    }
-    for r in arrivals {
+        writer.write_f32(name, values)
+    };
+    let write_arrival = |writer: &mut ModelWriter, r: Ready| {
         let values = match r.transpose_from {
             Some((rows, cols)) => transpose(&r.values, rows, cols),
             None => r.values,
         };
-        finite(&r.name, &values)?;
-        writer.write_f32(&r.name, &values)?;
+        write(writer, &r.name, &values)
+    };
+    let from_base = plan.iter().filter(|(_, s)| !matches!(s, Source::Merged));
+    for (t, source) in from_base {
+        while let Ok(r) = arrivals.try_recv() {
+            write_arrival(writer, r)?;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        match source {
+            Source::Base => write(writer, &t.name, &base.f32(&t.name)?)?,
+            _ => writer.write_raw(&t.name, base.bytes(&t.name)?)?,
+        }
+    }
+    for (name, sum) in means {
+        while let Ok(r) = arrivals.try_recv() {
+            write_arrival(writer, r)?;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mean: Vec<f32> = sum.into_iter().map(|v| v / k).collect();
+        write(writer, &name, &mean)?;
+    }
+    for r in arrivals {
+        write_arrival(writer, r)?;
     }
     Ok(())
 }
