@@ -60,10 +60,10 @@ impl<S: Staging> Ring<S> {
     }
 
     /// Passes `total` bytes through the ring, one buffer at a time: `fill(offset, chunk)`
-    /// writes bytes `offset..offset + chunk.len()` into a buffer, then `send(buffer, len,
-    /// offset)` queues the asynchronous copy of its first `len` bytes to `offset`. Chunks
-    /// are multiples of 8 bytes except the last, so elements of up to 8 bytes never straddle
-    /// two chunks.
+    /// writes bytes `offset..offset + chunk.len()` into the start of a buffer, then
+    /// `send(buffer, len, offset)` queues the asynchronous copy of its first `len` bytes to
+    /// `offset`. Every chunk but the last is a whole buffer (a multiple of 8 bytes), so
+    /// elements of up to 8 bytes never straddle two chunks.
     pub(crate) fn pass(
         &mut self,
         device: &S,
@@ -272,6 +272,9 @@ mod tests {
         queued: RefCell<Vec<(*const u8, usize, usize)>>,
         ran: Cell<usize>,
         dst: RefCell<Vec<u8>>,
+        /// Buffers it can make before page-locked memory runs out.
+        slot_limit: Option<usize>,
+        made: Cell<usize>,
     }
 
     impl LaggingDevice {
@@ -319,6 +322,12 @@ mod tests {
         type Buffer = RawBuffer;
         type Fence = Cell<usize>;
         fn new_slot(&self, bytes: usize) -> Result<(RawBuffer, Cell<usize>)> {
+            if self.slot_limit.is_some_and(|n| self.made.get() >= n) {
+                return Err(crate::error::Error::Backend(
+                    "out of page-locked memory".into(),
+                ));
+            }
+            self.made.set(self.made.get() + 1);
             Ok((RawBuffer::new(bytes), Cell::new(0)))
         }
         fn host_mut<'a>(&self, buffer: &'a mut RawBuffer) -> Result<&'a mut [u8]> {
@@ -404,6 +413,25 @@ mod tests {
             assert_eq!(filled.len(), source().len().div_ceil(slot_bytes));
             assert!(filled.iter().all(|&(o, _)| o % 8 == 0));
         }
+    }
+
+    #[test]
+    fn out_of_page_locked_memory_the_buffers_made_so_far_go_round() {
+        let device = LaggingDevice {
+            slot_limit: Some(2),
+            ..LaggingDevice::default()
+        };
+        let (dst, filled) = pass_through(&device, &device, 64, 4);
+        assert!(dst == source());
+        assert_eq!(device.made.get(), 2);
+        assert_eq!(filled.len(), source().len().div_ceil(64));
+        let none = LaggingDevice {
+            slot_limit: Some(0),
+            ..LaggingDevice::default()
+        };
+        let mut ring = Ring::new(64, 4);
+        let failed = ring.pass(&none, 100, |_, _| {}, |_, _, _| Ok(()));
+        assert!(failed.is_err() && ring.slots.is_empty());
     }
 
     #[test]
