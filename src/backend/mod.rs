@@ -101,12 +101,7 @@ pub trait Backend {
     /// fused along the output (CLIP's q, k and v become one `[d, 3d]` matrix, the layout of
     /// GPT-2's c_attn). Decoded on the host here; a GPU makes it from the stored bytes.
     fn site_weight(&self, ckpt: &Checkpoint, site: &Site) -> Result<Self::Tensor> {
-        if let Some(m) = site.modules.iter().find(|m| m.in_dim != site.dim) {
-            return Err(crate::error::Error::Backend(format!(
-                "site {}: module {} takes {} inputs, the site has {}",
-                site.name, m.weight, m.in_dim, site.dim
-            )));
-        }
+        site.check_inputs()?;
         let parts: Vec<Arc<Vec<f32>>> = crate::profile::span("load: decode + transpose", || {
             site.modules
                 .iter()

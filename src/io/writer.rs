@@ -188,15 +188,7 @@ pub fn write_model_tensors(
     tensors: &[OutTensor<'_>],
     shard_bytes: u64,
 ) -> Result<Vec<String>> {
-    let plan: Vec<PlannedTensor> = tensors
-        .iter()
-        .map(|t| PlannedTensor {
-            name: t.name.clone(),
-            dtype: t.dtype.clone(),
-            shape: t.shape.clone(),
-            byte_len: t.byte_len(),
-        })
-        .collect();
+    let plan: Vec<PlannedTensor> = tensors.iter().map(PlannedTensor::from).collect();
     let mut writer = ModelWriter::create(dir, &plan, shard_bytes)?;
     for t in tensors {
         match &t.data {
@@ -215,6 +207,17 @@ pub struct PlannedTensor {
     pub shape: Vec<usize>,
     /// Its size in the file, in bytes.
     pub byte_len: usize,
+}
+
+impl From<&OutTensor<'_>> for PlannedTensor {
+    fn from(t: &OutTensor<'_>) -> Self {
+        PlannedTensor {
+            name: t.name.clone(),
+            dtype: t.dtype.clone(),
+            shape: t.shape.clone(),
+            byte_len: t.byte_len(),
+        }
+    }
 }
 
 /// A model's safetensors files laid out in advance (headers written, every tensor's place
@@ -520,14 +523,7 @@ mod tests {
     }
 
     fn planned(ts: &[OutTensor<'_>]) -> Vec<PlannedTensor> {
-        ts.iter()
-            .map(|t| PlannedTensor {
-                name: t.name.clone(),
-                dtype: t.dtype.clone(),
-                shape: t.shape.clone(),
-                byte_len: t.byte_len(),
-            })
-            .collect()
+        ts.iter().map(PlannedTensor::from).collect()
     }
 
     /// Tensors of several dtypes and sizes, one of them raw bytes, some larger than a chunk.

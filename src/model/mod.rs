@@ -33,6 +33,19 @@ pub struct Site {
     pub modules: Vec<LinearModule>,
 }
 
+impl Site {
+    /// Every module a site feeds takes the site's input width.
+    pub fn check_inputs(&self) -> Result<()> {
+        match self.modules.iter().find(|m| m.in_dim != self.dim) {
+            Some(m) => Err(crate::error::Error::Backend(format!(
+                "site {}: module {} takes {} inputs, the site has {}",
+                self.name, m.weight, m.in_dim, self.dim
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Receives the input of every site during a forward pass.
 pub trait GramSink<B: Backend> {
     /// `row_mask` marks real (non-padding) rows; None when every row is real.

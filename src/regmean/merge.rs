@@ -794,28 +794,33 @@ fn write_merged(
         };
         write(writer, &r.name, &values)
     };
-    let from_base = plan.iter().filter(|(_, s)| !matches!(s, Source::Merged));
-    for (t, source) in from_base {
-        while let Ok(r) = arrivals.try_recv() {
-            write_arrival(writer, r)?;
-        }
-        if stop.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        match source {
-            Source::Base => write(writer, &t.name, &base.f32(&t.name)?)?,
-            _ => writer.write_raw(&t.name, base.bytes(&t.name)?)?,
-        }
+    // What the writer has in hand: the base model's tensors, then the averages.
+    enum Own {
+        Base,
+        Raw,
+        Mean(Vec<f32>),
     }
-    for (name, sum) in means {
+    let from_base = plan.iter().filter_map(|(t, source)| match source {
+        Source::Merged => None,
+        Source::Base => Some((t.name.clone(), Own::Base)),
+        Source::Raw => Some((t.name.clone(), Own::Raw)),
+    });
+    let averages = means.into_iter().map(|(name, sum)| (name, Own::Mean(sum)));
+    for (name, own) in from_base.chain(averages) {
         while let Ok(r) = arrivals.try_recv() {
             write_arrival(writer, r)?;
         }
         if stop.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let mean: Vec<f32> = sum.into_iter().map(|v| v / k).collect();
-        write(writer, &name, &mean)?;
+        match own {
+            Own::Base => write(writer, &name, &base.f32(&name)?)?,
+            Own::Raw => writer.write_raw(&name, base.bytes(&name)?)?,
+            Own::Mean(sum) => {
+                let mean: Vec<f32> = sum.into_iter().map(|v| v / k).collect();
+                write(writer, &name, &mean)?
+            }
+        }
     }
     for r in arrivals {
         write_arrival(writer, r)?;

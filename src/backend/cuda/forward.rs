@@ -53,10 +53,17 @@ trait Elem: super::staging::Plain + ValidAsZeroBits + Unpin + 'static {
     fn view(t: &CudaTensor) -> Result<&CudaSlice<Self>>;
     fn view_mut(t: &mut CudaTensor) -> Result<&mut CudaSlice<Self>>;
     fn wrap(s: CudaSlice<Self>, rows: usize, cols: usize) -> CudaTensor;
-    fn from_f32(data: &[f32]) -> Vec<Self>;
     fn to_f32(data: Vec<Self>) -> Vec<f32>;
     /// `dst[i] = src[i]` converted (same lengths).
     fn convert_into(dst: &mut [Self], src: &[f32]);
+    fn from_f32(data: &[f32]) -> Vec<Self> {
+        use rayon::prelude::*;
+        let mut out = vec![Self::default(); data.len()];
+        out.par_chunks_mut(1 << 16)
+            .zip(data.par_chunks(1 << 16))
+            .for_each(|(d, s)| Self::convert_into(d, s));
+        out
+    }
 }
 
 fn wrong_type(want: &str) -> Error {
@@ -107,13 +114,6 @@ impl Elem for f16 {
     const SUFFIX: &'static str = "f16";
     const CUDA_TYPE: bs::cudaDataType = bs::cudaDataType_t::CUDA_R_16F;
     buffer_access!(F16, "f16");
-    fn from_f32(data: &[f32]) -> Vec<f16> {
-        use rayon::prelude::*;
-        data.par_iter()
-            .with_min_len(1 << 16)
-            .map(|&v| f16::from_f32(v))
-            .collect()
-    }
     fn convert_into(dst: &mut [f16], src: &[f32]) {
         dst.iter_mut()
             .zip(src)
@@ -643,14 +643,9 @@ impl CudaBackend {
             .dev
             .function("weights", &format!("place_columns_{}", T::SUFFIX))?;
         let (rows, ld) = (c_int("in", site.dim)?, c_int("out", out_dim)?);
+        site.check_inputs()?;
         let mut offset = 0usize;
         for m in &site.modules {
-            if m.in_dim != site.dim {
-                return Err(Error::Backend(format!(
-                    "site {}: module {} takes {} inputs, the site has {}",
-                    site.name, m.weight, m.in_dim, site.dim
-                )));
-            }
             let part = crate::profile::span("load: weights on the GPU", || {
                 weights::shared_linear_in_out(&self.dev, ckpt, m)
             })?;

@@ -23,6 +23,8 @@ pub(crate) const SLOT_BYTES: usize = 8 << 20;
 pub(crate) const SLOTS: usize = 4;
 /// How many bytes the host can fill ahead of the copies the GPU has made.
 pub const STAGED_AHEAD: usize = SLOT_BYTES * SLOTS;
+/// Bytes `fill` is handed at a time, in parallel.
+const PIECE_BYTES: usize = 1 << 20;
 
 /// What the ring needs from a device: page-locked buffers, each with a fence that says when
 /// the copies queued out of it so far have run.
@@ -206,7 +208,7 @@ impl CudaDevice {
             return Ok(dst);
         }
         let pageable = |mut dst: CudaSlice<T>| -> Result<CudaSlice<T>> {
-            let piece = (1usize << 20) / size;
+            let piece = PIECE_BYTES / size;
             let mut host = vec![T::default(); len];
             host.par_chunks_mut(piece)
                 .enumerate()
@@ -234,7 +236,7 @@ impl CudaDevice {
                 std::slice::from_raw_parts_mut(chunk.as_mut_ptr().cast::<T>(), chunk.len() / size)
             };
             let first = offset / size;
-            let piece = (1usize << 20) / size;
+            let piece = PIECE_BYTES / size;
             values
                 .par_chunks_mut(piece)
                 .enumerate()
