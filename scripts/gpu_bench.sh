@@ -9,7 +9,8 @@
 #                     K = 8 (W-CLIP8 models), a profile of the K = 8 merge, and the CPU
 #                     engine against cuda on the W-CLIP8 models with 32 images each
 #   bench-gpt2.log    W-GPT2-7 (7 × GPT-2 small, 256 sequences of 16–128 tokens), the same
-# Environment: REPEAT_CLIP (2), REPEAT_GPT2 (1), BENCH_TIMEOUT (240 s per workload),
+#   (each log ends with the page-locked ring against pageable copies: REGMEAN_STAGING=0)
+# Environment: REPEAT_CLIP (2), REPEAT_GPT2 (1), REPEAT_AB (3), BENCH_TIMEOUT (240 s per workload),
 # SKIP_CPU=1 (no CPU engine run), SKIP_BENCH=1 (only the memory and profile runs).
 set -uo pipefail
 bundle=${1:-gpu-bundle}
@@ -31,7 +32,34 @@ bench() { # workload log repeats
   done
 }
 
+# The page-locked ring against plain pageable copies (REGMEAN_STAGING=0), same binary,
+# interleaved: the wall time of each merge (process included), then the two outputs
+# compared, which must agree to rounding (a buffer reused before its copy ran shows as
+# errors of 0.1 and more). Appended to the workload's log after a marker line.
+staging_ab() { # workload log
+  local pool=target/bench-pools/$1 i s t0 t1
+  local phases='import json, sys; j = json.load(open(sys.argv[1])); p = j["phases_s"]; print("in-process %.2f fwd+grams %.2f solve %.2f write %.2f" % (j["total_s"], p["forward_and_grams"], p["solve"], p["write"]))'
+  [ -f "$pool/bench.yaml" ] || { echo "== staging A/B on $1: no pool"; return; }
+  {
+    echo "=== staging A/B ($1, ${REPEAT_AB:-3} rounds; wall seconds, ring on then off)"
+    for i in $(seq "${REPEAT_AB:-3}"); do
+      for s in 1 0; do
+        rm -f "/tmp/ab-$s.json"; t0=$(date +%s.%N)
+        REGMEAN_STAGING=$s timeout 120 "$bin" merge "$pool/bench.yaml" "/tmp/ab-$s" \
+          --device cuda --force -q --report-json "/tmp/ab-$s.json" || echo "merge failed (staging=$s)"
+        t1=$(date +%s.%N)
+        echo "round $i staging=$s wall $(awk "BEGIN { printf \"%.2f\", $t1 - $t0 }")" \
+          "$("$py" -c "$phases" "/tmp/ab-$s.json" 2>/dev/null || echo "no report")"
+      done
+    done
+    "$bin" compare /tmp/ab-1 /tmp/ab-0 --tol 1e-5 && echo "staged and pageable merges agree"
+  } > "/tmp/ab-$1.log" 2>&1
+  echo "== staging A/B on $1"; grep -E '^round|agree|tensors,|failed' "/tmp/ab-$1.log"
+  cat "/tmp/ab-$1.log" >> "$out/$2"
+}
+
 bench clip8 bench-clip8.log "${REPEAT_CLIP:-2}"
+staging_ab clip8 bench-clip8.log
 
 {
   pool=${MEM_POOL:-target/bench-pools/clip8}
@@ -65,3 +93,4 @@ echo "== memory and cpu"; tail -n 8 /tmp/memory-cpu.log
 { echo "=== memory and cpu"; cat /tmp/memory-cpu.log; } >> "$out/bench-clip8.log"
 
 bench gpt2-7 bench-gpt2.log "${REPEAT_GPT2:-1}"
+staging_ab gpt2-7 bench-gpt2.log

@@ -11,7 +11,7 @@ pub mod forward;
 pub mod gram;
 pub mod solve;
 mod staging;
-pub use staging::{Plain, STAGED_AHEAD};
+pub use staging::{staging_enabled, Plain, STAGED_AHEAD};
 pub mod weights;
 
 use std::collections::HashMap;

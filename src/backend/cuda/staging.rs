@@ -185,12 +185,22 @@ impl CudaDevice {
     }
 }
 
+/// False when `REGMEAN_STAGING=0` (or `off`): every upload then takes the pageable path, so
+/// one binary can measure the ring against plain copies, and check that both merge alike.
+pub fn staging_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("REGMEAN_STAGING").map_or(true, |v| !matches!(v.as_str(), "0" | "off"))
+    })
+}
+
 impl CudaDevice {
     /// `len` values of T, written by `fill(first, values)` (in parallel pieces: `first` is
     /// the index of `values[0]`), copied to a new device buffer through the page-locked
     /// ring: the thread goes on while the copy runs, and returns once the last piece is
-    /// queued. Without page-locked memory, through a pageable copy. `fill` must write every
-    /// value it is given: the buffers are reused, and what it leaves is an earlier upload's.
+    /// queued. Without page-locked memory (or with [`staging_enabled`] false), through a
+    /// pageable copy. `fill` must write every value it is given: the buffers are reused,
+    /// and what it leaves is an earlier upload's.
     pub fn upload_staged<T: Plain>(
         &self,
         len: usize,
@@ -218,6 +228,9 @@ impl CudaDevice {
                 .map_err(|e| super::oom(e, what, total))?;
             Ok(dst)
         };
+        if !staging_enabled() {
+            return pageable(dst);
+        }
         // Busy (another thread's upload, or this thread's own from inside `fill`, which
         // rayon can run here while it waits): the pageable way rather than a deadlock.
         let mut ring = match self.staging.try_lock() {
