@@ -119,18 +119,27 @@ fn load_and_keep(names: &[&str]) -> bool {
 }
 
 fn probe_now() -> Probe {
-    let libcuda_present = load_and_keep(&["cuda", "nvcuda"]);
-    let cublas_present = load_and_keep(&["cublas"]);
-    let cusolver_present = load_and_keep(&["cusolver"]);
+    // cuBLAS and cuSOLVER are large (≈ 0.2 s to map and relocate): they load while the
+    // driver starts up, which needs neither.
+    let libraries = std::thread::spawn(|| {
+        crate::profile::span("cuda: probe: load cuBLAS, cuSOLVER", || {
+            (load_and_keep(&["cublas"]), load_and_keep(&["cusolver"]))
+        })
+    });
+    let (libcuda_present, driver_started) =
+        crate::profile::span("cuda: probe: load libcuda, start it", || {
+            let present = load_and_keep(&["cuda", "nvcuda"]);
+            (present, present && cudarc::driver::result::init().is_ok())
+        });
     let mut p = Probe {
         libcuda_present,
-        cublas_present,
-        cusolver_present,
+        cublas_present: false,
+        cusolver_present: false,
         driver_version: None,
         devices: 0,
         kernels_embedded: kernels_embedded(),
     };
-    if libcuda_present && cudarc::driver::result::init().is_ok() {
+    if driver_started {
         let mut v = 0i32;
         // SAFETY: libcuda is loaded and initialised; the pointer is to a live i32.
         if unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) }
@@ -142,6 +151,8 @@ fn probe_now() -> Probe {
             .map(|n| n.max(0) as usize)
             .unwrap_or(0);
     }
+    // A panic while loading (none is expected) reads as "not found", like a failed load.
+    (p.cublas_present, p.cusolver_present) = libraries.join().unwrap_or((false, false));
     p
 }
 
