@@ -155,3 +155,84 @@ fn assert_dir_has(dir: &Path, names: &[&str]) {
         assert!(dir.join(n).is_file(), "{} lacks {n}", dir.display());
     }
 }
+
+/// Records which models started their forward pass.
+#[derive(Default)]
+struct Started(std::sync::Mutex<Vec<usize>>);
+
+impl regmean_gpu::progress::Observer for Started {
+    fn event(&self, e: regmean_gpu::progress::Event<'_>) {
+        if let regmean_gpu::progress::Event::ModelStart { index, .. } = e {
+            self.0.lock().unwrap().push(index);
+        }
+    }
+}
+
+/// What is broken, how, and what the error must mention.
+type Fault = (
+    &'static str,
+    fn(&common::Pool, &mut MergeConfig),
+    &'static [&'static str],
+);
+
+/// A fault in the last entry is found before the first model runs: a wrong path or a
+/// malformed file must not cost the other models' forward passes first.
+#[test]
+fn every_input_is_checked_before_the_first_model_runs() {
+    let faults: [Fault; 4] = [
+        (
+            "malformed data",
+            |pool, _| {
+                std::fs::write(
+                    pool.path("data/task_c.jsonl"),
+                    "{\"text\": \"a\"}\nnot json\n",
+                )
+                .unwrap()
+            },
+            &["task_c.jsonl", "line 2", "invalid JSON"],
+        ),
+        (
+            "missing model",
+            |pool, _| std::fs::remove_dir_all(pool.path("task_c")).unwrap(),
+            &["task_c", "not a model directory"],
+        ),
+        (
+            "model of another size",
+            |pool, _| {
+                let path = pool.path("task_c/config.json");
+                let text = std::fs::read_to_string(&path).unwrap();
+                let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v["n_layer"] = serde_json::json!(v["n_layer"].as_u64().unwrap() + 1);
+                std::fs::write(&path, v.to_string()).unwrap();
+            },
+            &["task_c/config.json", "differ from the base model"],
+        ),
+        (
+            "not a Gram file",
+            |pool, cfg| {
+                let last = cfg.models.last_mut().unwrap();
+                last.data = None;
+                last.grams = Some(pool.path("task_c/model.safetensors"));
+            },
+            &["task_c/model.safetensors", "unsupported Gram file format"],
+        ),
+    ];
+    for (what, fault, mentions) in faults {
+        let pool = common::Pool::new();
+        let mut cfg = MergeConfig::load(&pool.path("compat.yaml")).unwrap();
+        fault(&pool, &mut cfg);
+        let out = pool.path("merged");
+        let started = Started::default();
+        let err = merge(&CpuBackend, &cfg, &out, &MergeOptions::default(), &started)
+            .expect_err(what)
+            .to_string();
+        for m in mentions {
+            assert!(err.contains(m), "{what}: `{err}` does not mention `{m}`");
+        }
+        assert!(
+            started.0.lock().unwrap().is_empty(),
+            "{what}: models ran first"
+        );
+        assert!(!out.exists(), "{what}: left {}", out.display());
+    }
+}

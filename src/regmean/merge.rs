@@ -138,11 +138,15 @@ pub fn merge<B: Backend>(
     // FusionBench builds the multiplier as diag(1 − r) + r in f32; keep its rounding.
     let diag_mult = (1.0f32 - ratio) + ratio;
 
-    // Fail before hours of work, not after: the output location must be usable.
-    let out_dir = OutputDir::create(out, opts.force)?;
-
     let sites = model_cfg.sites();
     let regmean = cfg.merge_method == MergeMethod::Regmean;
+    // Fail before hours of work, not after: every input must open and fit, and the output
+    // location must be usable.
+    let mut datasets = crate::profile::span("inputs: open and check all", || {
+        open_inputs(cfg, &base, &model_cfg, &sites, regmean)
+    })?;
+    let out_dir = OutputDir::create(out, opts.force)?;
+
     let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
     let mut reports = Vec::with_capacity(cfg.models.len());
     let mut peak_device = backend.memory_in_use();
@@ -183,6 +187,7 @@ pub fn merge<B: Backend>(
                         &model_cfg,
                         &sites,
                         entry,
+                        datasets[index].take(),
                         index,
                         sums.device(),
                         &mut model_load,
@@ -351,6 +356,47 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
     base_cfg.check_checkpoint(ckpt)
 }
 
+/// Opens every task model and checks it against the base, opens every data set (text
+/// tokenised) and checks every Gram file's header, in the config's order, before the first
+/// forward pass: a wrong path or a malformed file in the last entry fails in seconds, not
+/// after the other models have run. Returns each entry's data set (None for a Gram file,
+/// or for a method that runs no forward pass).
+fn open_inputs(
+    cfg: &MergeConfig,
+    base: &Checkpoint,
+    model_cfg: &ModelConfig,
+    sites: &[Site],
+    regmean: bool,
+) -> Result<Vec<Option<Dataset>>> {
+    let options = cfg.parameters.gram_options();
+    cfg.models
+        .iter()
+        .map(|entry| {
+            let ckpt = Checkpoint::open(&entry.model)?;
+            check_compatible(base, model_cfg, &ckpt)?;
+            match (&entry.grams, &entry.data) {
+                _ if !regmean => Ok(None),
+                (Some(path), _) => {
+                    stats::check(path, model_cfg.arch(), &options, sites)?;
+                    Ok(None)
+                }
+                (None, Some(path)) => open_data(cfg, &ckpt, path).map(Some),
+                (None, None) => Ok(None),
+            }
+        })
+        .collect()
+}
+
+/// A task's data, text tokenised and images preprocessed with the task model's own files
+/// (else the base's).
+fn open_data(cfg: &MergeConfig, ckpt: &Checkpoint, path: &Path) -> Result<Dataset> {
+    Dataset::open_for_model(
+        path,
+        &[ckpt.dir(), &cfg.base_model],
+        cfg.parameters.max_length,
+    )
+}
+
 /// Opens a task model set to keep the linear weights it makes; with `ahead` (on another
 /// thread, before its turn, for a GPU merge), reads through their stored bytes so that the
 /// pages are in memory when they are copied to the device. Errors are left for the checks
@@ -404,6 +450,7 @@ fn model_grams<B: Backend>(
     model_cfg: &ModelConfig,
     sites: &[Site],
     entry: &ModelEntry,
+    data: Option<Dataset>,
     index: usize,
     sums_on: Option<&Arc<CudaDevice>>,
     load_time: &mut Duration,
@@ -430,13 +477,14 @@ fn model_grams<B: Backend>(
         )
         .map(Grams::Host);
     }
-    let data_path = entry.data.as_ref().expect("validated: data or grams");
-    // Text is tokenised, images preprocessed, with the task model's own files (else the base's).
-    let data = Dataset::open_for_model(
-        data_path,
-        &[ckpt.dir(), &cfg.base_model],
-        cfg.parameters.max_length,
-    )?;
+    let data = match data {
+        Some(data) => data,
+        None => open_data(
+            cfg,
+            ckpt,
+            entry.data.as_ref().expect("validated: data or grams"),
+        )?,
+    };
     let expected = crate::data::select(data.len(), &cfg.parameters.sampling())
         .0
         .len();

@@ -84,8 +84,26 @@ pub fn write(path: &Path, grams: &ModelGrams, info: &GramFileInfo<'_>) -> Result
     written
 }
 
-/// Reads a Gram file and checks it against the model and options of the merge.
-pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
+/// A Gram file whose metadata and tensor shapes were checked against a merge.
+struct CheckedFile {
+    file: SafetensorsFile,
+    rows: BTreeMap<String, u64>,
+    examples: usize,
+}
+
+/// Checks a Gram file against a merge's architecture, options and sites from its header
+/// alone (the fingerprint needs the model's weights hashed, the values a full read): what a
+/// merge checks of every file before its first forward pass.
+pub fn check(path: &Path, arch: Arch, options: &GramOptions, sites: &[Site]) -> Result<()> {
+    open_checked(path, arch, options, sites).map(|_| ())
+}
+
+fn open_checked(
+    path: &Path,
+    arch: Arch,
+    want: &GramOptions,
+    sites: &[Site],
+) -> Result<CheckedFile> {
     let file = SafetensorsFile::open(path)?;
     let meta = file.metadata();
     let get = |k: &str| {
@@ -103,27 +121,20 @@ pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
             format!("unsupported Gram file format `{format}` (this build reads {FORMAT})"),
         ));
     }
-    let arch = get("arch")?;
-    if arch != info.arch.name() {
+    let stored_arch = get("arch")?;
+    if stored_arch != arch.name() {
         return Err(Error::file(
             path,
             format!(
-                "Grams of a {arch} model, but the model is {}",
-                info.arch.name()
+                "Grams of a {stored_arch} model, but the model is {}",
+                arch.name()
             ),
-        ));
-    }
-    let fingerprint = get("fingerprint")?;
-    if fingerprint != info.fingerprint {
-        return Err(Error::file(
-            path,
-            format!("computed with a different model (fingerprint {fingerprint}, the model has {}): recompute with `regmean-gpu grams`", info.fingerprint),
         ));
     }
     let options: GramOptions = serde_json::from_str(get("options")?)
         .map_err(|e| Error::file(path, format!("metadata `options` is malformed: {e}")))?;
-    if &options != info.options {
-        let differs = diff_options(&options, info.options);
+    if &options != want {
+        let differs = diff_options(&options, want);
         return Err(Error::file(path, format!("computed with different options ({differs}): recompute, or set the merge config's parameters to match")));
     }
     let rows: BTreeMap<String, u64> = serde_json::from_str(get("rows")?)
@@ -131,8 +142,7 @@ pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
     let examples: usize = get("examples")?
         .parse()
         .map_err(|_| Error::file(path, "metadata `examples` is not a number"))?;
-    let mut sites = Vec::with_capacity(info.sites.len());
-    for site in info.sites {
+    for site in sites {
         let e = file.entry(&site.name)?;
         if e.shape != [site.dim, site.dim] || e.dtype != Dtype::F32 {
             return Err(Error::file(
@@ -147,6 +157,41 @@ pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
                 ),
             ));
         }
+        if !rows.contains_key(&site.name) {
+            return Err(Error::file(
+                path,
+                format!("metadata `rows` lacks `{}`", site.name),
+            ));
+        }
+    }
+    Ok(CheckedFile {
+        file,
+        rows,
+        examples,
+    })
+}
+
+/// Reads a Gram file and checks it against the model and options of the merge.
+pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
+    let CheckedFile {
+        file,
+        rows,
+        examples,
+    } = open_checked(path, info.arch, info.options, info.sites)?;
+    let fingerprint = file.metadata().get("fingerprint").ok_or_else(|| {
+        Error::file(
+            path,
+            "not a Gram statistics file: metadata has no `fingerprint`",
+        )
+    })?;
+    if fingerprint != info.fingerprint {
+        return Err(Error::file(
+            path,
+            format!("computed with a different model (fingerprint {fingerprint}, the model has {}): recompute with `regmean-gpu grams`", info.fingerprint),
+        ));
+    }
+    let mut sites = Vec::with_capacity(info.sites.len());
+    for site in info.sites {
         let gram = file.to_f32(&site.name)?;
         if gram.iter().any(|v| !v.is_finite()) {
             return Err(Error::file(
@@ -154,13 +199,10 @@ pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
                 format!("`{}` holds non-finite values", site.name),
             ));
         }
-        let rows = *rows
-            .get(&site.name)
-            .ok_or_else(|| Error::file(path, format!("metadata `rows` lacks `{}`", site.name)))?;
         sites.push(SiteGram {
             name: site.name.clone(),
             dim: site.dim,
-            rows,
+            rows: rows[&site.name],
             gram,
         });
     }
