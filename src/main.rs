@@ -345,6 +345,10 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 out_shard_bytes: a.out_shard_size,
                 force: a.force,
             };
+            // The evaluation's inputs are checked before the merge, not after it.
+            let evaluation = (a.eval || a.compare_average)
+                .then(|| eval_plan(&cfg, &a))
+                .transpose()?;
             with_backend!(&gpu, cfg.parameters.precision, |backend| {
                 ui.info(&format!(
                     "merging {} models into {} on {}",
@@ -364,10 +368,10 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 }
                 Ok::<(), Error>(())
             })?;
-            if a.eval || a.compare_average {
+            if let Some((tasks, eval_opts)) = &evaluation {
                 // Evaluation in float32 on a GPU too: its predictions are transformers' own.
                 with_backend!(&gpu, Precision::Float32, |backend| {
-                    eval_after_merge(&backend, &opts, &cfg, &a, ui)
+                    eval_after_merge(&backend, &opts, &cfg, &a, tasks, eval_opts, ui)
                 })?;
             }
             Ok(())
@@ -513,16 +517,14 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
     Ok(())
 }
 
-/// `merge --eval [--compare-average]`: the merged model's accuracy per task, and optionally
-/// that of the simple average of the same models.
-fn eval_after_merge<B: Backend>(
-    backend: &B,
-    merge_opts: &MergeOptions,
+/// The tasks and options of `merge --eval`, each task's data checked.
+fn eval_plan(
     cfg: &MergeConfig,
     a: &MergeArgs,
-    ui: &Ui,
-) -> Result<()> {
-    use regmean_gpu::config::MergeMethod;
+) -> Result<(
+    Vec<regmean_gpu::eval::EvalTask>,
+    regmean_gpu::eval::EvalOptions,
+)> {
     use regmean_gpu::eval::{self, EvalOptions};
     let tasks = eval::tasks_from_config(cfg)?;
     if tasks.is_empty() {
@@ -536,11 +538,29 @@ fn eval_after_merge<B: Backend>(
         max_length: cfg.parameters.max_length,
         base: Some(cfg.base_model.clone()),
     };
+    let arch = regmean_gpu::io::Checkpoint::open(&cfg.base_model)?.arch();
+    eval::check_tasks(arch, &tasks, &opts)?;
+    Ok((tasks, opts))
+}
+
+/// `merge --eval [--compare-average]`: the merged model's accuracy per task, and optionally
+/// that of the simple average of the same models.
+fn eval_after_merge<B: Backend>(
+    backend: &B,
+    merge_opts: &MergeOptions,
+    cfg: &MergeConfig,
+    a: &MergeArgs,
+    tasks: &[regmean_gpu::eval::EvalTask],
+    opts: &regmean_gpu::eval::EvalOptions,
+    ui: &Ui,
+) -> Result<()> {
+    use regmean_gpu::config::MergeMethod;
+    use regmean_gpu::eval;
     ui.info(&format!(
         "evaluating the merged model on {} task(s)",
         tasks.len()
     ));
-    let merged = eval::evaluate(backend, &a.out_dir, &tasks, &opts)?;
+    let merged = eval::evaluate(backend, &a.out_dir, tasks, opts)?;
     let label = match cfg.merge_method {
         MergeMethod::Regmean => "RegMean",
         MergeMethod::SimpleAverage => "simple average",
@@ -568,7 +588,7 @@ fn eval_after_merge<B: Backend>(
         ui.clear();
         columns.push((
             "simple average",
-            eval::evaluate(backend, &avg_dir, &tasks, &opts)?,
+            eval::evaluate(backend, &avg_dir, tasks, opts)?,
         ));
     }
     let view: Vec<(&str, &[eval::TaskAccuracy])> =

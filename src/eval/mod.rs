@@ -415,16 +415,7 @@ impl<B: Backend> ZeroShot<B> {
         task: &EvalTask,
         opts: &EvalOptions,
     ) -> Result<TaskAccuracy> {
-        let spec = match &task.zero_shot {
-            Some(s) => s.clone(),
-            None => ZeroShotTask::builtin(&task.name).ok_or_else(|| {
-                Error::invalid(format!(
-                    "task `{}` has no built-in class names ({}): give a classes file with `classes` and `templates`",
-                    task.name,
-                    BUILTIN_TASKS.join(", ")
-                ))
-            })?,
-        };
+        let spec = zero_shot_spec(task)?;
         let labelled = open_labelled(&task.data, &[model_dir, &self.base_dir], opts.max_length)?;
         let Model::Clip(vision) = model else {
             unreachable!("a CLIP vision model")
@@ -440,6 +431,46 @@ impl<B: Backend> ZeroShot<B> {
         let logits = self.logits(backend, model, &labelled.data, &head, opts.batch_size)?;
         Ok(finish(task, &labels, logits, spec.classes.len()))
     }
+}
+
+/// A CLIP task's class names and templates: its own, else the built-in task of its name.
+fn zero_shot_spec(task: &EvalTask) -> Result<ZeroShotTask> {
+    match &task.zero_shot {
+        Some(s) => Ok(s.clone()),
+        None => ZeroShotTask::builtin(&task.name).ok_or_else(|| {
+            Error::invalid(format!(
+                "task `{}` has no built-in class names ({}): give a classes file with `classes` and `templates`",
+                task.name,
+                BUILTIN_TASKS.join(", ")
+            ))
+        }),
+    }
+}
+
+/// Checks what can be checked before the model to evaluate exists: every task's data opens
+/// (text tokenised with the task's or the base's tokenizer) with a label per example, and a
+/// CLIP task has class names that fit its class folders. `merge --eval` runs this before
+/// merging, so that a wrong path fails in seconds rather than after the merge.
+pub fn check_tasks(arch: Arch, tasks: &[EvalTask], opts: &EvalOptions) -> Result<()> {
+    for task in tasks {
+        let dirs: Vec<&Path> = task
+            .head
+            .iter()
+            .chain(&opts.base)
+            .map(|p| p.as_path())
+            .collect();
+        let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
+        let labels = labels_of(&labelled, task)?;
+        if arch == Arch::ClipVision {
+            class_labels(
+                &labelled.classes,
+                labels,
+                &zero_shot_spec(task)?,
+                &task.data,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps folder labels onto the task's class order: by name when every sub-folder is named
