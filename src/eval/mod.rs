@@ -447,18 +447,24 @@ fn zero_shot_spec(task: &EvalTask) -> Result<ZeroShotTask> {
     }
 }
 
-/// Checks what can be checked before the model to evaluate exists: every task's data opens
-/// (text tokenised with the task's or the base's tokenizer) with a label per example, and a
-/// CLIP task has class names that fit its class folders. `merge --eval` runs this before
-/// merging, so that a wrong path fails in seconds rather than after the merge.
-pub fn check_tasks(arch: Arch, tasks: &[EvalTask], opts: &EvalOptions) -> Result<()> {
+/// Checks every task's inputs before any is evaluated: its data opens (text tokenised, images
+/// listed, with the files [`evaluate`] will use) with a label per example, and a CLIP task
+/// has class names that fit its class folders. A wrong path in the last task then fails at
+/// once. `model_dir` is None for `merge --eval`, which checks before the merged model exists:
+/// its tokenizer and preprocessor files will be the base model's.
+pub fn check_tasks(
+    arch: Arch,
+    model_dir: Option<&Path>,
+    tasks: &[EvalTask],
+    opts: &EvalOptions,
+) -> Result<()> {
+    let model_dir = model_dir.or(opts.base.as_deref());
     for task in tasks {
-        let dirs: Vec<&Path> = task
-            .head
-            .iter()
-            .chain(&opts.base)
-            .map(|p| p.as_path())
-            .collect();
+        // Where evaluation reads tokenizer.json / preprocessor_config.json from.
+        let dirs: Vec<&Path> = match arch {
+            Arch::Gpt2 => task.head.as_deref().into_iter().chain(model_dir).collect(),
+            Arch::ClipVision => model_dir.into_iter().chain(opts.base.as_deref()).collect(),
+        };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;
         if arch == Arch::ClipVision {
