@@ -142,8 +142,8 @@ pub fn merge<B: Backend>(
     let regmean = cfg.merge_method == MergeMethod::Regmean;
     // Fail before hours of work, not after: every input must open and fit, and the output
     // location must be usable.
-    let mut datasets = crate::profile::span("inputs: open and check all", || {
-        open_inputs(cfg, &base, &model_cfg, &sites, regmean)
+    crate::profile::span("inputs: open and check all", || {
+        check_inputs(cfg, &base, &model_cfg, &sites, regmean)
     })?;
     let out_dir = OutputDir::create(out, opts.force)?;
 
@@ -187,7 +187,6 @@ pub fn merge<B: Backend>(
                         &model_cfg,
                         &sites,
                         entry,
-                        datasets[index].take(),
                         index,
                         sums.device(),
                         &mut model_load,
@@ -359,32 +358,28 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
 /// Opens every task model and checks it against the base, opens every data set (text
 /// tokenised) and checks every Gram file's header, in the config's order, before the first
 /// forward pass: a wrong path or a malformed file in the last entry fails in seconds, not
-/// after the other models have run. Returns each entry's data set (None for a Gram file,
-/// or for a method that runs no forward pass).
-fn open_inputs(
+/// after the other models have run. Nothing is kept: each is opened again at its turn, so
+/// that memory does not grow with the number of models (a second parse of a few hundred
+/// examples takes milliseconds).
+fn check_inputs(
     cfg: &MergeConfig,
     base: &Checkpoint,
     model_cfg: &ModelConfig,
     sites: &[Site],
     regmean: bool,
-) -> Result<Vec<Option<Dataset>>> {
+) -> Result<()> {
     let options = cfg.parameters.gram_options();
-    cfg.models
-        .iter()
-        .map(|entry| {
-            let ckpt = Checkpoint::open(&entry.model)?;
-            check_compatible(base, model_cfg, &ckpt)?;
-            match (&entry.grams, &entry.data) {
-                _ if !regmean => Ok(None),
-                (Some(path), _) => {
-                    stats::check(path, model_cfg.arch(), &options, sites)?;
-                    Ok(None)
-                }
-                (None, Some(path)) => open_data(cfg, &ckpt, path).map(Some),
-                (None, None) => Ok(None),
-            }
-        })
-        .collect()
+    for entry in &cfg.models {
+        let ckpt = Checkpoint::open(&entry.model)?;
+        check_compatible(base, model_cfg, &ckpt)?;
+        match (&entry.grams, &entry.data) {
+            _ if !regmean => {}
+            (Some(path), _) => stats::check(path, model_cfg.arch(), &options, sites)?,
+            (None, Some(path)) => drop(open_data(cfg, &ckpt, path)?),
+            (None, None) => {}
+        }
+    }
+    Ok(())
 }
 
 /// A task's data, text tokenised and images preprocessed with the task model's own files
@@ -450,7 +445,6 @@ fn model_grams<B: Backend>(
     model_cfg: &ModelConfig,
     sites: &[Site],
     entry: &ModelEntry,
-    data: Option<Dataset>,
     index: usize,
     sums_on: Option<&Arc<CudaDevice>>,
     load_time: &mut Duration,
@@ -477,14 +471,11 @@ fn model_grams<B: Backend>(
         )
         .map(Grams::Host);
     }
-    let data = match data {
-        Some(data) => data,
-        None => open_data(
-            cfg,
-            ckpt,
-            entry.data.as_ref().expect("validated: data or grams"),
-        )?,
-    };
+    let data = open_data(
+        cfg,
+        ckpt,
+        entry.data.as_ref().expect("validated: data or grams"),
+    )?;
     let expected = crate::data::select(data.len(), &cfg.parameters.sampling())
         .0
         .len();
