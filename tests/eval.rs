@@ -525,60 +525,54 @@ fn eval_errors_name_the_file_and_the_problem() {
 /// eval file, or class names that do not fit the folders, fails at once and writes nothing.
 #[test]
 fn merge_eval_checks_its_inputs_before_merging() {
-    let tmp = tempfile::tempdir().unwrap();
-    let unlabelled = tmp.path().join("unlabelled.jsonl");
-    std::fs::write(&unlabelled, "{\"text\": \"a\"}\n").unwrap();
-    let two = tmp.path().join("two.yaml");
-    std::fs::write(&two, "classes: [x, y]\ntemplates: ['a {}']\n").unwrap();
-    let gpt2 = eval_dir().join("gpt2");
-    let clip = eval_dir().join("clip");
+    let gpt2 = common::Pool::of("eval/gpt2");
+    let clip = common::Pool::of("eval/clip");
+    std::fs::write(gpt2.path("unlabelled.jsonl"), "{\"text\": \"a\"}\n").unwrap();
+    std::fs::write(
+        clip.path("two.yaml"),
+        "classes: [x, y]\ntemplates: ['a {}']\n",
+    )
+    .unwrap();
     let faults = [
         (
-            gpt2.join("merge_text.yaml"),
-            (
-                "eval_data: ./task_b.jsonl",
-                "eval_data: ./task_z.jsonl".to_string(),
-            ),
-            vec!["task_z.jsonl", "No such file"],
+            &gpt2,
+            "merge_text.yaml",
+            ("eval_data: ./task_b.jsonl", "eval_data: ./task_z.jsonl"),
+            &["task_z.jsonl", "No such file"][..],
         ),
         (
-            gpt2.join("merge_text.yaml"),
-            (
-                "eval_data: ./task_b.jsonl",
-                format!("eval_data: {}", unlabelled.display()),
-            ),
-            vec!["unlabelled.jsonl", "needs a label for every example"],
+            &gpt2,
+            "merge_text.yaml",
+            ("eval_data: ./task_b.jsonl", "eval_data: ./unlabelled.jsonl"),
+            &["unlabelled.jsonl", "needs a label for every example"][..],
         ),
         (
-            clip.join("merge_folder.yaml"),
-            (
-                "classes: ./task_a.classes.json",
-                format!("classes: {}", two.display()),
-            ),
-            vec!["images_task_a", "3 class sub-folders for 2 classes"],
+            &clip,
+            "merge_folder.yaml",
+            ("classes: ./task_a.classes.json", "classes: ./two.yaml"),
+            &["images_task_a", "3 class sub-folders for 2 classes"][..],
         ),
     ];
-    for (i, (config, (from, to), mentions)) in faults.into_iter().enumerate() {
-        let text = std::fs::read_to_string(&config).unwrap();
-        assert!(text.contains(from), "{}: no `{from}`", config.display());
-        // Next to the original, so that its relative paths still resolve.
-        let broken = config.with_file_name(format!(".broken-{}-{i}.yaml", std::process::id()));
-        std::fs::write(&broken, text.replace(from, &to)).unwrap();
-        let out = tmp.path().join(format!("merged-{i}"));
-        let started = std::time::Instant::now();
-        let (ok, _, err) = run(&[
+    for (i, (pool, config, (from, to), mentions)) in faults.into_iter().enumerate() {
+        let text = std::fs::read_to_string(pool.path(config)).unwrap();
+        assert!(text.contains(from), "{config}: no `{from}`");
+        let broken = pool.path(&format!("broken-{i}.yaml"));
+        std::fs::write(&broken, text.replace(from, to)).unwrap();
+        let out = pool.path(&format!("merged-{i}"));
+        let (ok, stdout, err) = run(&[
             "merge",
             broken.to_str().unwrap(),
             out.to_str().unwrap(),
             "--eval",
         ]);
-        std::fs::remove_file(&broken).unwrap();
         assert!(!ok && !err.contains("panicked"), "{err}");
         let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(errors.len(), 1, "{err}");
-        common::assert_mentions(errors[0], &mentions);
-        assert!(!err.contains("merged 2"), "merged before failing: {err}");
+        common::assert_mentions(errors[0], mentions);
+        assert!(
+            !stdout.contains("merged"),
+            "merged before failing: {stdout}"
+        );
         assert!(!out.exists(), "{} was written", out.display());
-        eprintln!("fault {i}: failed in {:.2?}", started.elapsed());
     }
 }

@@ -149,11 +149,7 @@ pub fn evaluate<B: Backend>(
             .map(|t| eval_gpt2(backend, &model, &config, model_dir, t, opts))
             .collect(),
         Arch::ClipVision => {
-            let base_dir = opts.base.as_deref().ok_or_else(|| {
-                Error::invalid(
-                    "CLIP evaluation needs the base CLIPModel (text tower and projections): give --base (or base_model in the config)",
-                )
-            })?;
+            let base_dir = clip_base(opts)?;
             let zs = ZeroShot::load(backend, base_dir)?;
             tasks
                 .iter()
@@ -161,6 +157,25 @@ pub fn evaluate<B: Backend>(
                 .collect()
         }
     }
+}
+
+/// CLIP's base `CLIPModel`, which evaluation needs for the text tower.
+fn clip_base(opts: &EvalOptions) -> Result<&Path> {
+    opts.base.as_deref().ok_or_else(|| {
+        Error::invalid(
+            "CLIP evaluation needs the base CLIPModel (text tower and projections): give --base (or base_model in the config)",
+        )
+    })
+}
+
+/// A GPT-2 task's own checkpoint, which holds its `score` head.
+fn gpt2_head(task: &EvalTask) -> Result<&Path> {
+    task.head.as_deref().ok_or_else(|| {
+        Error::invalid(format!(
+            "task `{}`: GPT-2 evaluation needs the task's checkpoint for its `score` head",
+            task.name
+        ))
+    })
 }
 
 /// Parameters that check text data against a model and give its padding rule.
@@ -189,12 +204,7 @@ fn eval_gpt2<B: Backend>(
     task: &EvalTask,
     opts: &EvalOptions,
 ) -> Result<TaskAccuracy> {
-    let head_dir = task.head.as_deref().ok_or_else(|| {
-        Error::invalid(format!(
-            "task `{}`: GPT-2 evaluation needs the task's checkpoint for its `score` head",
-            task.name
-        ))
-    })?;
+    let head_dir = gpt2_head(task)?;
     let ModelConfig::Gpt2(gpt2) = config else {
         unreachable!("called for GPT-2 only")
     };
@@ -462,8 +472,14 @@ pub fn check_tasks(
     for task in tasks {
         // Where evaluation reads tokenizer.json / preprocessor_config.json from.
         let dirs: Vec<&Path> = match arch {
-            Arch::Gpt2 => task.head.as_deref().into_iter().chain(model_dir).collect(),
-            Arch::ClipVision => model_dir.into_iter().chain(opts.base.as_deref()).collect(),
+            Arch::Gpt2 => [Some(gpt2_head(task)?), model_dir]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Arch::ClipVision => [model_dir, Some(clip_base(opts)?)]
+                .into_iter()
+                .flatten()
+                .collect(),
         };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;

@@ -140,12 +140,12 @@ pub fn merge<B: Backend>(
 
     let sites = model_cfg.sites();
     let regmean = cfg.merge_method == MergeMethod::Regmean;
-    // Fail before hours of work, not after: every input must open and fit, and the output
-    // location must be usable.
+    // Fail before hours of work, not after: the output location must be usable, and every
+    // input must open and fit.
+    let out_dir = OutputDir::create(out, opts.force)?;
     crate::profile::span("inputs: open and check all", || {
         check_inputs(cfg, &base, &model_cfg, &sites, regmean)
     })?;
-    let out_dir = OutputDir::create(out, opts.force)?;
 
     let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
     let mut reports = Vec::with_capacity(cfg.models.len());

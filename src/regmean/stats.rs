@@ -95,12 +95,15 @@ struct CheckedFile {
 /// alone (the fingerprint needs the model's weights hashed, the values a full read): what a
 /// merge checks of every file before its first forward pass.
 pub fn check(path: &Path, arch: Arch, options: &GramOptions, sites: &[Site]) -> Result<()> {
-    open_checked(path, arch, options, sites).map(|_| ())
+    open_checked(path, arch, None, options, sites).map(|_| ())
 }
 
+/// The checks of [`check`], and the model's fingerprint when given (right after the
+/// architecture: a file made for another model is named as such, whatever else differs).
 fn open_checked(
     path: &Path,
     arch: Arch,
+    fingerprint: Option<&str>,
     want: &GramOptions,
     sites: &[Site],
 ) -> Result<CheckedFile> {
@@ -130,6 +133,15 @@ fn open_checked(
                 arch.name()
             ),
         ));
+    }
+    if let Some(model) = fingerprint {
+        let stored = get("fingerprint")?;
+        if stored != model {
+            return Err(Error::file(
+                path,
+                format!("computed with a different model (fingerprint {stored}, the model has {model}): recompute with `regmean-gpu grams`"),
+            ));
+        }
     }
     let options: GramOptions = serde_json::from_str(get("options")?)
         .map_err(|e| Error::file(path, format!("metadata `options` is malformed: {e}")))?;
@@ -177,19 +189,13 @@ pub fn read(path: &Path, info: &GramFileInfo<'_>) -> Result<ModelGrams> {
         file,
         rows,
         examples,
-    } = open_checked(path, info.arch, info.options, info.sites)?;
-    let fingerprint = file.metadata().get("fingerprint").ok_or_else(|| {
-        Error::file(
-            path,
-            "not a Gram statistics file: metadata has no `fingerprint`",
-        )
-    })?;
-    if fingerprint != info.fingerprint {
-        return Err(Error::file(
-            path,
-            format!("computed with a different model (fingerprint {fingerprint}, the model has {}): recompute with `regmean-gpu grams`", info.fingerprint),
-        ));
-    }
+    } = open_checked(
+        path,
+        info.arch,
+        Some(info.fingerprint),
+        info.options,
+        info.sites,
+    )?;
     let mut sites = Vec::with_capacity(info.sites.len());
     for site in info.sites {
         let gram = file.to_f32(&site.name)?;

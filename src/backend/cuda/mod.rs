@@ -11,7 +11,7 @@ pub mod forward;
 pub mod gram;
 pub mod solve;
 mod staging;
-pub use staging::{staging_enabled, Plain, STAGED_AHEAD};
+pub use staging::{Plain, STAGED_AHEAD};
 pub mod weights;
 
 use std::collections::HashMap;
@@ -121,11 +121,16 @@ fn load_and_keep(names: &[&str]) -> bool {
 fn probe_now() -> Probe {
     // cuBLAS and cuSOLVER are large (≈ 0.2 s to map and relocate): they load while the
     // driver starts up, which needs neither.
-    let libraries = std::thread::spawn(|| {
+    let load_libraries = || {
         crate::profile::span("cuda: probe: load cuBLAS, cuSOLVER", || {
             (load_and_keep(&["cublas"]), load_and_keep(&["cusolver"]))
         })
-    });
+    };
+    // No thread to be had: the same loads, one after the other.
+    let libraries = std::thread::Builder::new()
+        .name("cuda-probe".into())
+        .spawn(load_libraries)
+        .map_err(|_| load_libraries());
     let (libcuda_present, driver_started) =
         crate::profile::span("cuda: probe: load libcuda, start it", || {
             let present = load_and_keep(&["cuda", "nvcuda"]);
@@ -152,7 +157,10 @@ fn probe_now() -> Probe {
             .unwrap_or(0);
     }
     // A panic while loading (none is expected) reads as "not found", like a failed load.
-    (p.cublas_present, p.cusolver_present) = libraries.join().unwrap_or((false, false));
+    (p.cublas_present, p.cusolver_present) = match libraries {
+        Ok(thread) => thread.join().unwrap_or((false, false)),
+        Err(loaded_here) => loaded_here,
+    };
     p
 }
 

@@ -185,12 +185,18 @@ impl CudaDevice {
     }
 }
 
-/// False when `REGMEAN_STAGING=0` (or `off`): every upload then takes the pageable path, so
-/// one binary can measure the ring against plain copies, and check that both merge alike.
-pub fn staging_enabled() -> bool {
+/// False when `REGMEAN_STAGING` is `0`, `off`, `false` or `no` (any case): every upload then
+/// takes the pageable path, so one binary can measure the ring against plain copies, and
+/// check that both merge alike.
+fn staging_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
-        std::env::var("REGMEAN_STAGING").map_or(true, |v| !matches!(v.as_str(), "0" | "off"))
+        std::env::var("REGMEAN_STAGING").map_or(true, |v| {
+            !matches!(
+                v.to_ascii_lowercase().as_str(),
+                "0" | "off" | "false" | "no"
+            )
+        })
     })
 }
 
