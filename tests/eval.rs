@@ -522,12 +522,14 @@ fn eval_errors_name_the_file_and_the_problem() {
 }
 
 /// `merge --eval` checks the evaluation's inputs before merging: a missing or unlabelled
-/// eval file, or class names that do not fit the folders, fails at once and writes nothing.
+/// eval file, a label beyond the task's head, or class names that do not fit the folders,
+/// fails at once and writes nothing.
 #[test]
 fn merge_eval_checks_its_inputs_before_merging() {
     let gpt2 = common::Pool::of("eval/gpt2");
     let clip = common::Pool::of("eval/clip");
     std::fs::write(gpt2.path("unlabelled.jsonl"), "{\"text\": \"a\"}\n").unwrap();
+    std::fs::write(gpt2.path("four.jsonl"), "{\"text\": \"a\", \"label\": 3}\n").unwrap();
     std::fs::write(
         clip.path("two.yaml"),
         "classes: [x, y]\ntemplates: ['a {}']\n",
@@ -545,6 +547,15 @@ fn merge_eval_checks_its_inputs_before_merging() {
             "merge_text.yaml",
             ("eval_data: ./task_b.jsonl", "eval_data: ./unlabelled.jsonl"),
             &["unlabelled.jsonl", "needs a label for every example"][..],
+        ),
+        (
+            &gpt2,
+            "merge_text.yaml",
+            ("eval_data: ./task_b.jsonl", "eval_data: ./four.jsonl"),
+            &[
+                "four.jsonl",
+                "label 3 is out of range for the head's 3 labels",
+            ][..],
         ),
         (
             &clip,

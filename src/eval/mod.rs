@@ -168,6 +168,38 @@ fn clip_base(opts: &EvalOptions) -> Result<&Path> {
     })
 }
 
+/// A GPT-2 task checkpoint with its `score` head, and the head's [num_labels, d] shape.
+fn score_head(head_dir: &Path) -> Result<(Checkpoint, usize, usize)> {
+    let head_ckpt = Checkpoint::open_all(head_dir)?;
+    let shape = head_ckpt
+        .entry("score.weight")
+        .map_err(|_| {
+            Error::file(
+                head_dir,
+                "no `score.weight`: not a GPT2ForSequenceClassification checkpoint",
+            )
+        })?
+        .shape
+        .clone();
+    let [num_labels, d] = shape[..] else {
+        return Err(Error::file(
+            head_dir,
+            format!("`score.weight` has shape {shape:?}, expected [num_labels, d]"),
+        ));
+    };
+    Ok((head_ckpt, num_labels, d))
+}
+
+fn labels_within(task: &EvalTask, labels: &[usize], num_labels: usize) -> Result<()> {
+    match labels.iter().find(|&&l| l >= num_labels) {
+        Some(l) => Err(Error::file(
+            &task.data,
+            format!("label {l} is out of range for the head's {num_labels} labels"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A GPT-2 task's own checkpoint, which holds its `score` head.
 fn gpt2_head(task: &EvalTask) -> Result<&Path> {
     task.head.as_deref().ok_or_else(|| {
@@ -208,26 +240,10 @@ fn eval_gpt2<B: Backend>(
     let ModelConfig::Gpt2(gpt2) = config else {
         unreachable!("called for GPT-2 only")
     };
-    let head_ckpt = Checkpoint::open_all(head_dir)?;
+    let (head_ckpt, num_labels, hd) = score_head(head_dir)?;
     let head_path = head_ckpt.dir().join("config.json");
     let head_cfg = Gpt2Config::from_json(head_ckpt.config(), &head_path)?;
     let d = gpt2.n_embd;
-    let score_shape = head_ckpt
-        .entry("score.weight")
-        .map_err(|_| {
-            Error::file(
-                head_dir,
-                "no `score.weight`: not a GPT2ForSequenceClassification checkpoint",
-            )
-        })?
-        .shape
-        .clone();
-    let [num_labels, hd] = score_shape[..] else {
-        return Err(Error::file(
-            head_dir,
-            format!("`score.weight` has shape {score_shape:?}, expected [num_labels, d]"),
-        ));
-    };
     if hd != d || num_labels == 0 {
         return Err(Error::file(
             head_dir,
@@ -237,12 +253,7 @@ fn eval_gpt2<B: Backend>(
     let score = head_ckpt.f32_shaped("score.weight", &[num_labels, d])?;
     let labelled = open_labelled(&task.data, &[head_dir, model_dir], opts.max_length)?;
     let labels = labels_of(&labelled, task)?;
-    if let Some(l) = labels.iter().find(|&&l| l >= num_labels) {
-        return Err(Error::file(
-            &task.data,
-            format!("label {l} is out of range for the head's {num_labels} labels"),
-        ));
-    }
+    labels_within(task, labels, num_labels)?;
     let padding = crate::regmean::gram::check_data(config, &labelled.data, &data_params(opts))?;
     // transformers pools with the classifier's own pad id.
     let pad = head_cfg.pad_token_id;
@@ -458,8 +469,9 @@ fn zero_shot_spec(task: &EvalTask) -> Result<ZeroShotTask> {
 }
 
 /// Checks every task's inputs before any is evaluated: its data opens (text tokenised, images
-/// listed, with the files [`evaluate`] will use) with a label per example, and a CLIP task
-/// has class names that fit its class folders. A wrong path in the last task then fails at
+/// listed, with the files [`evaluate`] will use) with a label per example, a GPT-2 task has a
+/// `score` head with room for every label, and a CLIP task has the base model and class
+/// names that fit its class folders. A wrong path in the last task then fails at
 /// once. `model_dir` is None for `merge --eval`, which checks before the merged model exists:
 /// its tokenizer and preprocessor files will be the base model's.
 pub fn check_tasks(
@@ -483,6 +495,10 @@ pub fn check_tasks(
         };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;
+        if arch == Arch::Gpt2 {
+            let (_, num_labels, _) = score_head(gpt2_head(task)?)?;
+            labels_within(task, labels, num_labels)?;
+        }
         if arch == Arch::ClipVision {
             class_labels(
                 &labelled.classes,
