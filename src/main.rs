@@ -500,8 +500,7 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
             .clone()
             .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
     };
-    let arch = regmean_gpu::io::Checkpoint::open(&a.model)?.arch();
-    eval::check_tasks(arch, Some(&a.model), &tasks, &opts)?;
+    eval::check_tasks(&a.model, &tasks, &opts)?;
     ui.info(&format!(
         "evaluating {} on {} task(s)",
         a.model.display(),
@@ -540,8 +539,7 @@ fn eval_plan(
         max_length: cfg.parameters.max_length,
         base: Some(cfg.base_model.clone()),
     };
-    let arch = regmean_gpu::io::Checkpoint::open(&cfg.base_model)?.arch();
-    eval::check_tasks(arch, None, &tasks, &opts)?;
+    eval::check_tasks(&cfg.base_model, &tasks, &opts)?;
     Ok((tasks, opts))
 }
 

@@ -471,27 +471,16 @@ fn zero_shot_spec(task: &EvalTask) -> Result<ZeroShotTask> {
 /// Checks every task's inputs before any is evaluated: its data opens (text tokenised, images
 /// listed, with the files [`evaluate`] will use) with a label per example, a GPT-2 task has a
 /// `score` head with room for every label, and a CLIP task has the base model and class
-/// names that fit its class folders. A wrong path in the last task then fails at
-/// once. `model_dir` is None for `merge --eval`, which checks before the merged model exists:
-/// its tokenizer and preprocessor files will be the base model's.
-pub fn check_tasks(
-    arch: Arch,
-    model_dir: Option<&Path>,
-    tasks: &[EvalTask],
-    opts: &EvalOptions,
-) -> Result<()> {
-    let model_dir = model_dir.or(opts.base.as_deref());
+/// names that fit its class folders. A wrong path in the last task then fails at once.
+/// `model_dir` is the model to evaluate; `merge --eval`, which checks before the merged model
+/// exists, gives the base, whose tokenizer and preprocessor files the merged model gets.
+pub fn check_tasks(model_dir: &Path, tasks: &[EvalTask], opts: &EvalOptions) -> Result<()> {
+    let arch = Checkpoint::open(model_dir)?.arch();
     for task in tasks {
         // Where evaluation reads tokenizer.json / preprocessor_config.json from.
-        let dirs: Vec<&Path> = match arch {
-            Arch::Gpt2 => [Some(gpt2_head(task)?), model_dir]
-                .into_iter()
-                .flatten()
-                .collect(),
-            Arch::ClipVision => [model_dir, Some(clip_base(opts)?)]
-                .into_iter()
-                .flatten()
-                .collect(),
+        let dirs = match arch {
+            Arch::Gpt2 => [gpt2_head(task)?, model_dir],
+            Arch::ClipVision => [model_dir, clip_base(opts)?],
         };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;

@@ -172,7 +172,6 @@ pub fn merge<B: Backend>(
                     let keep = forward_runs(following);
                     next = Some(scope.spawn(move || open_prepared(following, sites, keep, true)));
                 }
-                check_compatible(&base, &model_cfg, &ckpt)?;
                 let mut report = ModelReport {
                     name: name.clone(),
                     examples: 0,
@@ -394,8 +393,8 @@ fn open_data(cfg: &MergeConfig, ckpt: &Checkpoint, path: &Path) -> Result<Datase
 
 /// Opens a task model set to keep the linear weights it makes; with `ahead` (on another
 /// thread, before its turn, for a GPU merge), reads through their stored bytes so that the
-/// pages are in memory when they are copied to the device. Errors are left for the checks
-/// that follow on the merge's own thread, which report them in order.
+/// pages are in memory when they are copied to the device. Each model was checked against
+/// the base by [`check_inputs`] before the first one ran.
 fn open_prepared(
     entry: &ModelEntry,
     sites: &[Site],

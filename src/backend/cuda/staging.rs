@@ -218,32 +218,30 @@ impl CudaDevice {
         // The raw copies below do not make the context current themselves (as_slice,
         // right before each, does too: rayon's fill may run on this thread in between).
         self.bind()?;
-        // SAFETY: every element is written by the copies below before anything reads it.
-        let mut dst = unsafe { self.uninit::<T>(len, what) }?;
         if len == 0 {
-            return Ok(dst);
+            // SAFETY: no elements to write.
+            return unsafe { self.uninit::<T>(len, what) };
         }
-        let pageable = |mut dst: CudaSlice<T>| -> Result<CudaSlice<T>> {
+        let pageable = || -> Result<CudaSlice<T>> {
             let piece = PIECE_BYTES / size;
             let mut host = vec![T::default(); len];
             host.par_chunks_mut(piece)
                 .enumerate()
                 .for_each(|(i, v)| fill(i * piece, v));
-            self.stream
-                .memcpy_htod(&host, &mut dst)
-                .map_err(|e| super::oom(e, what, total))?;
-            Ok(dst)
+            self.upload(&host, what)
         };
         if !staging_enabled() {
-            return pageable(dst);
+            return pageable();
         }
         // Busy (another thread's upload, or this thread's own from inside `fill`, which
         // rayon can run here while it waits): the pageable way rather than a deadlock.
         let mut ring = match self.staging.try_lock() {
             Ok(ring) => ring,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return pageable(dst),
+            Err(std::sync::TryLockError::WouldBlock) => return pageable(),
         };
+        // SAFETY: every element is written by the copies below before anything reads it.
+        let mut dst = unsafe { self.uninit::<T>(len, what) }?;
         let ring = ring.get_or_insert_with(|| Ring::new(SLOT_BYTES, SLOTS));
         let fill_bytes = |offset: usize, chunk: &mut [u8]| {
             assert_eq!(chunk.as_ptr().align_offset(std::mem::align_of::<T>()), 0);
@@ -274,7 +272,7 @@ impl CudaDevice {
         match staged {
             Ok(()) => Ok(dst),
             // No page-locked memory to be had (a first buffer failed): the pageable way.
-            Err(_) if ring.slots.is_empty() => pageable(dst),
+            Err(_) if ring.slots.is_empty() => pageable(),
             Err(e) => Err(e),
         }
     }
