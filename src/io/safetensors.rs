@@ -400,7 +400,7 @@ pub fn header_bytes<'a>(
         offset += len;
     }
     let mut bytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-    while bytes.len() % 8 != 0 {
+    while !bytes.len().is_multiple_of(8) {
         bytes.push(b' ');
     }
     bytes

@@ -44,7 +44,7 @@ impl ClipVisionConfig {
             patch_size: field_usize(v, "patch_size", 32, path)?,
             layer_norm_eps: field_f32(v, "layer_norm_eps", 1e-5, path)?,
         };
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::file(
                 path,
                 "hidden_size is not divisible by num_attention_heads",
@@ -56,7 +56,7 @@ impl ClipVisionConfig {
                 "num_channels must be 1 to 16 and patch_size at most 1024",
             ));
         }
-        if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
             return Err(Error::file(
                 path,
                 "image_size is not a multiple of patch_size",

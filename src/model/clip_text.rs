@@ -57,7 +57,7 @@ impl ClipTextConfig {
             pad_token_id: field_usize(t, "pad_token_id", 1, path)? as u32,
             projection_dim: field_usize(v, "projection_dim", 512, path)?,
         };
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(Error::file(
                 path,
                 "text hidden_size is not divisible by num_attention_heads",

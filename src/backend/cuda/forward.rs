@@ -508,7 +508,7 @@ impl CudaBackend {
         seq: usize,
     ) -> Result<CudaTensor> {
         let d = wte.cols;
-        if seq == 0 || seq > wpe.rows || wpe.cols != d || ids.len() % seq != 0 {
+        if seq == 0 || seq > wpe.rows || wpe.cols != d || !ids.len().is_multiple_of(seq) {
             return Err(Error::Backend(format!(
                 "embed: {} ids in sequences of {seq}, {} positions",
                 ids.len(),
@@ -599,7 +599,10 @@ impl CudaBackend {
         size: usize,
         patch: usize,
     ) -> Result<CudaTensor> {
-        if patch == 0 || size % patch != 0 || pixels.len() != batch * channels * size * size {
+        if patch == 0
+            || !size.is_multiple_of(patch)
+            || pixels.len() != batch * channels * size * size
+        {
             return Err(Error::Backend(format!(
                 "patchify: {} values for {batch} images of {channels}×{size}×{size}",
                 pixels.len()

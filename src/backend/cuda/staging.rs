@@ -52,7 +52,7 @@ pub(crate) struct Ring<S: Staging> {
 
 impl<S: Staging> Ring<S> {
     pub(crate) fn new(slot_bytes: usize, count: usize) -> Self {
-        assert!(slot_bytes > 0 && slot_bytes % 8 == 0 && count > 0);
+        assert!(slot_bytes > 0 && slot_bytes.is_multiple_of(8) && count > 0);
         Ring {
             slots: Vec::new(),
             next: 0,
