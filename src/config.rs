@@ -6,7 +6,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::io::{Arch, Dtype};
+use crate::io::{Arch, Dtype, Inputs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -168,6 +168,9 @@ pub struct MergeConfig {
     /// float32, float16 or bfloat16; default: the base model's dtype.
     #[serde(default)]
     pub out_dtype: Option<String>,
+    /// The file this config was read from (its paths are relative to it).
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 impl MergeConfig {
@@ -202,8 +205,34 @@ impl MergeConfig {
             m.eval_data = m.eval_data.as_deref().map(resolve);
             m.classes = m.classes.as_deref().map(resolve);
         }
+        cfg.path = path.to_path_buf();
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// Everything a merge with this config reads, which no output may touch: the config
+    /// itself, the base model, and each entry's model, data, Gram file, eval data and classes.
+    pub fn inputs(&self) -> Inputs {
+        let mut inputs = Inputs::new();
+        if !self.path.as_os_str().is_empty() {
+            inputs.add("the merge config", &self.path);
+        }
+        inputs.add("the base model", &self.base_model);
+        for (i, m) in self.models.iter().enumerate() {
+            inputs.add(format!("the model of models[{i}]"), &m.model);
+            let files = [
+                ("data", &m.data),
+                ("Gram file", &m.grams),
+                ("eval data", &m.eval_data),
+                ("classes file", &m.classes),
+            ];
+            for (what, path) in files {
+                if let Some(p) = path {
+                    inputs.add(format!("the {what} of models[{i}]"), p);
+                }
+            }
+        }
+        inputs
     }
 
     pub fn validate(&self, path: &Path) -> Result<()> {

@@ -289,22 +289,28 @@ fn dist(a: &[f32], b: &[f32]) -> f64 {
         .sqrt()
 }
 
+/// A pool is written only into a new or empty directory: never over existing files.
+fn require_new_dir(d: &Path, flag: &str) -> Result<()> {
+    if d.exists()
+        && std::fs::read_dir(d)
+            .map_err(|e| Error::io(d, e))?
+            .next()
+            .is_some()
+    {
+        return Err(Error::file(
+            d,
+            format!("{flag} directory exists and is not empty; choose a new path"),
+        ));
+    }
+    Ok(())
+}
+
 /// `regmean-gpu demo`.
 pub fn run_demo(keep: Option<&Path>, ui: &dyn Say) -> Result<()> {
     let tmp;
     let dir = match keep {
         Some(d) => {
-            if d.exists()
-                && std::fs::read_dir(d)
-                    .map_err(|e| Error::io(d, e))?
-                    .next()
-                    .is_some()
-            {
-                return Err(Error::file(
-                    d,
-                    "--keep directory exists and is not empty; choose a new path",
-                ));
-            }
+            require_new_dir(d, "--keep")?;
             d.to_path_buf()
         }
         None => {
@@ -372,7 +378,7 @@ pub fn forward_to_file<B: Backend>(
     model_dir: &Path,
     data_path: &Path,
     examples: usize,
-    out: &Path,
+    out: crate::io::StagedOutput,
 ) -> Result<()> {
     let ckpt = Checkpoint::open(model_dir)?;
     let cfg = ModelConfig::from_checkpoint(&ckpt)?;
@@ -420,7 +426,8 @@ pub fn forward_to_file<B: Backend>(
             data: TensorData::Raw(&ints[1]),
         });
     }
-    write_file(out, &tensors, &BTreeMap::new())
+    write_file(out.path(), &tensors, &BTreeMap::new())?;
+    out.commit()
 }
 
 /// `regmean-gpu synth`: random-weight pools of realistic size for benchmarks.
@@ -451,6 +458,7 @@ pub struct SynthArgs {
 }
 
 pub fn synth(a: &SynthArgs, ui: &dyn Say) -> Result<()> {
+    require_new_dir(&a.out, "--out")?;
     let mut rng = Rng::new(a.seed);
     let (config, is_gpt2) = match a.arch.as_str() {
         "gpt2" => (

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use regmean_gpu::backend::cuda::{self, DeviceChoice};
 use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
 use regmean_gpu::config::{MergeConfig, Parameters};
+use regmean_gpu::io::{Inputs, StagedOutput};
 use regmean_gpu::progress::{Event, Observer};
 use regmean_gpu::regmean::{self, MergeOptions, MergeReport};
 use regmean_gpu::{Error, Result};
@@ -155,6 +156,9 @@ struct GramsArgs {
     /// Output file (e.g. task_a.grams.safetensors)
     #[arg(long, short)]
     out: PathBuf,
+    /// Replace an existing output file (never an input of the run)
+    #[arg(long)]
+    force: bool,
     /// Take the parameters from this merge config (flags below override)
     #[arg(long)]
     config: Option<PathBuf>,
@@ -186,6 +190,9 @@ struct ForwardArgs {
     /// Use the first N examples (file order)
     #[arg(long, default_value_t = 8)]
     examples: usize,
+    /// Replace an existing output file (never an input of the run)
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     device: DeviceArg,
     /// Activations on a GPU: float16 or float32 (the CPU always runs float32)
@@ -345,6 +352,9 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 out_shard_bytes: a.out_shard_size,
                 force: a.force,
             };
+            if let Some(path) = &a.report_json {
+                check_report_path(path, &cfg.inputs())?;
+            }
             // The evaluation's inputs are checked before the merge, not after it.
             let evaluation = (a.eval || a.compare_average)
                 .then(|| eval_plan(&cfg, &a))
@@ -360,7 +370,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 let report = regmean::merge(&backend, &cfg, &a.out_dir, &opts, ui)?;
                 ui.clear();
                 if let Some(path) = &a.report_json {
-                    write_report_json(path, &report, started.elapsed())?;
+                    write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
                 }
                 print_summary(&report, &a.out_dir, ui);
                 if regmean_gpu::profile::enabled() {
@@ -398,9 +408,16 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             params.shuffle &= !a.no_shuffle;
             params.fusionbench_compat |= a.fusionbench_compat;
             params.validate(a.config.as_deref().unwrap_or(Path::new("(command line)")))?;
+            let mut inputs = Inputs::new();
+            inputs.add("the model", &a.model);
+            inputs.add("the data", &a.data);
+            if let Some(c) = &a.config {
+                inputs.add("the config", c);
+            }
+            let out = StagedOutput::create_file(&a.out, a.force, &inputs)?;
             let t = std::time::Instant::now();
             let grams = with_backend!(&gpu, params.precision, |backend| {
-                regmean::gram::grams_to_file(&backend, &a.model, &a.data, &params, &a.out, ui)?
+                regmean::gram::grams_to_file(&backend, &a.model, &a.data, &params, out, ui)?
             });
             ui.clear();
             ui.result(&format!(
@@ -417,8 +434,12 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
         Command::Demo { keep } => regmean_gpu::demo::run_demo(keep.as_deref(), ui),
         Command::Forward(a) => {
             let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+            let mut inputs = Inputs::new();
+            inputs.add("the model", &a.model);
+            inputs.add("the data", &a.data);
+            let out = StagedOutput::create_file(&a.out, a.force, &inputs)?;
             with_backend!(&gpu, a.precision, |backend| {
-                regmean_gpu::demo::forward_to_file(&backend, &a.model, &a.data, a.examples, &a.out)?
+                regmean_gpu::demo::forward_to_file(&backend, &a.model, &a.data, a.examples, out)?
             });
             ui.result(&format!("wrote {}", a.out.display()));
             Ok(())
@@ -670,7 +691,29 @@ fn found(present: bool) -> &'static str {
     }
 }
 
-fn write_report_json(path: &Path, r: &MergeReport, total: std::time::Duration) -> Result<()> {
+/// `--report-json FILE` may replace an earlier report, never an input or another file.
+fn check_report_path(path: &Path, inputs: &Inputs) -> Result<()> {
+    inputs.check_output(path)?;
+    if std::fs::symlink_metadata(path).is_ok() {
+        let earlier = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        if !earlier.is_some_and(|v| v.is_object()) {
+            return Err(Error::file(
+                path,
+                "--report-json: exists and is not an earlier JSON report; choose another path",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn write_report_json(
+    path: &Path,
+    inputs: &Inputs,
+    r: &MergeReport,
+    total: std::time::Duration,
+) -> Result<()> {
     let json = serde_json::json!({
         "arch": r.arch.name(),
         "method": format!("{:?}", r.method),
@@ -688,8 +731,14 @@ fn write_report_json(path: &Path, r: &MergeReport, total: std::time::Duration) -
         "fallbacks": r.fallbacks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
         "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "examples": m.examples, "rows": m.rows})).collect::<Vec<_>>(),
     });
-    std::fs::write(path, serde_json::to_string_pretty(&json).expect("json"))
-        .map_err(|e| Error::io(path, e))
+    check_report_path(path, inputs)?;
+    let out = StagedOutput::create_file(path, true, inputs)?;
+    std::fs::write(
+        out.path(),
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .map_err(|e| Error::io(path, e))?;
+    out.commit()
 }
 
 fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {

@@ -127,7 +127,8 @@ fn merge_from_gram_files_is_bit_identical_to_merge_from_data() {
                 &m.model,
                 m.data.as_ref().unwrap(),
                 &cfg.parameters,
-                &path,
+                regmean_gpu::io::StagedOutput::create_file(&path, false, &Default::default())
+                    .unwrap(),
                 &Silent,
             )
             .unwrap();

@@ -1,8 +1,12 @@
 //! Reading checkpoints and writing merged models: the first and last steps of the data flow.
 
 pub mod checkpoint;
+pub mod guard;
+pub mod output;
 pub mod safetensors;
 pub mod writer;
 
 pub use checkpoint::{Arch, Checkpoint};
+pub use guard::Inputs;
+pub use output::{OutputDir, StagedOutput};
 pub use safetensors::{Dtype, SafetensorsFile};

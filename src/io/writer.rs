@@ -1,6 +1,6 @@
-//! Output directories that `transformers` loads, written so that nothing incomplete ever
-//! sits at the output path: everything goes into a hidden sibling `.NAME.partial-PID`, which
-//! is renamed into place only after every file was written and synced.
+//! The files of a model directory that `transformers` loads: safetensors shards laid out in
+//! advance and written tensor by tensor, the index, and the sidecar files. They are written
+//! into a staged output (`super::output`), which is renamed into place when complete.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,137 +47,6 @@ pub fn install_interrupt_cleanup() {
         eprintln!("\ninterrupted: removed the partial output; nothing was written");
         std::process::exit(130);
     });
-}
-
-/// Removes `.NAME.partial-PID` siblings left by processes that no longer run (killed runs).
-fn remove_stale_partials(parent: &Path, name: &str) {
-    let prefix = format!(".{name}.partial-");
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let file = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let p = e.path();
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-        }
-    }
-}
-
-pub struct OutputDir {
-    final_path: PathBuf,
-    tmp_path: PathBuf,
-    committed: bool,
-}
-
-impl OutputDir {
-    /// Prepares a temporary sibling of `out`. Refuses an existing `out` unless `force`.
-    pub fn create(out: &Path, force: bool) -> Result<Self> {
-        if out.exists() && !force {
-            return Err(Error::file(
-                out,
-                "output already exists; choose another path or pass --force to replace it",
-            ));
-        }
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::file(out, "output path has no directory name"))?
-            .to_string_lossy()
-            .into_owned();
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if let Some(blocker) = parent
-            .ancestors()
-            .find(|a| a.exists())
-            .filter(|a| !a.is_dir())
-        {
-            return Err(Error::file(
-                blocker,
-                "is a file, not a directory: the output must go inside a folder",
-            ));
-        }
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        remove_stale_partials(&parent, &name);
-        let tmp_path = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if tmp_path.exists() {
-            std::fs::remove_dir_all(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-        }
-        std::fs::create_dir(&tmp_path).map_err(|e| Error::io(&tmp_path, e))?;
-        register_pending(&tmp_path);
-        Ok(OutputDir {
-            final_path: out.to_path_buf(),
-            tmp_path,
-            committed: false,
-        })
-    }
-
-    /// Where files go until `commit`.
-    pub fn path(&self) -> &Path {
-        &self.tmp_path
-    }
-
-    pub fn final_path(&self) -> &Path {
-        &self.final_path
-    }
-
-    pub fn write_text(&self, name: &str, text: &str) -> Result<()> {
-        let p = self.tmp_path.join(name);
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
-    }
-
-    /// Moves the finished directory into place (replacing an old one when forced).
-    pub fn commit(mut self) -> Result<()> {
-        let old = if self.final_path.exists() {
-            let name = self
-                .final_path
-                .file_name()
-                .expect("checked")
-                .to_string_lossy()
-                .into_owned();
-            let old = self
-                .tmp_path
-                .with_file_name(format!(".{name}.old-{}", std::process::id()));
-            std::fs::rename(&self.final_path, &old).map_err(|e| Error::io(&self.final_path, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        std::fs::rename(&self.tmp_path, &self.final_path)
-            .map_err(|e| Error::io(&self.final_path, e))?;
-        self.committed = true;
-        unregister_pending(&self.tmp_path);
-        if let Some(old) = old {
-            let is_dir = old.is_dir();
-            let r = if is_dir {
-                std::fs::remove_dir_all(&old)
-            } else {
-                std::fs::remove_file(&old)
-            };
-            r.map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for OutputDir {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp_path);
-            unregister_pending(&self.tmp_path);
-        }
-    }
 }
 
 /// Writes tensors as `model.safetensors`, or as `model-0000i-of-0000N.safetensors` shards of
@@ -473,32 +342,6 @@ pub fn copy_sidecars(from: &Path, to: &Path) -> Result<Vec<String>> {
 mod tests {
     use super::*;
     use crate::io::safetensors::{Dtype, TensorData};
-
-    #[test]
-    fn uncommitted_output_leaves_nothing_behind() {
-        let root = tempfile::tempdir().unwrap();
-        let out = root.path().join("merged");
-        {
-            let dir = OutputDir::create(&out, false).unwrap();
-            dir.write_text("config.json", "{}").unwrap();
-        }
-        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
-    }
-
-    #[test]
-    fn existing_output_needs_force_and_is_replaced_whole() {
-        let root = tempfile::tempdir().unwrap();
-        let out = root.path().join("merged");
-        std::fs::create_dir(&out).unwrap();
-        std::fs::write(out.join("stale.txt"), "x").unwrap();
-        let err = OutputDir::create(&out, false).err().unwrap().to_string();
-        assert!(err.contains("--force"), "{err}");
-        let dir = OutputDir::create(&out, true).unwrap();
-        dir.write_text("config.json", "{}").unwrap();
-        dir.commit().unwrap();
-        assert!(out.join("config.json").exists() && !out.join("stale.txt").exists());
-        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
-    }
 
     #[test]
     fn shards_split_by_size_with_an_index() {

@@ -383,13 +383,14 @@ pub fn batch_of(
 }
 
 /// Computes one model's Grams over its data and writes them as a statistics file
-/// (`regmean-gpu grams`).
+/// (`regmean-gpu grams`) into `out`, staged beforehand so that a bad output path fails
+/// before the forward passes, not after.
 pub fn grams_to_file<B: Backend>(
     backend: &B,
     model_dir: &std::path::Path,
     data_path: &std::path::Path,
     params: &Parameters,
-    out: &std::path::Path,
+    out: crate::io::StagedOutput,
     observer: &dyn Observer,
 ) -> Result<ModelGrams> {
     let ckpt = Checkpoint::open(model_dir)?;
@@ -416,7 +417,8 @@ pub fn grams_to_file<B: Backend>(
         options: &params.gram_options(),
         sites: &sites,
     };
-    super::stats::write(out, &grams, &info)?;
+    super::stats::write(out.path(), &grams, &info)?;
+    out.commit()?;
     observer.event(Event::ModelDone { index: 0 });
     Ok(grams)
 }

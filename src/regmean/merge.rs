@@ -24,7 +24,8 @@ use crate::backend::Backend;
 use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::io::writer::{copy_sidecars, ModelWriter, OutputDir, PlannedTensor};
+use crate::io::writer::{copy_sidecars, ModelWriter, PlannedTensor};
+use crate::io::OutputDir;
 use crate::io::{Arch, Checkpoint, Dtype};
 use crate::model::{take_linear_in_out, transpose, LinearModule, ModelConfig, Site};
 use crate::progress::{Event, Observer};
@@ -142,7 +143,7 @@ pub fn merge<B: Backend>(
     let regmean = cfg.merge_method == MergeMethod::Regmean;
     // Fail before hours of work, not after: the output location must be usable, and every
     // input must open and fit.
-    let out_dir = OutputDir::create(out, opts.force)?;
+    let out_dir = OutputDir::create(out, opts.force, &cfg.inputs())?;
     crate::profile::span("inputs: open and check all", || {
         check_inputs(cfg, &base, &model_cfg, &sites, regmean)
     })?;

@@ -21,7 +21,7 @@ pub struct GramFileInfo<'a> {
     pub sites: &'a [Site],
 }
 
-/// Writes the file atomically (a temporary sibling renamed into place).
+/// Writes the file at `path` (a staged output's path: see `io::output`).
 pub fn write(path: &Path, grams: &ModelGrams, info: &GramFileInfo<'_>) -> Result<()> {
     let rows: BTreeMap<&str, u64> = grams
         .sites
@@ -66,22 +66,7 @@ pub fn write(path: &Path, grams: &ModelGrams, info: &GramFileInfo<'_>) -> Result
             data: TensorData::F32(&s.gram),
         })
         .collect();
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::file(path, "not a file path"))?
-        .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    }
-    crate::io::writer::register_pending(&tmp);
-    let written = write_file(&tmp, &tensors, &meta)
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    crate::io::writer::unregister_pending(&tmp);
-    written
+    write_file(path, &tensors, &meta)
 }
 
 /// A Gram file whose metadata and tensor shapes were checked against a merge.
