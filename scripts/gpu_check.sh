@@ -42,11 +42,12 @@ fi
 # On the GPU machine a skipped check is a failed one.
 has_gpu() { "$bin" doctor --json 2>/dev/null | grep -q '"cuda_available": true'; }
 doctor() { "$bin" doctor && has_gpu; }
-gpu_tests() {
+gpu_tests() { # the GPU tests are #[ignore]d where cargo test runs; here they must all run
   local log
-  log=$(env REGMEAN_REPO="$PWD" "$bundle/gpu-tests" --nocapture --test-threads=1 2>&1); local rc=$?
+  log=$(env REGMEAN_REPO="$PWD" REGMEAN_REQUIRE_GPU=1 "$bundle/gpu-tests" --include-ignored \
+    --nocapture --test-threads=1 2>&1); local rc=$?
   echo "$log"
-  [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log"
+  [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log" && ! grep -qE '[1-9][0-9]* ignored' <<< "$log"
 }
 bench() { "$bundle/kernel-bench" --bench && has_gpu; }
 merge_pair() { # pool config: the whole merge on cuda against cpu, float32 and float16

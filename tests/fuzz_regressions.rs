@@ -1,5 +1,5 @@
 //! Every fuzz entry point over its seed inputs (the test fixtures) and over the findings kept
-//! in tests/fuzz_regressions/: each must return without panicking.
+//! in tests/fuzz_regressions/: each must return without panicking or exhausting memory.
 
 mod common;
 
@@ -14,6 +14,8 @@ fn run(target: &str, data: &[u8]) {
         "merge_yaml" => fuzzing::merge_yaml(data),
         "gram_file" => fuzzing::gram_file(data),
         "jsonl_data" => fuzzing::jsonl_data(data),
+        "image_file" => fuzzing::image_file(data),
+        "preprocessor_config" => fuzzing::preprocessor_config(data),
         other => panic!("unknown fuzz target `{other}`"),
     }
 }
@@ -44,19 +46,45 @@ fn seed_inputs_and_their_truncations() {
     }
 }
 
+/// Each finding once crashed or exhausted memory (see the README beside them): replayed, it
+/// must now return an error instead.
 #[test]
 fn recorded_findings() {
     let dir = repo().join("tests/fuzz_regressions");
-    let mut n = 0;
+    let mut replayed = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap() {
         let path = e.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if let Some((target, _)) = name.split_once('-') {
             run(target, &std::fs::read(&path).unwrap());
-            n += 1;
+            replayed.push(name);
         }
     }
-    eprintln!("{n} recorded findings replayed");
+    replayed.sort();
+    assert_eq!(
+        replayed,
+        [
+            "image_file-thin-1x100000.png",
+            "model_config-huge-clip-sizes.json",
+            "model_config-huge-n_embd.json"
+        ],
+        "every recorded finding is replayed"
+    );
+}
+
+/// The thin-image finding: 1 × 100 000 pixels in 275 bytes, which a resize to a shortest edge
+/// of 224 would have turned into 22 million rows of pixels.
+#[test]
+fn a_thin_image_is_refused_before_the_resize_allocates() {
+    let path = repo().join("tests/fuzz_regressions/image_file-thin-1x100000.png");
+    let err = regmean_gpu::data::image::ImageProcessor::default()
+        .process_file(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("over the limit") && err.contains("1×100000"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! GPU checks: every kernel against its CPU twin (through `doctor`), the CUDA forward
 //! against the CPU engine and transformers layer by layer, and `merge` on the GPU against
-//! the CPU engine, in float32 and float16. Without a usable GPU each test prints why it was
-//! skipped and returns.
+//! the CPU engine, in float32 and float16. They need an NVIDIA GPU, so `cargo test` reports
+//! them as ignored; `scripts/gpu_check.sh` runs them with `--include-ignored` and
+//! `REGMEAN_REQUIRE_GPU=1`, under which a missing GPU fails them instead of skipping them.
 
 mod common;
 
@@ -21,6 +22,9 @@ use regmean_gpu::regmean::{merge, MergeOptions};
 
 fn gpu_or_skip(test: &str) -> bool {
     match cuda::probe().unavailable_reason() {
+        Some(why) if std::env::var("REGMEAN_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("{test}: REGMEAN_REQUIRE_GPU=1 but no GPU can be used: {why}")
+        }
         Some(why) => {
             // Written straight to stderr: the test harness captures eprintln! of passing tests.
             use std::io::Write;
@@ -32,6 +36,7 @@ fn gpu_or_skip(test: &str) -> bool {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn every_kernel_matches_its_cpu_twin() {
     if !gpu_or_skip("every_kernel_matches_its_cpu_twin") {
         return;
@@ -45,6 +50,7 @@ fn every_kernel_matches_its_cpu_twin() {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn merge_with_the_solve_on_the_gpu_matches_the_cpu() {
     if !gpu_or_skip("merge_with_the_solve_on_the_gpu_matches_the_cpu") {
         return;
@@ -110,6 +116,7 @@ fn hidden_states<B: Backend>(backend: &B, ckpt: &Checkpoint, batch: &Batch) -> V
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn cuda_forward_matches_the_cpu_engine_layer_by_layer() {
     if !gpu_or_skip("cuda_forward_matches_the_cpu_engine_layer_by_layer") {
         return;
@@ -139,6 +146,7 @@ fn cuda_forward_matches_the_cpu_engine_layer_by_layer() {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn merge_on_cuda_matches_the_cpu_engine() {
     if !gpu_or_skip("merge_on_cuda_matches_the_cpu_engine") {
         return;
@@ -185,6 +193,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn linear_weights_made_on_the_gpu_equal_the_host_decode() {
     if !gpu_or_skip("linear_weights_made_on_the_gpu_equal_the_host_decode") {
         return;
@@ -239,6 +248,7 @@ fn linear_weights_made_on_the_gpu_equal_the_host_decode() {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn a_non_finite_weight_is_named_as_stored_on_the_gpu_too() {
     if !gpu_or_skip("a_non_finite_weight_is_named_as_stored_on_the_gpu_too") {
         return;
@@ -268,6 +278,7 @@ fn a_non_finite_weight_is_named_as_stored_on_the_gpu_too() {
 /// rewritten before its copy ran (the withdrawn third GPU run) shows up as wrong bytes, and
 /// a refill that did not wait is seen directly, as the queued GEMMs still running.
 #[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn staged_copies_arrive_whole_while_the_gpu_is_busy() {
     if !gpu_or_skip("staged_copies_arrive_whole_while_the_gpu_is_busy") {
         return;
@@ -346,4 +357,24 @@ fn staged_copies_arrive_whole_while_the_gpu_is_busy() {
             .count();
         assert_eq!(wrong, 0, "round {round}: {wrong} f16 values differ");
     }
+}
+
+/// The probe keeps cuBLAS and cuSOLVER mapped once it found them, so that cudarc finds them
+/// loaded instead of loading them again, and probes once per process.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
+fn the_probe_keeps_the_libraries_it_found_loaded() {
+    if !gpu_or_skip("the_probe_keeps_the_libraries_it_found_loaded") {
+        return;
+    }
+    let p = cuda::probe();
+    assert!(p.cublas_present, "a usable GPU without cuBLAS");
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(maps.contains("libcublas.so"), "cuBLAS was unloaded");
+    assert_eq!(p.cusolver_present, maps.contains("libcusolver.so"));
+    // Probed once: the second call loads nothing.
+    let t = std::time::Instant::now();
+    let again = cuda::probe();
+    assert!(t.elapsed() < std::time::Duration::from_millis(5));
+    assert_eq!(again.cublas_present, p.cublas_present);
 }
