@@ -211,6 +211,22 @@ fn spawn_merge(pool: &Pool, config: &str, out: &Path, extra: &[&str]) -> std::pr
         .unwrap()
 }
 
+/// Waits until the merge `child` has staged its output under `parent`.
+fn wait_for_partial(parent: &Path, child: &mut std::process::Child) {
+    let start = std::time::Instant::now();
+    while !std::fs::read_dir(parent).is_ok_and(|mut d| {
+        d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().contains(".partial-")))
+    }) {
+        if start.elapsed() > std::time::Duration::from_secs(30)
+            || child.try_wait().unwrap().is_some()
+        {
+            let _ = child.kill();
+            panic!("the first merge never staged its output");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn of_two_merges_into_one_output_exactly_one_succeeds_and_its_files_are_intact() {
     let pool = Pool::new();
@@ -232,7 +248,7 @@ fn of_two_merges_into_one_output_exactly_one_succeeds_and_its_files_are_intact()
             assert!(o.status.success());
         }
         let mut a = spawn_merge(&pool, "compat.yaml", &out, extra);
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        wait_for_partial(&pool.path("out"), &mut a);
         let b = Command::new(bin())
             .arg("merge")
             .arg(pool.path("default.yaml"))
