@@ -13,8 +13,33 @@ use crate::io::{Arch, Dtype, Inputs};
 pub enum MergeMethod {
     /// RegMean: the closed-form least-squares merge of every linear layer.
     Regmean,
+    /// RegMean++ (FusionBench `regmean_plusplus`): layer by layer, each layer's Grams taken
+    /// on the outputs of the layers merged before it.
+    #[serde(alias = "regmean++")]
+    RegmeanPlusplus,
     /// The plain mean of every parameter (FusionBench `simple_average`), for comparison.
     SimpleAverage,
+}
+
+impl MergeMethod {
+    /// RegMean and RegMean++ solve the linear layers from Grams; the simple average does not.
+    pub fn uses_grams(self) -> bool {
+        self != MergeMethod::SimpleAverage
+    }
+}
+
+/// In which order a RegMean merge goes through the models and their layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// One model at a time, all its layers (memory flat in the number of models).
+    Model,
+    /// One layer at a time, over all models (memory of one layer's statistics plus every
+    /// task's activations at that layer).
+    Layer,
+    /// `model` when its memory estimate fits under the cap, else `layer`.
+    #[default]
+    Auto,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -65,6 +90,9 @@ pub struct Parameters {
     pub shuffle: bool,
     /// Activations on a GPU: float16 (default) or float32. The CPU always runs float32.
     pub precision: crate::backend::Precision,
+    /// RegMean: `model` (one model at a time), `layer` (one layer at a time) or `auto`.
+    /// RegMean++ always runs layer by layer.
+    pub schedule: Schedule,
 }
 
 impl Default for Parameters {
@@ -79,6 +107,7 @@ impl Default for Parameters {
             seed: 0,
             shuffle: true,
             precision: crate::backend::Precision::Float16,
+            schedule: Schedule::Auto,
         }
     }
 }
@@ -244,13 +273,26 @@ impl MergeConfig {
         }
         self.parameters.validate(path)?;
         self.out_dtype()?;
-        if self.merge_method == MergeMethod::Regmean {
+        if self.merge_method.uses_grams() {
             for (i, m) in self.models.iter().enumerate() {
                 match (&m.data, &m.grams) {
                     (Some(_), Some(_)) => return Err(Error::config(path, format!("models[{i}] gives both `data` and `grams`: keep one"))),
                     (None, None) => return Err(Error::config(path, format!("models[{i}] needs `data` (task examples) or `grams` (a Gram statistics file)"))),
                     _ => {}
                 }
+            }
+        }
+        let layer_wise = match (self.merge_method, self.parameters.schedule) {
+            (MergeMethod::RegmeanPlusplus, Schedule::Model) => {
+                return Err(Error::config(path, "regmean_plusplus always runs layer by layer: remove `schedule: model`"))
+            }
+            (MergeMethod::RegmeanPlusplus, _) => Some("regmean_plusplus takes each layer's Grams on the outputs of the layers merged before it"),
+            (MergeMethod::Regmean, Schedule::Layer) => Some("schedule: layer runs the forward pass layer by layer"),
+            _ => None,
+        };
+        if let Some(why) = layer_wise {
+            if let Some(i) = self.models.iter().position(|m| m.grams.is_some()) {
+                return Err(Error::config(path, format!("models[{i}] gives precomputed `grams`, which cannot serve here: {why}; give the task's `data` instead")));
             }
         }
         Ok(())

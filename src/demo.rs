@@ -329,6 +329,7 @@ pub fn run_demo(keep: Option<&Path>, ui: &dyn Say) -> Result<()> {
     for method in [MergeMethod::SimpleAverage, MergeMethod::Regmean] {
         let out = dir.join(match method {
             MergeMethod::Regmean => "merged_regmean",
+            MergeMethod::RegmeanPlusplus => "merged_regmean_plusplus",
             MergeMethod::SimpleAverage => "merged_average",
         });
         let cfg = MergeConfig {

@@ -92,6 +92,11 @@ struct MergeArgs {
     /// Replace an existing output directory
     #[arg(long)]
     force: bool,
+    /// Memory cap of a layer-wise merge's activation caches (beyond it they spill to a
+    /// temporary file next to the output), and of `schedule: auto`'s choice; e.g. 8GB.
+    /// Default: half of the memory available at start
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
     /// Activations on a GPU, overriding the config's `precision`: float16 or float32
     #[arg(long, value_parser = parse_precision)]
     precision: Option<Precision>,
@@ -351,6 +356,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 device: gpu.clone(),
                 out_shard_bytes: a.out_shard_size,
                 force: a.force,
+                max_memory: a.max_memory,
             };
             if let Some(path) = &a.report_json {
                 check_report_path(path, &cfg.inputs())?;
@@ -584,6 +590,7 @@ fn eval_after_merge<B: Backend>(
     let merged = eval::evaluate(backend, &a.out_dir, tasks, opts)?;
     let label = match cfg.merge_method {
         MergeMethod::Regmean => "RegMean",
+        MergeMethod::RegmeanPlusplus => "RegMean++",
         MergeMethod::SimpleAverage => "simple average",
     };
     let mut columns = vec![(label, merged)];
@@ -728,6 +735,8 @@ fn write_report_json(
         "peak_rss_bytes": regmean_gpu::peak_rss_bytes(),
         "peak_device_bytes": r.peak_device_bytes,
         "layers_solved": r.layers_solved,
+        "schedule": format!("{:?}", r.schedule).to_lowercase(),
+        "activation_cache_bytes": r.activation_cache.map(|c| serde_json::json!({"in_memory": c.in_memory_bytes, "spilled": c.spilled_bytes})),
         "fallbacks": r.fallbacks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
         "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "examples": m.examples, "rows": m.rows})).collect::<Vec<_>>(),
     });
@@ -763,6 +772,13 @@ fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
             r.timings.write.as_secs_f64(),
             regmean_gpu::peak_rss_bytes().map_or("n/a".into(), human_bytes)
         );
+        if let Some(c) = r.activation_cache {
+            eprintln!(
+                "  merged layer by layer · activation caches {} in memory, {} spilled to disk",
+                human_bytes(c.in_memory_bytes),
+                human_bytes(c.spilled_bytes)
+            );
+        }
         if !r.fallbacks.is_empty() {
             eprintln!("  {} layers needed the fallback solve:", r.fallbacks.len());
             for (name, how) in &r.fallbacks {
@@ -918,6 +934,7 @@ impl Observer for Ui {
                 }
             }
             Event::Warning(w) => self.line(&format!("warning: {w}")),
+            Event::Note(n) => self.info(&n),
         }
     }
 }

@@ -29,6 +29,8 @@ pub enum Event<'a> {
     },
     /// Something the user should know that does not stop the run.
     Warning(String),
+    /// A choice the run made, or a caveat of the path it takes (one line).
+    Note(String),
 }
 
 pub trait Observer {

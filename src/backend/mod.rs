@@ -77,6 +77,19 @@ pub fn im2col(
     out
 }
 
+/// The `[in, out]` weights of the modules `site` feeds, side by side: one `[in, Σ out]`
+/// matrix, returned with Σ out.
+pub fn fuse_in_out(site: &Site, parts: &[&[f32]]) -> (Vec<f32>, usize) {
+    let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
+    let mut w = Vec::with_capacity(site.dim * out);
+    for r in 0..site.dim {
+        for (part, m) in parts.iter().zip(&site.modules) {
+            w.extend_from_slice(&part[r * m.out_dim..(r + 1) * m.out_dim]);
+        }
+    }
+    (w, out)
+}
+
 /// How a Gram accumulator absorbs XᵀX of a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GramUpdate {
@@ -108,13 +121,8 @@ pub trait Backend {
                 .map(|m| shared_linear_in_out(ckpt, m))
                 .collect::<Result<_>>()
         })?;
-        let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
-        let mut w = Vec::with_capacity(site.dim * out);
-        for r in 0..site.dim {
-            for (part, m) in parts.iter().zip(&site.modules) {
-                w.extend_from_slice(&part[r * m.out_dim..(r + 1) * m.out_dim]);
-            }
-        }
+        let views: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+        let (w, out) = fuse_in_out(site, &views);
         crate::profile::span("load: upload", || self.upload_owned(w, site.dim, out))
     }
     /// The tensor's values on the host, giving the tensor up (no copy where it is there).

@@ -1,10 +1,9 @@
 //! The pieces GPT-2 and the CLIP encoder share: LayerNorm, a linear layer (optionally fused
 //! over the modules of a site), and the pre-LN transformer block with its four Gram sites.
 
-use super::{GramSink, Site};
+use super::{GramSink, ParamSource, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::Result;
-use crate::io::Checkpoint;
 
 pub(crate) struct LayerNorm<B: Backend> {
     gamma: B::Tensor,
@@ -12,9 +11,9 @@ pub(crate) struct LayerNorm<B: Backend> {
 }
 
 impl<B: Backend> LayerNorm<B> {
-    pub fn load(backend: &B, ckpt: &Checkpoint, prefix: &str, d: usize) -> Result<Self> {
+    pub fn load(backend: &B, src: &dyn ParamSource<B>, prefix: &str, d: usize) -> Result<Self> {
         let vector = |leaf: &str| -> Result<B::Tensor> {
-            backend.upload(&ckpt.f32_shaped(&format!("{prefix}.{leaf}"), &[d])?, 1, d)
+            backend.upload(&src.tensor(&format!("{prefix}.{leaf}"), &[d])?, 1, d)
         };
         Ok(LayerNorm {
             gamma: vector("weight")?,
@@ -46,14 +45,14 @@ pub(crate) struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// The linear layer(s) a site feeds, fused along the output when there are several
-    /// ([`Backend::site_weight`]), with their biases.
-    pub fn load_site(backend: &B, ckpt: &Checkpoint, site: &Site) -> Result<Self> {
-        let w = backend.site_weight(ckpt, site)?;
+    /// ([`ParamSource::site_weight`]), with their biases.
+    pub fn load_site(backend: &B, src: &dyn ParamSource<B>, site: &Site) -> Result<Self> {
+        let w = src.site_weight(backend, site)?;
         let out: usize = site.modules.iter().map(|m| m.out_dim).sum();
         let mut b = Vec::with_capacity(out);
         for m in &site.modules {
             let name = format!("{}.bias", m.weight.trim_end_matches(".weight"));
-            b.extend(ckpt.f32_shaped(&name, &[m.out_dim])?);
+            b.extend(src.tensor(&name, &[m.out_dim])?);
         }
         Ok(Linear {
             w,
@@ -93,19 +92,19 @@ impl<B: Backend> PreLnBlock<B> {
     /// `sites` are the block's four sites in order: qkv, attention output, fc1, fc2.
     pub fn load(
         backend: &B,
-        ckpt: &Checkpoint,
+        src: &dyn ParamSource<B>,
         sites: &[Site],
         ln1: &str,
         ln2: &str,
     ) -> Result<Self> {
         let d = sites[0].dim;
         Ok(PreLnBlock {
-            ln1: LayerNorm::load(backend, ckpt, ln1, d)?,
-            qkv: Linear::load_site(backend, ckpt, &sites[0])?,
-            attn_out: Linear::load_site(backend, ckpt, &sites[1])?,
-            ln2: LayerNorm::load(backend, ckpt, ln2, d)?,
-            fc1: Linear::load_site(backend, ckpt, &sites[2])?,
-            fc2: Linear::load_site(backend, ckpt, &sites[3])?,
+            ln1: LayerNorm::load(backend, src, ln1, d)?,
+            qkv: Linear::load_site(backend, src, &sites[0])?,
+            attn_out: Linear::load_site(backend, src, &sites[1])?,
+            ln2: LayerNorm::load(backend, src, ln2, d)?,
+            fc1: Linear::load_site(backend, src, &sites[2])?,
+            fc2: Linear::load_site(backend, src, &sites[3])?,
         })
     }
 

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use super::block::{BlockRun, LayerNorm, PreLnBlock};
-use super::{field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, Site};
+use super::{
+    field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, ParamSource, Site,
+};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -181,50 +183,60 @@ pub(crate) fn encoder_sites(prefix: &str, layers: usize, d: usize, f: usize) -> 
     sites
 }
 
-pub struct ClipVision<B: Backend> {
-    pub config: ClipVisionConfig,
+impl ClipVisionConfig {
+    /// How an encoder layer runs on `batch` images: no mask, `quick_gelu`.
+    pub(crate) fn block_run(&self, batch: usize) -> BlockRun<'static> {
+        BlockRun {
+            eps: self.layer_norm_eps,
+            shape: AttentionShape {
+                batch,
+                seq: self.num_patches() + 1,
+                heads: self.num_attention_heads,
+                head_dim: self.hidden_size / self.num_attention_heads,
+                causal: false,
+            },
+            mask: None,
+            act: Activation::QuickGelu,
+        }
+    }
+}
+
+/// Patch embedding, class token, position embeddings and `pre_layrnorm`.
+pub struct ClipEmbeddings<B: Backend> {
+    config: ClipVisionConfig,
     patch_w: B::Tensor,
     class: B::Tensor,
     pos: B::Tensor,
     pre_ln: LayerNorm<B>,
-    layers: Vec<PreLnBlock<B>>,
-    post_ln: LayerNorm<B>,
 }
 
-impl<B: Backend> ClipVision<B> {
-    pub fn load(backend: &B, ckpt: &Checkpoint, config: ClipVisionConfig) -> Result<Self> {
+impl<B: Backend> ClipEmbeddings<B> {
+    pub fn load(backend: &B, src: &dyn ParamSource<B>, config: &ClipVisionConfig) -> Result<Self> {
         let (d, p, ch) = (config.hidden_size, config.patch_size, config.num_channels);
-        let layers = load_encoder(backend, ckpt, PREFIX, &config.sites())?;
         // Conv weight [d, c, p, p] flattened per output channel is the [d, c·p·p] matrix
         // that multiplies an im2col row; the GEMM wants it as [c·p·p, d].
         let k = ch * p * p;
-        let conv = ckpt.f32_shaped(
+        let conv = src.tensor(
             &format!("{PREFIX}embeddings.patch_embedding.weight"),
             &[d, ch, p, p],
         )?;
         let tokens = config.num_patches() + 1;
-        let pos = ckpt.f32_shaped(
+        let pos = src.tensor(
             &format!("{PREFIX}embeddings.position_embedding.weight"),
             &[tokens, d],
         )?;
-        let class = ckpt.f32_shaped(&format!("{PREFIX}embeddings.class_embedding"), &[d])?;
-        Ok(ClipVision {
+        let class = src.tensor(&format!("{PREFIX}embeddings.class_embedding"), &[d])?;
+        Ok(ClipEmbeddings {
             patch_w: backend.upload(&super::transpose(&conv, d, k), k, d)?,
             class: backend.upload(&class, 1, d)?,
             pos: backend.upload(&pos, tokens, d)?,
-            pre_ln: LayerNorm::load(backend, ckpt, &format!("{PREFIX}pre_layrnorm"), d)?,
-            layers,
-            post_ln: LayerNorm::load(backend, ckpt, &format!("{PREFIX}post_layernorm"), d)?,
-            config,
+            pre_ln: LayerNorm::load(backend, src, &format!("{PREFIX}pre_layrnorm"), d)?,
+            config: config.clone(),
         })
     }
 
-    pub fn forward(
-        &self,
-        backend: &B,
-        batch: &Batch,
-        mut hooks: ForwardHooks<'_, B>,
-    ) -> Result<ForwardOutput<B>> {
+    /// `pre_layrnorm([class; patches] + position)` of a pixel batch.
+    pub fn apply(&self, backend: &B, batch: &Batch) -> Result<B::Tensor> {
         let Batch::Pixels { values, batch } = batch else {
             return Err(Error::invalid(
                 "the CLIP vision tower takes pixel values, not token ids",
@@ -241,31 +253,52 @@ impl<B: Backend> ClipVision<B> {
                 c.image_size
             )));
         }
-        let (d, tokens) = (c.hidden_size, c.num_patches() + 1);
-        let run = BlockRun {
-            eps: c.layer_norm_eps,
-            shape: AttentionShape {
-                batch: *batch,
-                seq: tokens,
-                heads: c.num_attention_heads,
-                head_dim: d / c.num_attention_heads,
-                causal: false,
-            },
-            mask: None,
-            act: Activation::QuickGelu,
-        };
         let patches_in = crate::profile::span("data: patch rows upload", || {
             backend.patch_rows(values, *batch, c.num_channels, c.image_size, c.patch_size)
         })?;
         let patches = backend.linear(&patches_in, &self.patch_w, None)?;
         let emb = backend.clip_tokens(&patches, &self.class, &self.pos, *batch)?;
-        let mut h = self.pre_ln.apply(backend, &emb, run.eps)?;
+        self.pre_ln.apply(backend, &emb, c.layer_norm_eps)
+    }
+}
+
+pub struct ClipVision<B: Backend> {
+    pub config: ClipVisionConfig,
+    embeddings: ClipEmbeddings<B>,
+    layers: Vec<PreLnBlock<B>>,
+    post_ln: LayerNorm<B>,
+}
+
+impl<B: Backend> ClipVision<B> {
+    pub fn load(backend: &B, ckpt: &Checkpoint, config: ClipVisionConfig) -> Result<Self> {
+        let layers = load_encoder(backend, ckpt, PREFIX, &config.sites())?;
+        let post_ln = format!("{PREFIX}post_layernorm");
+        let post_ln = LayerNorm::load(backend, ckpt, &post_ln, config.hidden_size)?;
+        let embeddings = ClipEmbeddings::load(backend, ckpt, &config)?;
+        Ok(ClipVision {
+            config,
+            embeddings,
+            layers,
+            post_ln,
+        })
+    }
+
+    pub fn forward(
+        &self,
+        backend: &B,
+        batch: &Batch,
+        mut hooks: ForwardHooks<'_, B>,
+    ) -> Result<ForwardOutput<B>> {
+        let mut h = self.embeddings.apply(backend, batch)?;
+        let n = batch.len();
+        let run = self.config.block_run(n);
         hooks.record(backend, &h)?;
         for (l, layer) in self.layers.iter().enumerate() {
             layer.forward(backend, &mut h, &run, 4 * l, &mut hooks.grams)?;
             hooks.record(backend, &h)?;
         }
-        let class_rows: Vec<usize> = (0..*batch).map(|b| b * tokens).collect();
+        let tokens = self.config.num_patches() + 1;
+        let class_rows: Vec<usize> = (0..n).map(|b| b * tokens).collect();
         let pooled =
             self.post_ln
                 .apply(backend, &backend.gather_rows(&h, &class_rows)?, run.eps)?;

@@ -4,7 +4,10 @@
 use std::path::Path;
 
 use super::block::{BlockRun, LayerNorm, PreLnBlock};
-use super::{field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, Site};
+use super::{
+    field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, ModelConfig,
+    ParamSource, Site,
+};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -111,36 +114,80 @@ impl Gpt2Config {
     }
 }
 
-pub struct Gpt2<B: Backend> {
-    pub config: Gpt2Config,
+/// `wte[ids] + wpe[position]`.
+pub struct Gpt2Embeddings<B: Backend> {
     wte: B::Tensor,
     wpe: B::Tensor,
+    n_positions: usize,
+}
+
+impl<B: Backend> Gpt2Embeddings<B> {
+    pub fn load(backend: &B, src: &dyn ParamSource<B>, c: &Gpt2Config) -> Result<Self> {
+        let d = c.n_embd;
+        let wte = src.tensor("wte.weight", &[c.vocab_size, d])?;
+        let wpe = src.tensor("wpe.weight", &[c.n_positions, d])?;
+        Ok(Gpt2Embeddings {
+            wte: backend.upload(&wte, c.vocab_size, d)?,
+            wpe: backend.upload(&wpe, c.n_positions, d)?,
+            n_positions: c.n_positions,
+        })
+    }
+
+    pub fn apply(&self, backend: &B, batch: &Batch) -> Result<B::Tensor> {
+        let Batch::Tokens { ids, seq, .. } = batch else {
+            return Err(Error::invalid("GPT-2 takes token ids, not pixel values"));
+        };
+        if *seq > self.n_positions {
+            return Err(Error::invalid(format!(
+                "sequence length {seq} exceeds n_positions {}",
+                self.n_positions
+            )));
+        }
+        backend.embed_tokens(&self.wte, &self.wpe, ids, *seq)
+    }
+}
+
+impl Gpt2Config {
+    /// How a block runs on `batch` sequences of `seq` tokens: causal attention, padded keys
+    /// masked out by `mask`.
+    pub(crate) fn block_run<'a>(
+        &self,
+        batch: usize,
+        seq: usize,
+        mask: Option<&'a [u8]>,
+    ) -> BlockRun<'a> {
+        BlockRun {
+            eps: self.layer_norm_epsilon,
+            shape: AttentionShape {
+                batch,
+                seq,
+                heads: self.n_head,
+                head_dim: self.n_embd / self.n_head,
+                causal: true,
+            },
+            mask,
+            act: Activation::GeluNew,
+        }
+    }
+}
+
+pub struct Gpt2<B: Backend> {
+    pub config: Gpt2Config,
+    embeddings: Gpt2Embeddings<B>,
     blocks: Vec<PreLnBlock<B>>,
     ln_f: LayerNorm<B>,
 }
 
 impl<B: Backend> Gpt2<B> {
     pub fn load(backend: &B, ckpt: &Checkpoint, config: Gpt2Config) -> Result<Self> {
-        let d = config.n_embd;
-        let sites = config.sites();
+        let model = ModelConfig::Gpt2(config.clone());
         let blocks = (0..config.n_layer)
-            .map(|l| {
-                PreLnBlock::load(
-                    backend,
-                    ckpt,
-                    &sites[4 * l..4 * l + 4],
-                    &format!("h.{l}.ln_1"),
-                    &format!("h.{l}.ln_2"),
-                )
-            })
+            .map(|l| model.load_block(backend, ckpt, l))
             .collect::<Result<_>>()?;
-        let wte = ckpt.f32_shaped("wte.weight", &[config.vocab_size, d])?;
-        let wpe = ckpt.f32_shaped("wpe.weight", &[config.n_positions, d])?;
         Ok(Gpt2 {
-            wte: backend.upload(&wte, config.vocab_size, d)?,
-            wpe: backend.upload(&wpe, config.n_positions, d)?,
+            embeddings: Gpt2Embeddings::load(backend, ckpt, &config)?,
             blocks,
-            ln_f: LayerNorm::load(backend, ckpt, "ln_f", d)?,
+            ln_f: LayerNorm::load(backend, ckpt, "ln_f", config.n_embd)?,
             config,
         })
     }
@@ -152,34 +199,16 @@ impl<B: Backend> Gpt2<B> {
         mut hooks: ForwardHooks<'_, B>,
     ) -> Result<ForwardOutput<B>> {
         let Batch::Tokens {
-            ids,
             mask,
-            batch,
+            batch: n,
             seq,
+            ..
         } = batch
         else {
             return Err(Error::invalid("GPT-2 takes token ids, not pixel values"));
         };
-        let c = &self.config;
-        if *seq > c.n_positions {
-            return Err(Error::invalid(format!(
-                "sequence length {seq} exceeds n_positions {}",
-                c.n_positions
-            )));
-        }
-        let run = BlockRun {
-            eps: c.layer_norm_epsilon,
-            shape: AttentionShape {
-                batch: *batch,
-                seq: *seq,
-                heads: c.n_head,
-                head_dim: c.n_embd / c.n_head,
-                causal: true,
-            },
-            mask: Some(mask),
-            act: Activation::GeluNew,
-        };
-        let mut h = backend.embed_tokens(&self.wte, &self.wpe, ids, *seq)?;
+        let run = self.config.block_run(*n, *seq, Some(mask));
+        let mut h = self.embeddings.apply(backend, batch)?;
         hooks.record(backend, &h)?;
         for (l, block) in self.blocks.iter().enumerate() {
             block.forward(backend, &mut h, &run, 4 * l, &mut hooks.grams)?;

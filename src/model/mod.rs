@@ -6,7 +6,10 @@ pub mod clip;
 pub mod clip_text;
 pub mod gpt2;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+
+pub(crate) use block::{BlockRun, PreLnBlock};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -42,6 +45,87 @@ impl Site {
                 self.name, m.weight, m.in_dim, self.dim
             ))),
             None => Ok(()),
+        }
+    }
+}
+
+/// Where a model part's parameters come from: a checkpoint, or tensors a merge made.
+pub trait ParamSource<B: Backend> {
+    /// A float tensor (canonical name) in its stored layout, checked against `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// The `[in, Σ out]` weight of the linear layer(s) `site` feeds, on the backend.
+    fn site_weight(&self, backend: &B, site: &Site) -> Result<B::Tensor>;
+}
+
+impl<B: Backend> ParamSource<B> for Checkpoint {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.f32_shaped(name, shape)
+    }
+
+    fn site_weight(&self, backend: &B, site: &Site) -> Result<B::Tensor> {
+        backend.site_weight(self, site)
+    }
+}
+
+/// Parameters held in memory (what a layer-wise merge has merged so far): tensors in their
+/// stored layout, and linear weights as `[in, out]`.
+#[derive(Default)]
+pub struct HostParams {
+    pub tensors: HashMap<String, Vec<f32>>,
+    pub linear_in_out: HashMap<String, Vec<f32>>,
+}
+
+impl HostParams {
+    fn get<'a>(map: &'a HashMap<String, Vec<f32>>, name: &str, len: usize) -> Result<&'a [f32]> {
+        match map.get(name) {
+            Some(v) if v.len() == len => Ok(v),
+            Some(v) => Err(Error::Backend(format!(
+                "internal: merged `{name}` has {} values, expected {len}",
+                v.len()
+            ))),
+            None => Err(Error::Backend(format!("internal: `{name}` was not merged"))),
+        }
+    }
+}
+
+impl<B: Backend> ParamSource<B> for HostParams {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        Self::get(&self.tensors, name, shape.iter().product()).map(<[f32]>::to_vec)
+    }
+
+    fn site_weight(&self, backend: &B, site: &Site) -> Result<B::Tensor> {
+        let parts = site
+            .modules
+            .iter()
+            .map(|m| Self::get(&self.linear_in_out, &m.weight, m.in_dim * m.out_dim))
+            .collect::<Result<Vec<_>>>()?;
+        let (w, out) = crate::backend::fuse_in_out(site, &parts);
+        backend.upload_owned(w, site.dim, out)
+    }
+}
+
+/// Which part of the model a parameter belongs to, in the order a layer-wise merge runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamGroup {
+    /// Before the first block (GPT-2 `wte`, `wpe`; CLIP `embeddings.*`, `pre_layrnorm`).
+    Embeddings,
+    Layer(usize),
+    /// After the last block (GPT-2 `ln_f`, CLIP `post_layernorm`).
+    Final,
+}
+
+/// The input embeddings of a model, run apart from its blocks.
+pub enum Embeddings<B: Backend> {
+    Gpt2(gpt2::Gpt2Embeddings<B>),
+    Clip(clip::ClipEmbeddings<B>),
+}
+
+impl<B: Backend> Embeddings<B> {
+    /// The input of the first block, `[batch·seq, d]`.
+    pub fn apply(&self, backend: &B, batch: &Batch) -> Result<B::Tensor> {
+        match self {
+            Embeddings::Gpt2(e) => e.apply(backend, batch),
+            Embeddings::Clip(e) => e.apply(backend, batch),
         }
     }
 }
@@ -153,6 +237,80 @@ impl ModelConfig {
             ModelConfig::Gpt2(c) => c.sites(),
             ModelConfig::Clip(c) => c.sites(),
         }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            ModelConfig::Gpt2(c) => c.n_layer,
+            ModelConfig::Clip(c) => c.num_hidden_layers,
+        }
+    }
+
+    /// The part of the model the backbone parameter `name` belongs to.
+    pub fn group_of(&self, name: &str) -> ParamGroup {
+        let (layers, fin) = match self {
+            ModelConfig::Gpt2(_) => ("h.", "ln_f."),
+            ModelConfig::Clip(_) => (
+                "vision_model.encoder.layers.",
+                "vision_model.post_layernorm.",
+            ),
+        };
+        if let Some(l) = name
+            .strip_prefix(layers)
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|l| l.parse().ok())
+        {
+            ParamGroup::Layer(l)
+        } else if name.starts_with(fin) {
+            ParamGroup::Final
+        } else {
+            ParamGroup::Embeddings
+        }
+    }
+
+    /// The prefix of block `l`'s parameter names (`h.3.`).
+    pub fn layer_prefix(&self, l: usize) -> String {
+        match self {
+            ModelConfig::Gpt2(_) => format!("h.{l}."),
+            ModelConfig::Clip(_) => format!("{}encoder.layers.{l}.", clip::PREFIX),
+        }
+    }
+
+    pub fn load_embeddings<B: Backend>(
+        &self,
+        backend: &B,
+        src: &dyn ParamSource<B>,
+    ) -> Result<Embeddings<B>> {
+        match self {
+            ModelConfig::Gpt2(c) => Ok(Embeddings::Gpt2(gpt2::Gpt2Embeddings::load(
+                backend, src, c,
+            )?)),
+            ModelConfig::Clip(c) => Ok(Embeddings::Clip(clip::ClipEmbeddings::load(
+                backend, src, c,
+            )?)),
+        }
+    }
+
+    /// Block `l` (its four sites are `sites()[4l..4l + 4]`).
+    pub(crate) fn load_block<B: Backend>(
+        &self,
+        backend: &B,
+        src: &dyn ParamSource<B>,
+        l: usize,
+    ) -> Result<PreLnBlock<B>> {
+        let sites = self.sites();
+        let p = self.layer_prefix(l);
+        let (ln1, ln2) = match self {
+            ModelConfig::Gpt2(_) => ("ln_1", "ln_2"),
+            ModelConfig::Clip(_) => ("layer_norm1", "layer_norm2"),
+        };
+        PreLnBlock::load(
+            backend,
+            src,
+            &sites[4 * l..4 * l + 4],
+            &format!("{p}{ln1}"),
+            &format!("{p}{ln2}"),
+        )
     }
 
     /// Every backbone tensor with its expected shape.

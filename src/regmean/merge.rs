@@ -11,17 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
-use rayon::prelude::*;
-
 use super::gram::{accumulate_grams, DeviceGrams, ModelGrams};
 use super::solve::{solve_layer, SolveOutcome};
 use super::stats::{self, GramFileInfo};
+use super::sums::{add_weighted, reduce_into};
 use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::Backend;
-use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry};
+use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry, Schedule};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::io::writer::{copy_sidecars, ModelWriter, PlannedTensor};
@@ -37,6 +34,9 @@ pub struct MergeOptions {
     pub out_shard_bytes: u64,
     /// Replace an existing output directory.
     pub force: bool,
+    /// Host memory the activation caches of a layer-wise merge may hold before they spill to
+    /// a file, and the cap `schedule: auto` chooses by; None: half of what is available.
+    pub max_memory: Option<u64>,
 }
 
 impl Default for MergeOptions {
@@ -45,6 +45,7 @@ impl Default for MergeOptions {
             device: None,
             out_shard_bytes: 5_000_000_000,
             force: false,
+            max_memory: None,
         }
     }
 }
@@ -87,6 +88,10 @@ pub struct MergeReport {
     pub files: Vec<String>,
     /// The most device memory in use during the merge (GPU backends only).
     pub peak_device_bytes: Option<u64>,
+    /// `model` or `layer`: the schedule the merge ran.
+    pub schedule: Schedule,
+    /// A layer-wise merge's activation caches: held in memory, and spilled to a file.
+    pub activation_cache: Option<super::activations::CacheStats>,
 }
 
 /// A linear weight merged by RegMean.
@@ -126,27 +131,79 @@ pub fn merge<B: Backend>(
     opts: &MergeOptions,
     observer: &dyn Observer,
 ) -> Result<MergeReport> {
+    let prepared = prepare(cfg, out, opts)?;
+    match super::layerwise::choose_schedule(cfg, &prepared, opts, observer)? {
+        Schedule::Layer => super::layerwise::merge_by_layer(prepared, backend, cfg, opts, observer),
+        _ => merge_by_model(backend, cfg, prepared, opts, observer),
+    }
+}
+
+/// What every schedule starts from: the base model and its architecture, the solve's
+/// options, and the output location, all checked (with every input) before any work.
+pub(super) struct Prepared {
+    pub base: Checkpoint,
+    pub model_cfg: ModelConfig,
+    pub sites: Vec<Site>,
+    pub out_dtype: Dtype,
+    pub exclude: ExcludeSet,
+    pub ratio: f32,
+    /// The multiplier of the Grams' diagonals, FusionBench's `(1 − r) + r` in f32.
+    pub diag_mult: f32,
+    pub out_dir: OutputDir,
+}
+
+fn prepare(cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<Prepared> {
     let params = &cfg.parameters;
     let base = Checkpoint::open(&cfg.base_model)?;
     let model_cfg = ModelConfig::from_checkpoint(&base)?;
     model_cfg.check_checkpoint(&base)?;
-    let arch = model_cfg.arch();
     let out_dtype = cfg
         .out_dtype()?
         .unwrap_or_else(|| base.dominant_float_dtype());
     let exclude = ExcludeSet::new(&params.exclude_param_names_regex).map_err(Error::invalid)?;
-    let ratio = params.ratio_for(arch) as f32;
+    let ratio = params.ratio_for(model_cfg.arch()) as f32;
     // FusionBench builds the multiplier as diag(1 − r) + r in f32; keep its rounding.
     let diag_mult = (1.0f32 - ratio) + ratio;
-
     let sites = model_cfg.sites();
-    let regmean = cfg.merge_method == MergeMethod::Regmean;
     // Fail before hours of work, not after: the output location must be usable, and every
     // input must open and fit.
     let out_dir = OutputDir::create(out, opts.force, &cfg.inputs())?;
     crate::profile::span("inputs: open and check all", || {
-        check_inputs(cfg, &base, &model_cfg, &sites, regmean)
+        check_inputs(
+            cfg,
+            &base,
+            &model_cfg,
+            &sites,
+            cfg.merge_method.uses_grams(),
+        )
     })?;
+    Ok(Prepared {
+        base,
+        model_cfg,
+        sites,
+        out_dtype,
+        exclude,
+        ratio,
+        diag_mult,
+        out_dir,
+    })
+}
+
+/// The merge one model at a time (`schedule: model`).
+fn merge_by_model<B: Backend>(
+    backend: &B,
+    cfg: &MergeConfig,
+    prepared: Prepared,
+    opts: &MergeOptions,
+    observer: &dyn Observer,
+) -> Result<MergeReport> {
+    let (base, model_cfg, sites) = (prepared.base, prepared.model_cfg, prepared.sites);
+    let (exclude, out_dtype, out_dir) = (prepared.exclude, prepared.out_dtype, prepared.out_dir);
+    let (ratio, diag_mult) = (prepared.ratio, prepared.diag_mult);
+    let arch = model_cfg.arch();
+    let regmean = cfg.merge_method.uses_grams();
+    let out = out_dir.final_path().to_path_buf();
+    let out = out.as_path();
 
     let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
     let mut reports = Vec::with_capacity(cfg.models.len());
@@ -239,7 +296,13 @@ pub fn merge<B: Backend>(
         .map(|m| m.module.weight.clone())
         .chain(sums.mean_sum.keys().cloned())
         .collect();
-    let plan = output_plan(&base, &model_cfg, &merged_names, &exclude, &out_dtype)?;
+    let plan = output_plan(
+        &base,
+        &model_cfg,
+        &merged_names,
+        &|n| exclude.excludes(n),
+        &out_dtype,
+    )?;
     let planned: Vec<PlannedTensor> = plan.iter().map(|(t, _)| t.clone()).collect();
     let mut writer = ModelWriter::create(out_dir.path(), &planned, opts.out_shard_bytes)?;
     observer.event(Event::SolveStart {
@@ -315,6 +378,8 @@ pub fn merge<B: Backend>(
         },
         files,
         peak_device_bytes: peak_device,
+        schedule: Schedule::Model,
+        activation_cache: None,
     })
 }
 
@@ -384,7 +449,7 @@ fn check_inputs(
 
 /// A task's data, text tokenised and images preprocessed with the task model's own files
 /// (else the base's).
-fn open_data(cfg: &MergeConfig, ckpt: &Checkpoint, path: &Path) -> Result<Dataset> {
+pub(super) fn open_data(cfg: &MergeConfig, ckpt: &Checkpoint, path: &Path) -> Result<Dataset> {
     Dataset::open_for_model(
         path,
         &[ckpt.dir(), &cfg.base_model],
@@ -608,38 +673,17 @@ impl RunningSums {
         };
         match &mut self.linear {
             LinearSums::Host { gram, gw, w } => {
-                let mut reduced: Vec<Vec<f32>> = Vec::with_capacity(grams.sites.len());
-                for (site, sum) in grams.sites.into_iter().zip(gram.iter_mut()) {
-                    let d = site.dim;
-                    let mut g = site.gram;
-                    g.par_chunks_mut(d.max(1))
-                        .zip(sum.par_chunks_mut(d.max(1)))
-                        .enumerate()
-                        .for_each(|(i, (row, sum_row))| {
-                            for (j, (v, s)) in row.iter_mut().zip(sum_row).enumerate() {
-                                *v *= if i == j { diag_mult } else { ratio };
-                                *s += *v;
-                            }
-                        });
-                    reduced.push(g);
-                }
+                let reduced: Vec<Vec<f32>> = grams
+                    .sites
+                    .into_iter()
+                    .zip(gram.iter_mut())
+                    .map(|(site, sum)| reduce_into(site.gram, sum, site.dim, ratio, diag_mult))
+                    .collect();
                 for ((m, gw_sum), w_sum) in self.modules.iter().zip(gw.iter_mut()).zip(w.iter_mut())
                 {
                     let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
                     let weights = take_linear_in_out(ckpt, &m.module)?;
-                    // Σ G'W accumulates in the product's own GEMM.
-                    matmul(
-                        MatMut::from_row_major_slice_mut(gw_sum, d_in, d_out),
-                        Accum::Add,
-                        MatRef::from_row_major_slice(&reduced[m.site], d_in, d_in),
-                        MatRef::from_row_major_slice(&weights, d_in, d_out),
-                        1.0,
-                        Par::rayon(0),
-                    );
-                    w_sum
-                        .par_chunks_mut(1 << 14)
-                        .zip(weights.par_chunks(1 << 14))
-                        .for_each(|(s, v)| s.iter_mut().zip(v).for_each(|(s, v)| *s += v));
+                    add_weighted(gw_sum, w_sum, &reduced[m.site], &weights, d_in, d_out);
                 }
             }
             LinearSums::Device {
@@ -729,7 +773,7 @@ fn add_products(
 }
 
 /// Where each output tensor's values come from.
-enum Source {
+pub(super) enum Source {
     /// Solved or averaged by the merge: sent to the writer when ready.
     Merged,
     /// An excluded parameter: the base model's values, in the output dtype.
@@ -738,13 +782,13 @@ enum Source {
     Raw,
 }
 
-/// The output tensors, in the base model's order: merged and excluded parameters in
-/// `out_dtype`, buffers as stored.
-fn output_plan(
+/// The output tensors, in the base model's order: merged parameters and those that keep the
+/// base value (`keeps_base`: excluded ones) in `out_dtype`, buffers as stored.
+pub(super) fn output_plan(
     base: &Checkpoint,
     model_cfg: &ModelConfig,
     merged: &HashSet<String>,
-    exclude: &ExcludeSet,
+    keeps_base: &dyn Fn(&str) -> bool,
     out_dtype: &Dtype,
 ) -> Result<Vec<(PlannedTensor, Source)>> {
     let params: HashSet<String> = model_cfg
@@ -757,7 +801,7 @@ fn output_plan(
         let e = base.entry(name)?;
         let source = if merged.contains(name) {
             Source::Merged
-        } else if params.contains(name) && exclude.excludes(name) {
+        } else if params.contains(name) && keeps_base(name) {
             Source::Base
         } else {
             Source::Raw
@@ -818,14 +862,7 @@ fn write_merged(
     arrivals: std::sync::mpsc::Receiver<Ready>,
     stop: &AtomicBool,
 ) -> Result<()> {
-    let write = |writer: &mut ModelWriter, name: &str, values: &[f32]| {
-        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-            return Err(Error::Numerical(format!(
-                "merged `{name}` has a non-finite value at element {i}; nothing was written"
-            )));
-        }
-        writer.write_f32(name, values)
-    };
+    let write = write_finite;
     let write_arrival = |writer: &mut ModelWriter, r: Ready| {
         let values = match r.transpose_from {
             Some((rows, cols)) => transpose(&r.values, rows, cols),
@@ -867,9 +904,19 @@ fn write_merged(
     Ok(())
 }
 
+/// Writes a merged tensor, refusing non-finite values.
+pub(super) fn write_finite(writer: &mut ModelWriter, name: &str, values: &[f32]) -> Result<()> {
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        return Err(Error::Numerical(format!(
+            "merged `{name}` has a non-finite value at element {i}; nothing was written"
+        )));
+    }
+    writer.write_f32(name, values)
+}
+
 /// The merged model's other files: config.json, the base model's tokenizer and
 /// preprocessing files, and a model card.
-fn write_sidecars(
+pub(super) fn write_sidecars(
     out_dir: &OutputDir,
     base: &Checkpoint,
     out_dtype: Dtype,

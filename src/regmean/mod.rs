@@ -1,9 +1,12 @@
 //! RegMean: Gram accumulation, statistics files, the per-layer solve and the streaming merge.
 
+pub mod activations;
 pub mod gram;
+mod layerwise;
 pub mod merge;
 pub mod solve;
 pub mod stats;
+mod sums;
 
 pub use gram::{compute_grams, GramAccumulator, ModelGrams, SiteGram};
 pub use merge::{merge, MergeOptions, MergeReport};

@@ -1,0 +1,555 @@
+//! The layer-wise merge: one layer at a time over all task models, each task's inputs of the
+//! current layer held in activation caches ([`ActivationStore`]). It runs
+//!
+//! - RegMean with `schedule: layer`: every task's own layer makes its next inputs, so the
+//!   merge is the one a model at a time gives, with the memory of one layer's statistics
+//!   plus the caches;
+//! - RegMean++ (FusionBench `regmean_plusplus`): the embeddings are merged first and make
+//!   every task's first inputs; each layer's Grams are taken while the task's own layer runs
+//!   on them, and the *merged* layer then makes the next inputs.
+//!
+//! Statistics and the solve stay on the host (the sums of [`super::sums`]); the forward
+//! passes run on the backend.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::activations::ActivationStore;
+use super::gram::{check_data, GramAccumulator};
+use super::merge::{
+    describe, open_data, output_plan, write_finite, write_sidecars, MergeOptions, MergeReport,
+    ModelReport, Prepared, Source, Timings,
+};
+use super::solve::solve_layer;
+use super::sums::{add_assign, add_weighted, reduce_into};
+use crate::backend::Backend;
+use crate::config::{MergeConfig, MergeMethod, Schedule};
+use crate::data::{for_each_batch, select};
+use crate::error::{Error, Result};
+use crate::io::writer::{ModelWriter, PlannedTensor};
+use crate::io::{Arch, Checkpoint};
+use crate::model::{
+    linear_in_out, transpose, Batch, BlockRun, GramSink, HostParams, LinearModule, ModelConfig,
+    ParamGroup, Site,
+};
+use crate::progress::{Event, Observer};
+
+/// The memory a merge needs under each schedule, estimated before it starts (bytes).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MemoryEstimate {
+    pub model: u64,
+    pub layer: u64,
+    /// Of `layer`: the activation caches.
+    pub caches: u64,
+}
+
+/// Half of the memory available when the run starts (8 GB when it cannot be read).
+pub fn default_max_memory() -> u64 {
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    available.map_or(8 << 30, |b| b / 2)
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GiB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// An upper bound of both schedules' memory: the running sums (Σ G', Σ G'W, Σ W and the
+/// averaged parameters), one model's (or layer's) decoded weights and its widest activations,
+/// and for `layer` every task's cached inputs at the requested number of examples and the
+/// longest sequence allowed.
+pub(super) fn estimate(cfg: &MergeConfig, model_cfg: &ModelConfig) -> MemoryEstimate {
+    let p = &cfg.parameters;
+    let sites = model_cfg.sites();
+    let layers = model_cfg.num_layers().max(1) as u64;
+    let gram: u64 = sites.iter().map(|s| (s.dim * s.dim) as u64).sum();
+    let linear: u64 = sites
+        .iter()
+        .flat_map(|s| &s.modules)
+        .map(|m| (m.in_dim * m.out_dim) as u64)
+        .sum();
+    let params: u64 = model_cfg
+        .expected_shapes()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum();
+    let (seq, d, f) = match model_cfg {
+        ModelConfig::Gpt2(c) => (p.max_length.min(c.n_positions), c.n_embd, c.n_inner),
+        ModelConfig::Clip(c) => (c.num_patches() + 1, c.hidden_size, c.intermediate_size),
+    };
+    let examples = if p.fusionbench_compat {
+        p.num_regmean_examples.div_ceil(p.batch_size) * p.batch_size
+    } else {
+        p.num_regmean_examples
+    } as u64;
+    let activations = (p.batch_size * seq * (5 * d + 2 * f)) as u64;
+    // Sums of every layer + one model's Grams and weights.
+    let model = 4 * (2 * gram + 3 * linear + params + activations);
+    let caches = 4 * cfg.models.len() as u64 * examples * (seq * d) as u64;
+    let layer =
+        4 * (2 * gram / layers + 3 * linear / layers + (params - linear) + activations) + caches;
+    MemoryEstimate {
+        model,
+        layer,
+        caches,
+    }
+}
+
+/// The schedule a merge runs: RegMean++ always layer by layer, the simple average model by
+/// model, RegMean as configured; `auto` takes `model` when its estimate fits under the cap
+/// (and always on a GPU, whose verified path it is), and says what it chose.
+pub(super) fn choose_schedule(
+    cfg: &MergeConfig,
+    prepared: &Prepared,
+    opts: &MergeOptions,
+    observer: &dyn Observer,
+) -> Result<Schedule> {
+    match (cfg.merge_method, cfg.parameters.schedule) {
+        (MergeMethod::SimpleAverage, _) => return Ok(Schedule::Model),
+        (MergeMethod::RegmeanPlusplus, _) => return Ok(Schedule::Layer),
+        (MergeMethod::Regmean, Schedule::Auto) => {}
+        (MergeMethod::Regmean, s) => return Ok(s),
+    }
+    if cfg.models.iter().any(|m| m.grams.is_some()) {
+        return Ok(Schedule::Model);
+    }
+    let est = estimate(cfg, &prepared.model_cfg);
+    let cap = opts.max_memory.unwrap_or_else(default_max_memory);
+    let (pick, why) = if est.model <= cap {
+        (Schedule::Model, "it fits")
+    } else if opts.device.is_some() {
+        (Schedule::Model, "the GPU path is the verified one")
+    } else {
+        (Schedule::Layer, "one model at a time does not fit")
+    };
+    observer.event(Event::Note(format!(
+        "schedule auto: about {} one model at a time, {} one layer at a time (of which {} activation caches), cap {}: {} ({why})",
+        human(est.model),
+        human(est.layer),
+        human(est.caches),
+        human(cap),
+        if pick == Schedule::Model { "model" } else { "layer" },
+    )));
+    Ok(pick)
+}
+
+/// One cached batch of a task: where its activations are and how its block runs.
+struct CachedBatch {
+    id: usize,
+    batch: usize,
+    seq: usize,
+    /// GPT-2's attention mask (1 = real token).
+    mask: Option<Vec<u8>>,
+}
+
+struct Task {
+    ckpt: Checkpoint,
+    report: ModelReport,
+    batches: Vec<CachedBatch>,
+}
+
+/// Which parameters keep the base model's value. FusionBench's RegMean++ (compat mode)
+/// matches `exclude_param_names_regex` against names relative to the layer
+/// (`self_attn.q_proj.weight`), always averages the embeddings, and never merges CLIP's
+/// `post_layernorm`; everywhere else the patterns match full names.
+fn base_valued<'a>(cfg: &'a MergeConfig, prepared: &'a Prepared) -> impl Fn(&str) -> bool + 'a {
+    let fusionbench_pp =
+        cfg.merge_method == MergeMethod::RegmeanPlusplus && cfg.parameters.fusionbench_compat;
+    let model_cfg = &prepared.model_cfg;
+    move |name: &str| {
+        if !fusionbench_pp {
+            return prepared.exclude.excludes(name);
+        }
+        match model_cfg.group_of(name) {
+            ParamGroup::Embeddings => false,
+            ParamGroup::Layer(l) => {
+                let prefix = model_cfg.layer_prefix(l);
+                prepared
+                    .exclude
+                    .excludes(name.strip_prefix(&prefix).unwrap_or(name))
+            }
+            ParamGroup::Final => {
+                model_cfg.arch() == Arch::ClipVision || prepared.exclude.excludes(name)
+            }
+        }
+    }
+}
+
+/// The merge layer by layer (`schedule: layer`, and RegMean++).
+pub(super) fn merge_by_layer<B: Backend>(
+    prepared: Prepared,
+    backend: &B,
+    cfg: &MergeConfig,
+    opts: &MergeOptions,
+    observer: &dyn Observer,
+) -> Result<MergeReport> {
+    let plus_plus = cfg.merge_method == MergeMethod::RegmeanPlusplus;
+    let params = &cfg.parameters;
+    if opts.device.is_some() {
+        observer.event(Event::Note(
+            "the layer-wise engine has not been verified on a GPU yet: compare its output with a CPU run before relying on it".into(),
+        ));
+    }
+    let keeps_base = base_valued(cfg, &prepared);
+    let Prepared {
+        base,
+        model_cfg,
+        sites,
+        out_dtype,
+        ratio,
+        diag_mult,
+        out_dir,
+        ..
+    } = &prepared;
+
+    // The output's layout, fixed up front: solved linear weights, averaged parameters.
+    let solved: Vec<(usize, LinearModule)> = sites
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| s.modules.iter().map(move |m| (si, m.clone())))
+        .filter(|(_, m)| !keeps_base(&m.weight))
+        .collect();
+    let solved_names: HashSet<&str> = solved.iter().map(|(_, m)| m.weight.as_str()).collect();
+    let averaged: Vec<(String, Vec<usize>)> = model_cfg
+        .expected_shapes()
+        .into_iter()
+        .filter(|(n, _)| !solved_names.contains(n.as_str()) && !keeps_base(n))
+        .collect();
+    let merged_names: HashSet<String> = solved
+        .iter()
+        .map(|(_, m)| m.weight.clone())
+        .chain(averaged.iter().map(|(n, _)| n.clone()))
+        .collect();
+    let plan = output_plan(base, model_cfg, &merged_names, &keeps_base, out_dtype)?;
+    let planned: Vec<PlannedTensor> = plan.iter().map(|(t, _)| t.clone()).collect();
+    let mut writer = ModelWriter::create(out_dir.path(), &planned, opts.out_shard_bytes)?;
+
+    let cap = opts.max_memory.unwrap_or_else(default_max_memory);
+    let mut store = ActivationStore::new(cap, spill_path(out_dir.final_path()));
+    let k = cfg.models.len() as f32;
+    let mut timings = Timings::default();
+    let mut peak_device = backend.memory_in_use();
+    let t0 = Instant::now();
+
+    // Embeddings: averaged first; they make every task's first inputs (RegMean++), or each
+    // task's own do (RegMean).
+    let mut tasks: Vec<Task> = cfg
+        .models
+        .iter()
+        .map(|entry| {
+            Ok(Task {
+                ckpt: Checkpoint::open(&entry.model)?,
+                report: ModelReport {
+                    name: entry.display_name(),
+                    examples: 0,
+                    rows: 0,
+                    from_grams_file: false,
+                },
+                batches: Vec::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let in_group = |g: ParamGroup| {
+        averaged
+            .iter()
+            .filter(move |(n, _)| model_cfg.group_of(n) == g)
+    };
+    let mut merged = HostParams::default();
+    for (name, _) in in_group(ParamGroup::Embeddings) {
+        let mean = average(&tasks, name, k)?;
+        write_finite(&mut writer, name, &mean)?;
+        merged.tensors.insert(name.clone(), mean);
+    }
+    let merged_embeddings = if plus_plus {
+        add_base_values(
+            &mut merged,
+            base,
+            model_cfg,
+            ParamGroup::Embeddings,
+            &keeps_base,
+        )?;
+        Some(model_cfg.load_embeddings(backend, &merged)?)
+    } else {
+        None
+    };
+    for (index, (task, entry)) in tasks.iter_mut().zip(&cfg.models).enumerate() {
+        let path = entry
+            .data
+            .as_ref()
+            .ok_or_else(|| Error::invalid(format!("{}: no `data`", task.report.name)))?;
+        let data = open_data(cfg, &task.ckpt, path)?;
+        let (indices, warning) = select(data.len(), &params.sampling());
+        if let Some(w) = warning {
+            observer.event(Event::Warning(format!("{}: {w}", data.path().display())));
+        }
+        let padding = check_data(model_cfg, &data, params)?;
+        observer.event(Event::ModelStart {
+            index,
+            total: cfg.models.len(),
+            name: &task.report.name,
+            examples: indices.len(),
+        });
+        let own;
+        let embeddings = match &merged_embeddings {
+            Some(e) => e,
+            None => {
+                own = model_cfg.load_embeddings(backend, &task.ckpt)?;
+                &own
+            }
+        };
+        let mut done = 0;
+        for_each_batch(
+            &data,
+            &indices,
+            params.batch_size,
+            padding,
+            |chunk, batch| {
+                let h = embeddings.apply(backend, &batch)?;
+                let (seq, mask) = match batch {
+                    Batch::Tokens { seq, mask, .. } => (seq, Some(mask)),
+                    Batch::Pixels { .. } => (backend.shape(&h).0 / chunk.len().max(1), None),
+                };
+                let id = store.push(backend.download_owned(h)?)?;
+                task.batches.push(CachedBatch {
+                    id,
+                    batch: chunk.len(),
+                    seq,
+                    mask,
+                });
+                done += chunk.len();
+                observer.event(Event::Examples { done });
+                Ok(())
+            },
+        )?;
+        task.report.examples = indices.len();
+        observer.event(Event::ModelDone { index });
+    }
+    drop(merged_embeddings);
+
+    // Layer by layer.
+    let layers = model_cfg.num_layers();
+    observer.event(Event::SolveStart {
+        layers: solved.len(),
+    });
+    let mut fallbacks = Vec::new();
+    let mut solved_count = 0;
+    for l in 0..layers {
+        let layer_sites = &sites[4 * l..4 * l + 4];
+        let layer_solved: Vec<&(usize, LinearModule)> = solved
+            .iter()
+            .filter(|(si, _)| (4 * l..4 * l + 4).contains(si))
+            .collect();
+        let mut gram_sum: Vec<Vec<f32>> = layer_sites
+            .iter()
+            .map(|s| vec![0.0; s.dim * s.dim])
+            .collect();
+        let mut gw_sum: Vec<Vec<f32>> = layer_solved
+            .iter()
+            .map(|(_, m)| vec![0.0; m.in_dim * m.out_dim])
+            .collect();
+        let mut w_sum = gw_sum.clone();
+        for task in &mut tasks {
+            let t = Instant::now();
+            let block = model_cfg.load_block(backend, &task.ckpt, l)?;
+            timings.model_load += t.elapsed();
+            let mut acc =
+                GramAccumulator::new(backend, layer_sites.to_vec(), params.fusionbench_compat)?;
+            for b in &task.batches {
+                let x = store.read(b.id)?;
+                let mut h = backend.upload(&x, x.len() / layer_sites[0].dim, layer_sites[0].dim)?;
+                drop(x);
+                let run = block_run(model_cfg, b);
+                let mut sink: Option<&mut dyn GramSink<B>> = Some(&mut acc);
+                block.forward(backend, &mut h, &run, 0, &mut sink)?;
+                if !plus_plus {
+                    // The task's own layer makes its next inputs.
+                    store.replace(b.id, backend.download_owned(h)?)?;
+                }
+            }
+            peak_device = peak_device.max(backend.memory_in_use());
+            let grams = acc.finish(task.report.examples)?;
+            if l == 0 {
+                task.report.rows = grams.sites[0].rows;
+            }
+            let t = Instant::now();
+            let reduced: Vec<Vec<f32>> = grams
+                .sites
+                .into_iter()
+                .zip(gram_sum.iter_mut())
+                .map(|(g, sum)| reduce_into(g.gram, sum, g.dim, *ratio, *diag_mult))
+                .collect();
+            for ((si, m), (gw, w)) in layer_solved
+                .iter()
+                .zip(gw_sum.iter_mut().zip(w_sum.iter_mut()))
+            {
+                let weights = linear_in_out(&task.ckpt, m)?;
+                add_weighted(gw, w, &reduced[si - 4 * l], &weights, m.in_dim, m.out_dim);
+            }
+            timings.sums += t.elapsed();
+        }
+
+        let t = Instant::now();
+        let mut merged = HostParams::default();
+        for (((si, m), gw), w) in layer_solved.iter().zip(&gw_sum).zip(&w_sum) {
+            let w_mean: Vec<f32> = w.iter().map(|v| v / k).collect();
+            let (w, outcome) = solve_layer(&gram_sum[si - 4 * l], gw, &w_mean, m.in_dim, m.out_dim);
+            if outcome.is_fallback() {
+                observer.event(Event::Warning(format!(
+                    "{}: {}",
+                    m.weight,
+                    describe(&outcome)
+                )));
+                fallbacks.push((m.weight.clone(), outcome));
+            }
+            // The solve gives [in, out]; nn.Linear stores [out, in].
+            let stored = if m.transposed {
+                transpose(&w, m.in_dim, m.out_dim)
+            } else {
+                w.clone()
+            };
+            write_finite(&mut writer, &m.weight, &stored)?;
+            merged.linear_in_out.insert(m.weight.clone(), w);
+            solved_count += 1;
+            observer.event(Event::Solved { done: solved_count });
+        }
+        for (name, _) in in_group(ParamGroup::Layer(l)) {
+            let mean = average(&tasks, name, k)?;
+            write_finite(&mut writer, name, &mean)?;
+            merged.tensors.insert(name.clone(), mean);
+        }
+        timings.solve += t.elapsed();
+        drop((gram_sum, gw_sum, w_sum));
+
+        if plus_plus && l + 1 < layers {
+            // The merged layer makes every task's next inputs.
+            add_base_values(
+                &mut merged,
+                base,
+                model_cfg,
+                ParamGroup::Layer(l),
+                &keeps_base,
+            )?;
+            let block = model_cfg.load_block(backend, &merged, l)?;
+            for task in &tasks {
+                for b in &task.batches {
+                    let x = store.read(b.id)?;
+                    let mut h =
+                        backend.upload(&x, x.len() / layer_sites[0].dim, layer_sites[0].dim)?;
+                    drop(x);
+                    let run = block_run(model_cfg, b);
+                    block.forward(backend, &mut h, &run, 0, &mut None)?;
+                    store.replace(b.id, backend.download_owned(h)?)?;
+                }
+            }
+        }
+    }
+    timings.grams = t0.elapsed() - timings.solve;
+    let cache = store.stats();
+    drop(store);
+
+    let t2 = Instant::now();
+    for (name, _) in in_group(ParamGroup::Final) {
+        write_finite(&mut writer, name, &average(&tasks, name, k)?)?;
+    }
+    for (t, source) in &plan {
+        match source {
+            Source::Merged => {}
+            Source::Base => write_finite(&mut writer, &t.name, &base.f32(&t.name)?)?,
+            Source::Raw => writer.write_raw(&t.name, base.bytes(&t.name)?)?,
+        }
+    }
+    observer.event(Event::Writing {
+        path: out_dir.final_path(),
+    });
+    let mut files = writer.finish()?;
+    files.extend(write_sidecars(out_dir, base, out_dtype.clone(), cfg)?);
+    let arch = model_cfg.arch();
+    let layers_solved = solved.len();
+    drop(keeps_base);
+    prepared.out_dir.commit()?;
+    timings.write = t2.elapsed();
+    Ok(MergeReport {
+        arch,
+        method: cfg.merge_method,
+        models: tasks.into_iter().map(|t| t.report).collect(),
+        layers_solved,
+        fallbacks,
+        timings,
+        files,
+        peak_device_bytes: peak_device,
+        schedule: Schedule::Layer,
+        activation_cache: Some(cache),
+    })
+}
+
+/// How a block runs on a cached batch.
+fn block_run<'a>(model_cfg: &ModelConfig, b: &'a CachedBatch) -> BlockRun<'a> {
+    match model_cfg {
+        ModelConfig::Gpt2(c) => c.block_run(b.batch, b.seq, b.mask.as_deref()),
+        ModelConfig::Clip(c) => c.block_run(b.batch),
+    }
+}
+
+/// The mean over the tasks of parameter `name`, summed in task order.
+fn average(tasks: &[Task], name: &str, k: f32) -> Result<Vec<f32>> {
+    let mut sum = tasks[0].ckpt.f32(name)?;
+    for t in &tasks[1..] {
+        add_assign(&mut sum, &t.ckpt.f32(name)?);
+    }
+    sum.iter_mut().for_each(|v| *v /= k);
+    Ok(sum)
+}
+
+/// Adds the base model's values of the parameters of `group` that keep them, so that
+/// `merged` holds the whole part as the merged model will have it.
+fn add_base_values(
+    merged: &mut HostParams,
+    base: &Checkpoint,
+    model_cfg: &ModelConfig,
+    group: ParamGroup,
+    keeps_base: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let linear: BTreeMap<String, LinearModule> = model_cfg
+        .sites()
+        .into_iter()
+        .flat_map(|s: Site| s.modules)
+        .map(|m| (m.weight.clone(), m))
+        .collect();
+    for (name, _) in model_cfg.expected_shapes() {
+        if model_cfg.group_of(&name) != group || !keeps_base(&name) {
+            continue;
+        }
+        match linear.get(&name) {
+            Some(m) => {
+                merged.linear_in_out.insert(name, linear_in_out(base, m)?);
+            }
+            None => {
+                let v = base.f32(&name)?;
+                merged.tensors.insert(name, v);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The spill file of the activation caches: a hidden sibling of the output.
+fn spill_path(out: &std::path::Path) -> PathBuf {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "merged".into());
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    parent.join(format!(".{name}.activations-{}", std::process::id()))
+}

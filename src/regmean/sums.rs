@@ -1,0 +1,54 @@
+//! The host-side running sums of a RegMean solve: Σ G'ᵢ per site, Σ G'ᵢWᵢ and Σ Wᵢ per
+//! solved module, each model folded in as it comes (both schedules share these steps).
+
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// G' = r·G off the diagonal, `diag_mult`·G on it (FusionBench's `reduce_non_diagonal`),
+/// in place in the `[d, d]` Gram `g`, and `sum += G'`. Returns G'.
+pub(crate) fn reduce_into(
+    mut g: Vec<f32>,
+    sum: &mut [f32],
+    d: usize,
+    ratio: f32,
+    diag_mult: f32,
+) -> Vec<f32> {
+    g.par_chunks_mut(d.max(1))
+        .zip(sum.par_chunks_mut(d.max(1)))
+        .enumerate()
+        .for_each(|(i, (row, sum_row))| {
+            for (j, (v, s)) in row.iter_mut().zip(sum_row).enumerate() {
+                *v *= if i == j { diag_mult } else { ratio };
+                *s += *v;
+            }
+        });
+    g
+}
+
+/// `gw_sum += G'·W` (in the product's own GEMM) and `w_sum += W`, W `[d_in, d_out]`.
+pub(crate) fn add_weighted(
+    gw_sum: &mut [f32],
+    w_sum: &mut [f32],
+    reduced: &[f32],
+    weights: &[f32],
+    d_in: usize,
+    d_out: usize,
+) {
+    matmul(
+        MatMut::from_row_major_slice_mut(gw_sum, d_in, d_out),
+        Accum::Add,
+        MatRef::from_row_major_slice(reduced, d_in, d_in),
+        MatRef::from_row_major_slice(weights, d_in, d_out),
+        1.0,
+        Par::rayon(0),
+    );
+    add_assign(w_sum, weights);
+}
+
+/// `sum += v`, element-wise.
+pub(crate) fn add_assign(sum: &mut [f32], v: &[f32]) {
+    sum.par_chunks_mut(1 << 14)
+        .zip(v.par_chunks(1 << 14))
+        .for_each(|(s, v)| s.iter_mut().zip(v).for_each(|(s, v)| *s += v));
+}
