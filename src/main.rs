@@ -747,7 +747,7 @@ fn inspect(path: &Path) -> Result<()> {
             text,
             "{}: {} checkpoint, backbone tensors (canonical names):",
             path.display(),
-            ckpt.arch().name()
+            ckpt.arch().title()
         );
         for name in ckpt.names() {
             let e = ckpt.entry(name)?;

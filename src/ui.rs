@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use regmean_gpu::io::Arch;
 use regmean_gpu::progress::{Event, Observer};
 use regmean_gpu::regmean::{self, MergeReport};
 
@@ -188,14 +187,6 @@ impl regmean_gpu::demo::Say for Ui {
     }
 }
 
-/// An architecture as users name it.
-pub fn arch_title(arch: Arch) -> &'static str {
-    match arch {
-        Arch::Gpt2 => "GPT-2",
-        Arch::ClipVision => "CLIP vision",
-    }
-}
-
 /// "1 model", "4 models".
 pub fn count(n: usize, what: &str) -> String {
     format!("{n} {what}{}", if n == 1 { "" } else { "s" })
@@ -262,7 +253,7 @@ pub fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
     }
     ui.result(&format!(
         "merged {} ({}) into {}",
-        count(r.models.len(), &format!("{} model", arch_title(r.arch))),
+        count(r.models.len(), &format!("{} model", r.arch.title())),
         r.method.title(),
         out.display()
     ));

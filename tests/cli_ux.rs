@@ -186,6 +186,20 @@ fn messages_use_the_names_users_know() {
     for leaked in ["SimpleAverage", "Regmean", "gpt2 models"] {
         assert!(!out.contains(leaked) && !err.contains(leaked), "{leaked}");
     }
+    // A CLIP task model in a GPT-2 pool.
+    common::copy_dir(
+        &fixtures().join("clip_pool/task_a"),
+        &pool.path("clip_task"),
+    );
+    std::fs::write(
+        pool.path("mixed.yaml"),
+        cfg.replace("- model: ./task_c", "- model: ./clip_task"),
+    )
+    .unwrap();
+    assert_mentions(
+        &pool.merge_fails("mixed.yaml"),
+        &["clip_task", "is a CLIP vision model", "is GPT-2"],
+    );
 }
 
 #[test]

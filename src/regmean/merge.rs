@@ -424,9 +424,9 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
             ckpt.dir(),
             format!(
                 "is a {} model but the base model {} is {}",
-                ckpt.arch().name(),
+                ckpt.arch().title(),
                 base.dir().display(),
-                base.arch().name()
+                base.arch().title()
             ),
         ));
     }
