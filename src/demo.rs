@@ -296,7 +296,7 @@ fn make_classifier(
     data_dir: &Path,
     t: usize,
     config: &serde_json::Value,
-    mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     held_out: &[Vec<u32>],
 ) -> Result<()> {
     let d = DEMO_WIDTH;
@@ -329,7 +329,7 @@ fn make_classifier(
         .collect();
     write_jsonl(&eval_path, held_out, Some(&labels))?;
 
-    let mut classifier: BTreeMap<String, (Vec<usize>, Vec<f32>)> = std::mem::take(&mut tensors)
+    let mut classifier: BTreeMap<String, (Vec<usize>, Vec<f32>)> = tensors
         .into_iter()
         .map(|(name, v)| (format!("transformer.{name}"), v))
         .collect();

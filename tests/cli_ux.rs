@@ -304,15 +304,31 @@ fn forward_takes_the_max_length_its_hint_names() {
     let dir = fixtures().join("gpt2_forward");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("h.safetensors");
-    let (code, _, err) = run(&[
-        "forward",
-        dir.join("model").to_str().unwrap(),
-        dir.join("inputs.jsonl").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--max-length",
-        "3",
-    ]);
+    // 40 tokens for a model of 32 positions: the hint names --max-length, which truncates.
+    let long = tmp.path().join("long.jsonl");
+    let ids: Vec<String> = (0..40).map(|i| (i % 90).to_string()).collect();
+    std::fs::write(&long, format!("{{\"input_ids\": [{}]}}\n", ids.join(","))).unwrap();
+    let forward = |max_length: &str| {
+        run(&[
+            "forward",
+            dir.join("model").to_str().unwrap(),
+            long.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--max-length",
+            max_length,
+        ])
+    };
+    let (code, _, err) = forward("100");
+    assert_eq!(code, Some(1), "{err}");
+    assert_mentions(
+        &err,
+        &[
+            "40 tokens exceed the model's n_positions 32",
+            "--max-length",
+        ],
+    );
+    let (code, _, err) = forward("3");
     assert_eq!(code, Some(0), "{err}");
     let f = regmean_gpu::io::SafetensorsFile::open(&out).unwrap();
     let shape = &f.tensors()["last_hidden_state"].shape;
