@@ -44,7 +44,8 @@ pub enum Event<'a> {
     Writing {
         path: &'a std::path::Path,
     },
-    /// Evaluation: the data of task `index` (of `total`) is being read and checked.
+    /// Evaluation: the data of task `index` (of `total`) is being read and checked, before
+    /// any task is evaluated or as its evaluation starts.
     EvalCheck {
         index: usize,
         total: usize,

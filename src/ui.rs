@@ -160,7 +160,7 @@ impl Observer for Ui {
                 ));
             }
             Event::EvalCheck { index, total, name } => {
-                let msg = format!("checking evaluation data: {name}");
+                let msg = format!("reading evaluation data: {name}");
                 self.new_bar(total as u64, index as u64, msg, Unit::Items);
             }
             Event::EvalStart {

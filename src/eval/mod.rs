@@ -141,6 +141,15 @@ struct TaskProgress<'a> {
 }
 
 impl TaskProgress<'_> {
+    /// The task's data is being read (tokenising a large set takes seconds).
+    fn reading(&self, task: &EvalTask) {
+        self.observer.event(Event::EvalCheck {
+            index: self.index,
+            total: self.total,
+            name: &task.name,
+        });
+    }
+
     fn start(&self, task: &EvalTask, examples: usize) {
         self.observer.event(Event::EvalStart {
             index: self.index,
@@ -269,6 +278,7 @@ fn eval_gpt2<B: Backend>(
     opts: &EvalOptions,
     progress: &TaskProgress<'_>,
 ) -> Result<TaskAccuracy> {
+    progress.reading(task);
     let head_dir = gpt2_head(task)?;
     let ModelConfig::Gpt2(gpt2) = config else {
         unreachable!("called for GPT-2 only")
@@ -488,6 +498,7 @@ impl<B: Backend> ZeroShot<B> {
         opts: &EvalOptions,
         progress: &TaskProgress<'_>,
     ) -> Result<TaskAccuracy> {
+        progress.reading(task);
         let spec = zero_shot_spec(task)?;
         let labelled = open_labelled(&task.data, &[model_dir, &self.base_dir], opts.max_length)?;
         let Model::Clip(vision) = model else {
