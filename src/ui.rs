@@ -217,19 +217,31 @@ pub fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
             eprintln!("  {:<33}  {:>8}  {:>10}", m.name, ex, m.rows);
         }
         let t = &r.timings;
+        let solve = if r.layers_solved > 0 {
+            format!(
+                "solve {:.2}s ({}) · write {:.2}s after the solve",
+                t.solve.as_secs_f64(),
+                count(r.layers_solved, "layer"),
+                t.write.as_secs_f64()
+            )
+        } else {
+            format!("write {:.2}s", (t.solve + t.write).as_secs_f64())
+        };
         eprintln!(
-            "\n  forward + Grams {:.2}s · solve {:.2}s ({}) · write {:.2}s after the solve · peak memory {}",
+            "\n  forward + Grams {:.2}s · {solve} · peak memory {}",
             t.grams.as_secs_f64(),
-            t.solve.as_secs_f64(),
-            count(r.layers_solved, "layer"),
-            t.write.as_secs_f64(),
             regmean_gpu::peak_rss_bytes().map_or("n/a".into(), human_bytes)
         );
         // The writer runs alongside the solve: its own time is not a phase of the merge.
         eprintln!(
-            "  the writer worked {:.2}s on {} of tensors, alongside the solve and after it",
+            "  the writer worked {:.2}s on {} of tensors{}",
             t.writer_busy.as_secs_f64(),
-            human_bytes(r.tensor_bytes)
+            human_bytes(r.tensor_bytes),
+            if r.layers_solved > 0 {
+                ", alongside the solve and after it"
+            } else {
+                ""
+            }
         );
         if ui.verbose > 0 {
             eprintln!(
