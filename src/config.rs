@@ -26,6 +26,15 @@ impl MergeMethod {
     pub fn uses_grams(self) -> bool {
         self != MergeMethod::SimpleAverage
     }
+
+    /// The method's name in messages and model cards.
+    pub fn title(self) -> &'static str {
+        match self {
+            MergeMethod::Regmean => "RegMean",
+            MergeMethod::RegmeanPlusplus => "RegMean++",
+            MergeMethod::SimpleAverage => "simple average",
+        }
+    }
 }
 
 /// In which order a RegMean merge goes through the models and their layers.
@@ -205,6 +214,18 @@ pub struct MergeConfig {
 impl MergeConfig {
     /// Reads and validates a config; relative paths are taken relative to the config file.
     pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let hint = ["merge.yaml", "merge.yml"]
+                .iter()
+                .map(|f| path.join(f))
+                .find(|p| p.is_file())
+                .map(|p| format!(" (did you mean {}?)", p.display()))
+                .unwrap_or_default();
+            return Err(Error::file(
+                path,
+                format!("is a folder, not a merge config: give the YAML file{hint}"),
+            ));
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::parse(&text, path)
     }
@@ -212,7 +233,7 @@ impl MergeConfig {
     /// Parses and validates config text that was read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut cfg: MergeConfig =
-            serde_yaml::from_str(text).map_err(|e| Error::config(path, e.to_string()))?;
+            serde_yaml::from_str(text).map_err(|e| Error::config(path, yaml_message(text, &e)))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let resolve = |p: &Path| {
             // Drop `.` components so messages show `pool/task_a`, not `pool/./task_a`.
@@ -310,6 +331,61 @@ impl MergeConfig {
     }
 }
 
+/// A YAML parse error in the terms of the config file: the line, and a key without its `:`
+/// named as such (serde reports a plain string where a mapping was expected, in terms of the
+/// Rust types it was filling).
+fn yaml_message(text: &str, e: &serde_yaml::Error) -> String {
+    let msg = e.to_string();
+    let line = e.location().map(|l| l.line());
+    if let Some((field, rest)) = msg.split_once("invalid type: string \"") {
+        if let Some((value, _)) = rest.split_once("\", expected struct ") {
+            // A plain scalar that runs over several lines is folded into one string: the line
+            // it starts on is the one missing its `:`.
+            let line = line.or_else(|| {
+                text.lines()
+                    .position(|l| {
+                        let l = l.trim().trim_start_matches("- ").trim();
+                        !l.is_empty() && value.starts_with(l)
+                    })
+                    .map(|i| i + 1)
+            });
+            let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+            let place = field.trim_end_matches(": ");
+            let place = if place.is_empty() {
+                String::new()
+            } else {
+                format!(" (in `{place}`)")
+            };
+            let shown: String = value.chars().take(40).collect();
+            return format!(
+                "{at}`{shown}` is a plain value where `key: value` pairs are expected{place}: is a `:` missing after the key?"
+            );
+        }
+    }
+    // `key value` where `key: value` was meant, inside a mapping: the scanner names the line.
+    if let Some((_, rest)) = msg.split_once("while scanning a simple key at line ") {
+        let line: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        return format!("line {line}: a key without its `:` ({msg})");
+    }
+    let named = [
+        (
+            "struct MergeConfig",
+            "the config's keys (merge_method, base_model, models, ...)",
+        ),
+        (
+            "struct ModelEntry",
+            "a model entry (`model: PATH` with `data:` or `grams:`)",
+        ),
+        ("struct Parameters", "the `parameters` keys"),
+    ]
+    .iter()
+    .fold(msg, |m, (from, to)| m.replace(from, to));
+    match line {
+        Some(l) if !named.contains(" at line ") => format!("line {l}: {named}"),
+        _ => named,
+    }
+}
+
 /// `exclude_param_names_regex` with Python `re.match` semantics: a pattern matches when it
 /// matches at the start of the name (not necessarily the whole name).
 #[derive(Clone, Debug, Default)]
@@ -334,6 +410,13 @@ impl ExcludeSet {
 
     pub fn excludes(&self, name: &str) -> bool {
         self.patterns.iter().any(|r| r.is_match(name))
+    }
+
+    /// The indices of the patterns that match none of `names`.
+    pub fn unmatched(&self, names: &[String]) -> Vec<usize> {
+        (0..self.patterns.len())
+            .filter(|&i| !names.iter().any(|n| self.patterns[i].is_match(n)))
+            .collect()
     }
 }
 
@@ -370,6 +453,44 @@ mod tests {
         std::fs::write(&p, "merge_method: regmean\nbase_model: b\nmodels:\n - model: a\n   data: d.jsonl\nparameters: {num_regmean_exampels: 3}\n").unwrap();
         let e = MergeConfig::load(&p).unwrap_err().to_string();
         assert!(e.contains("unknown field `num_regmean_exampels`"), "{e}");
+    }
+
+    #[test]
+    fn yaml_mistakes_are_told_in_yaml_terms_with_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.yaml");
+        let err = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            MergeConfig::load(&p).unwrap_err().to_string()
+        };
+        let e = err("merge_method regmean\nbase_model: b\nmodels:\n  - model: a\n");
+        assert!(
+            e.contains("line 1:") && e.contains("is a `:` missing"),
+            "{e}"
+        );
+        assert!(!e.contains("struct"), "{e}");
+        let e = err("merge_method: regmean\nbase_model: b\nmodels:\n  - model a\n    data: x\n");
+        assert!(
+            e.contains("line 4") && e.contains("is a `:` missing"),
+            "{e}"
+        );
+        assert!(e.contains("models[0]") && !e.contains("struct"), "{e}");
+        let e = err("merge_method: regmean\nbase_model: b\nmodels:\n  - model: a\n    data x\n");
+        assert!(e.contains("line 5: a key without its `:`"), "{e}");
+        let e = err("- a\n- b\n");
+        assert!(
+            e.contains("the config's keys") && !e.contains("struct"),
+            "{e}"
+        );
+        let e = MergeConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is a folder, not a merge config"), "{e}");
+        assert!(!e.contains("did you mean"), "{e}");
+        std::fs::write(dir.path().join("merge.yaml"), "x").unwrap();
+        let e = MergeConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("did you mean") && e.contains("merge.yaml"),
+            "{e}"
+        );
     }
 
     #[test]

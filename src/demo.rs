@@ -6,7 +6,9 @@
 //! task t is changed only along the directions in which task t's inputs carry more energy
 //! than the other tasks' (top eigenvectors of Gₜ − mean of the other G). Averaging dilutes
 //! each task's change K-fold; RegMean, which weighs each model by its own Gram, recovers
-//! most of it. The demo measures exactly that on held-out task data.
+//! most of it. The demo measures exactly that on held-out task data: how far the merged
+//! models' outputs are from each task model's, and the accuracy of each task's
+//! classification head on them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,14 +17,14 @@ use faer::{Mat, Side};
 
 use crate::backend::{Backend, CpuBackend};
 use crate::config::{MergeConfig, MergeMethod, Parameters};
-use crate::data::{Dataset, SplitMix64};
+use crate::data::{for_each_batch, Dataset, SplitMix64};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_file, OutTensor, TensorData};
 use crate::io::writer::write_model_tensors;
 use crate::io::{Checkpoint, Dtype};
 use crate::model::{Batch, ForwardHooks, Model, ModelConfig};
 use crate::progress::Observer;
-use crate::regmean::gram::{batch_of, compute_grams};
+use crate::regmean::gram::{batch_of, check_data, compute_grams};
 use crate::regmean::{merge, MergeOptions};
 
 /// An observer that can also print plain lines.
@@ -120,16 +122,30 @@ fn random_model(cfg: &ModelConfig, rng: &mut Rng) -> BTreeMap<String, (Vec<usize
         .collect()
 }
 
-fn write_jsonl(path: &Path, seqs: &[Vec<u32>]) -> Result<()> {
+/// Token-id examples as JSON Lines, each with its label when there are labels.
+fn write_jsonl(path: &Path, seqs: &[Vec<u32>], labels: Option<&[usize]>) -> Result<()> {
     let text: String = seqs
         .iter()
-        .map(|s| format!("{}\n", serde_json::json!({ "input_ids": s })))
+        .enumerate()
+        .map(|(i, s)| {
+            let line = match labels {
+                Some(l) => serde_json::json!({ "input_ids": s, "label": l[i] }),
+                None => serde_json::json!({ "input_ids": s }),
+            };
+            format!("{line}\n")
+        })
         .collect();
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
 const DEMO_TASKS: usize = 4;
 const DEMO_TOKENS_PER_TASK: usize = 120;
+const DEMO_WIDTH: usize = 64;
+/// Examples per task: for the Grams, and held out for the comparisons.
+const DEMO_EXAMPLES: usize = 128;
+const DEMO_HELD_OUT: usize = 128;
+/// The examples of one forward pass, in the demo and in its merge config.
+const DEMO_BATCH: usize = 32;
 
 fn demo_gpt2_config() -> serde_json::Value {
     serde_json::json!({
@@ -162,7 +178,7 @@ pub fn build_demo_pool(dir: &Path) -> Result<PathBuf> {
     // Each task's tokens embed mostly in a block of dimensions of its own, so tasks excite
     // different input directions throughout the network.
     let (_, wte) = base.get_mut("wte.weight").expect("wte");
-    let (d, block) = (64, 64 / DEMO_TASKS);
+    let (d, block) = (DEMO_WIDTH, DEMO_WIDTH / DEMO_TASKS);
     for (tok, row) in wte.chunks_mut(d).enumerate() {
         let task = tok / DEMO_TOKENS_PER_TASK;
         for (i, v) in row.iter_mut().enumerate() {
@@ -173,21 +189,20 @@ pub fn build_demo_pool(dir: &Path) -> Result<PathBuf> {
     write_checkpoint(&base_dir, &config, &base)?;
     let data_dir = dir.join("data");
     std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(&data_dir, e))?;
+    let mut held_out = Vec::with_capacity(DEMO_TASKS);
     for t in 0..DEMO_TASKS {
         write_jsonl(
             &data_dir.join(format!("task_{t}.jsonl")),
-            &task_sequences(t, 128, &mut rng),
+            &task_sequences(t, DEMO_EXAMPLES, &mut rng),
+            None,
         )?;
-        write_jsonl(
-            &data_dir.join(format!("task_{t}.eval.jsonl")),
-            &task_sequences(t, 32, &mut rng),
-        )?;
+        held_out.push(task_sequences(t, DEMO_HELD_OUT, &mut rng));
     }
 
     // The base model's Grams on each task's data locate each task's input subspaces.
     let params = Parameters {
-        num_regmean_examples: 128,
-        batch_size: 32,
+        num_regmean_examples: DEMO_EXAMPLES,
+        batch_size: DEMO_BATCH,
         shuffle: false,
         ..Parameters::default()
     };
@@ -219,12 +234,7 @@ pub fn build_demo_pool(dir: &Path) -> Result<PathBuf> {
                     .sum();
                 own - rest / others
             });
-            let eig = contrast
-                .self_adjoint_eigen(Side::Lower)
-                .map_err(|e| Error::Numerical(format!("demo eigendecomposition: {e:?}")))?;
-            let (u, s) = (eig.U(), eig.S().column_vector());
-            let mut order: Vec<usize> = (0..d).collect();
-            order.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap_or(std::cmp::Ordering::Equal));
+            let (u, order) = eigen_descending(&contrast)?;
             let rank = d / 8;
             for m in &site.modules {
                 let (_, w) = task.get_mut(&m.weight).expect("backbone weight");
@@ -246,17 +256,167 @@ pub fn build_demo_pool(dir: &Path) -> Result<PathBuf> {
                 }
             }
         }
-        write_checkpoint(&dir.join(format!("task_{t}")), &config, &task)?;
+        let task_dir = dir.join(format!("task_{t}"));
+        write_checkpoint(&task_dir, &config, &task)?;
+        make_classifier(
+            &task_dir,
+            &base_dir,
+            &data_dir,
+            t,
+            &config,
+            task,
+            &held_out[t],
+        )?;
     }
     let models: String = (0..DEMO_TASKS)
-        .map(|t| format!("  - model: ./task_{t}\n    data: ./data/task_{t}.jsonl\n"))
+        .map(|t| {
+            format!(
+                "  - model: ./task_{t}\n    data: ./data/task_{t}.jsonl\n    eval_data: ./data/task_{t}.eval.jsonl\n"
+            )
+        })
         .collect();
     let yaml = format!(
-        "# A synthetic pool built by `regmean-gpu demo --keep`: merge it with\n#   regmean-gpu merge merge.yaml merged\nmerge_method: regmean\nbase_model: ./base\nmodels:\n{models}parameters:\n  num_regmean_examples: 128\n  batch_size: 32\n  reduce_non_diagonal_ratio: 0.9\n  exclude_param_names_regex: []\n  fusionbench_compat: false\n  max_length: 64\n  seed: 0\n  shuffle: true\nout_dtype: float32\n"
+        "# A synthetic pool built by `regmean-gpu demo --keep`: merge it, and compare the\n# accuracy of its task heads on the merge and on the simple average, with\n#   regmean-gpu merge merge.yaml merged --eval --compare-average\nmerge_method: regmean\nbase_model: ./base\nmodels:\n{models}parameters:\n  num_regmean_examples: {DEMO_EXAMPLES}\n  batch_size: {DEMO_BATCH}\n  reduce_non_diagonal_ratio: 0.9\n  exclude_param_names_regex: []\n  fusionbench_compat: false\n  max_length: 64\n  seed: 0\n  shuffle: true\nout_dtype: float32\n"
     );
     let cfg_path = dir.join("merge.yaml");
     std::fs::write(&cfg_path, yaml).map_err(|e| Error::io(&cfg_path, e))?;
     Ok(cfg_path)
+}
+
+/// Makes the task model in `task_dir` a classifier, as FusionBench's GPT-2 task models are:
+/// a `GPT2ForSequenceClassification` checkpoint (`transformer.`-prefixed names) with a
+/// two-class `score` head, and labelled held-out data. The head tells apart the task's
+/// examples along the direction in which the task model's pooled states moved away from the
+/// base model's the most, against the base's own spread there; the labels are the task
+/// model's own predictions, so the task model is the reference a merge should keep (100% by
+/// construction) and the base model, blind to the change, is near chance.
+fn make_classifier(
+    task_dir: &Path,
+    base_dir: &Path,
+    data_dir: &Path,
+    t: usize,
+    config: &serde_json::Value,
+    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    held_out: &[Vec<u32>],
+) -> Result<()> {
+    let d = DEMO_WIDTH;
+    let train = Dataset::open(&data_dir.join(format!("task_{t}.jsonl")))?;
+    let task_states = pooled_states(task_dir, &train)?;
+    let base_states = pooled_states(base_dir, &train)?;
+    let u = head_direction(&task_states, &base_states, d)?;
+    // Class 0 reads +u, class 1 reads −u: the sign of u·h decides.
+    let score: Vec<f32> = u
+        .iter()
+        .map(|&v| v as f32)
+        .chain(u.iter().map(|&v| -v as f32))
+        .collect();
+
+    let eval_path = data_dir.join(format!("task_{t}.eval.jsonl"));
+    write_jsonl(&eval_path, held_out, None)?;
+    let states = pooled_states(task_dir, &Dataset::open(&eval_path)?)?;
+    // As evaluation computes the logits and takes their first maximum.
+    let labels: Vec<usize> = states
+        .chunks(d)
+        .map(|h| {
+            let logit = |k: usize| -> f32 {
+                h.iter()
+                    .zip(&score[k * d..(k + 1) * d])
+                    .map(|(a, b)| a * b)
+                    .sum()
+            };
+            usize::from(logit(1) > logit(0))
+        })
+        .collect();
+    write_jsonl(&eval_path, held_out, Some(&labels))?;
+
+    let mut classifier: BTreeMap<String, (Vec<usize>, Vec<f32>)> = tensors
+        .into_iter()
+        .map(|(name, v)| (format!("transformer.{name}"), v))
+        .collect();
+    classifier.insert("score.weight".into(), (vec![2, d], score));
+    let mut config = config.clone();
+    config["architectures"] = serde_json::json!(["GPT2ForSequenceClassification"]);
+    config["id2label"] = serde_json::json!({"0": "LABEL_0", "1": "LABEL_1"});
+    config["label2id"] = serde_json::json!({"LABEL_0": 0, "LABEL_1": 1});
+    // Rewrites the backbone-only files written above.
+    write_checkpoint(task_dir, &config, &classifier)
+}
+
+/// The unit direction, orthogonal to the task model's mean pooled state (so that the two
+/// classes come out about even), along which the task model's change of the pooled states
+/// varies the most against the base model's own variation (the top eigenvector of the
+/// difference of their covariances). States are `[n, d]`.
+fn head_direction(task: &[f32], base: &[f32], d: usize) -> Result<Vec<f64>> {
+    let n = task.len() / d;
+    let change: Vec<f64> = task.iter().zip(base).map(|(a, b)| (a - b) as f64).collect();
+    let base: Vec<f64> = base.iter().map(|&v| v as f64).collect();
+    let mean = |x: &[f64]| -> Vec<f64> {
+        (0..d)
+            .map(|j| x.chunks(d).map(|r| r[j]).sum::<f64>() / n as f64)
+            .collect()
+    };
+    let covariance = |x: &[f64]| -> Mat<f64> {
+        let m = mean(x);
+        Mat::from_fn(d, d, |i, j| {
+            x.chunks(d)
+                .map(|r| (r[i] - m[i]) * (r[j] - m[j]))
+                .sum::<f64>()
+                / n as f64
+        })
+    };
+    let (c_change, c_base) = (covariance(&change), covariance(&base));
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    // The part of `v` orthogonal to `others` (unit vectors), at unit length.
+    let orthogonal = |mut v: Vec<f64>, others: &[&[f64]]| {
+        for o in others {
+            let p = dot(&v, o);
+            v.iter_mut().zip(o.iter()).for_each(|(x, y)| *x -= p * y);
+        }
+        let norm = dot(&v, &v).sqrt().max(1e-30);
+        v.iter_mut().for_each(|x| *x /= norm);
+        v
+    };
+    let task_states: Vec<f64> = task.iter().map(|&v| v as f64).collect();
+    let centre = orthogonal(mean(&task_states), &[]);
+    let (u, order) = eigen_descending(&(&c_change - &c_base))?;
+    let top = (0..d).map(|i| u[(i, order[0])]).collect();
+    Ok(orthogonal(top, &[&centre]))
+}
+
+/// The eigenvectors of a symmetric matrix (columns) and their order by descending eigenvalue.
+fn eigen_descending(m: &Mat<f64>) -> Result<(Mat<f64>, Vec<usize>)> {
+    let eig = m
+        .self_adjoint_eigen(Side::Lower)
+        .map_err(|e| Error::Numerical(format!("demo eigendecomposition: {e:?}")))?;
+    let s = eig.S().column_vector();
+    let mut order: Vec<usize> = (0..m.nrows()).collect();
+    order.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap_or(std::cmp::Ordering::Equal));
+    Ok((eig.U().to_owned(), order))
+}
+
+/// The pooled (last real token) final hidden state of every example of a data set, `[n, d]`,
+/// batched as evaluation batches them.
+fn pooled_states(model_dir: &Path, data: &Dataset) -> Result<Vec<f32>> {
+    let ckpt = Checkpoint::open(model_dir)?;
+    let cfg = ModelConfig::from_checkpoint(&ckpt)?;
+    let model = Model::load(&CpuBackend, &ckpt)?;
+    let params = Parameters {
+        batch_size: DEMO_BATCH,
+        ..Parameters::default()
+    };
+    let padding = check_data(&cfg, data, &params)?;
+    let indices: Vec<usize> = (0..data.len()).collect();
+    let mut states = Vec::with_capacity(data.len() * DEMO_WIDTH);
+    for_each_batch(data, &indices, DEMO_BATCH, padding, |_, batch| {
+        let out = model.forward(&CpuBackend, &batch, ForwardHooks::default())?;
+        let hidden = CpuBackend.download(&out.last_hidden)?;
+        let d = CpuBackend.shape(&out.last_hidden).1;
+        for h in crate::eval::last_token_states(&batch, &hidden, d, padding.pad_id) {
+            states.extend_from_slice(h);
+        }
+        Ok(())
+    })?;
+    Ok(states)
 }
 
 /// Final hidden states of the real (non-padding) tokens of every example of a data file.
@@ -336,7 +496,7 @@ pub fn run_demo(keep: Option<&Path>, ui: &dyn Say) -> Result<()> {
             merge_method: method,
             ..cfg.clone()
         };
-        ui.say(&format!("merging with {method:?}"));
+        ui.say(&format!("merging by {}", method.title()));
         merge(&CpuBackend, &cfg, &out, &MergeOptions::default(), ui)?;
         results.push(out);
     }
@@ -366,9 +526,37 @@ pub fn run_demo(keep: Option<&Path>, ui: &dyn Say) -> Result<()> {
         sum_avg / k,
         sum_reg / k
     );
+    ui.say("\nAccuracy (%) of each task's classification head on held-out labelled data");
+    ui.say("(the labels are the task model's own predictions: the task model scores 100):\n");
+    let tasks = crate::eval::tasks_from_config(&cfg)?;
+    let opts = crate::eval::EvalOptions {
+        batch_size: cfg.parameters.batch_size,
+        max_length: cfg.parameters.max_length,
+        base: None,
+    };
+    let silent = &crate::progress::Silent;
+    let accuracy = |model: &Path| crate::eval::evaluate(&CpuBackend, model, &tasks, &opts, silent);
+    let (base, average, regmean) = (
+        accuracy(&cfg.base_model)?,
+        accuracy(&results[0])?,
+        accuracy(&results[1])?,
+    );
+    print!(
+        "{}",
+        crate::eval::format_table(&[
+            ("base", &base),
+            (MergeMethod::SimpleAverage.title(), &average),
+            (MergeMethod::Regmean.title(), &regmean),
+        ])
+    );
     ui.say(&format!("\ndone in {:.1}s", t0.elapsed().as_secs_f64()));
     if keep.is_some() {
-        ui.say(&format!("the pool, merge.yaml and both merged models are in {}; try:\n  regmean-gpu merge {} {}", dir.display(), cfg_path.display(), dir.join("merged_again").display()));
+        ui.say(&format!(
+            "the pool, merge.yaml and both merged models are in {}; try:\n  regmean-gpu merge {} {} --eval --compare-average",
+            dir.display(),
+            cfg_path.display(),
+            dir.join("merged_again").display()
+        ));
     }
     Ok(())
 }
@@ -379,13 +567,21 @@ pub fn forward_to_file<B: Backend>(
     model_dir: &Path,
     data_path: &Path,
     examples: usize,
+    max_length: usize,
     out: crate::io::StagedOutput,
 ) -> Result<()> {
     let ckpt = Checkpoint::open(model_dir)?;
     let cfg = ModelConfig::from_checkpoint(&ckpt)?;
-    let data = Dataset::open_for_model(data_path, &[model_dir], Parameters::default().max_length)?;
+    let params = Parameters {
+        max_length,
+        ..Parameters::default()
+    };
+    if max_length == 0 {
+        return Err(Error::invalid("--max-length must be at least 1"));
+    }
+    let data = Dataset::open_for_model(data_path, &[model_dir], max_length)?;
     let indices: Vec<usize> = (0..examples.min(data.len())).collect();
-    let batch = batch_of(&cfg, &data, &Parameters::default(), &indices)?;
+    let batch = batch_of(&cfg, &data, &params, &indices)?;
     let model = Model::load(backend, &ckpt)?;
     let o = model.forward(backend, &batch, ForwardHooks::default())?;
     let hidden = backend.download(&o.last_hidden)?;
@@ -517,7 +713,7 @@ pub fn synth(a: &SynthArgs, ui: &dyn Say) -> Result<()> {
                         .collect()
                 })
                 .collect();
-            write_jsonl(&p, &seqs)?;
+            write_jsonl(&p, &seqs, None)?;
             p
         } else {
             let p = data_dir.join(format!("task_{t}.safetensors"));

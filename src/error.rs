@@ -73,4 +73,42 @@ impl Error {
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::Invalid(msg.into())
     }
+
+    /// The same error, with a path inside `from` named as the same path inside `to`: work
+    /// done in a hidden temporary folder is reported at the output path the user gave.
+    pub fn relocated(self, from: &Path, to: &Path) -> Self {
+        let moved = |path: PathBuf| match path.strip_prefix(from) {
+            Ok(rest) if rest.as_os_str().is_empty() => to.to_path_buf(),
+            Ok(rest) => to.join(rest),
+            Err(_) => path,
+        };
+        match self {
+            Error::File { path, msg } => Error::File {
+                path: moved(path),
+                msg,
+            },
+            Error::Io { path, source } => Error::Io {
+                path: moved(path),
+                source,
+            },
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relocated_names_the_path_inside_the_other_folder() {
+        let tmp = Path::new("out/.merged.partial-12");
+        let e = Error::io(tmp.join("config.json"), std::io::Error::other("disk full"));
+        let shown = e.relocated(tmp, Path::new("out/merged")).to_string();
+        assert_eq!(shown, "out/merged/config.json: disk full");
+        let e = Error::file("elsewhere/x", "bad").relocated(tmp, Path::new("out/merged"));
+        assert_eq!(e.to_string(), "elsewhere/x: bad");
+        let e = Error::file(tmp, "bad").relocated(tmp, Path::new("out/merged"));
+        assert_eq!(e.to_string(), "out/merged: bad");
+    }
 }

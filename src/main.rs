@@ -1,19 +1,19 @@
 //! The `regmean-gpu` command line.
 
-use std::cell::RefCell;
+mod ui;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use regmean_gpu::backend::cuda::{self, DeviceChoice};
 use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
 use regmean_gpu::config::{MergeConfig, Parameters};
 use regmean_gpu::io::{Inputs, StagedOutput};
-use regmean_gpu::progress::{Event, Observer};
 use regmean_gpu::regmean::{self, MergeOptions, MergeReport};
 use regmean_gpu::{Error, Result};
+use ui::Ui;
 
 #[derive(Parser)]
 #[command(name = "regmean-gpu", version, about = "Merge fine-tuned transformer checkpoints with RegMean", long_about = None)]
@@ -24,8 +24,8 @@ struct Cli {
     /// More detail (per-layer solve outcomes, timings)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Worker threads for the CPU engine (default: all cores)
-    #[arg(long, global = true)]
+    /// Worker threads for the CPU engine, at least 1 (default: all cores)
+    #[arg(long, global = true, value_parser = parse_threads)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -38,7 +38,10 @@ enum Command {
     /// Compute one model's Gram statistics over its data and write them to a file
     Grams(GramsArgs),
     /// List the tensors (and metadata) of a checkpoint directory, safetensors or Gram file
-    Inspect { path: PathBuf },
+    Inspect {
+        /// A model directory, a .safetensors file or a Gram statistics file
+        path: PathBuf,
+    },
     /// Build a small synthetic pool, merge it by averaging and by RegMean, and compare
     Demo {
         /// Keep the pool, its merge config and both merged models in this directory
@@ -60,7 +63,9 @@ enum Command {
     },
     /// Compare every tensor of two model directories (max |a − b| / max |b| per tensor)
     Compare {
+        /// The model directory to check
         candidate: PathBuf,
+        /// The model directory it should match
         reference: PathBuf,
         /// Fail when a tensor's relative error exceeds this
         #[arg(long, default_value_t = 1e-4)]
@@ -155,7 +160,8 @@ struct GramsArgs {
     /// The model directory
     #[arg(long)]
     model: PathBuf,
-    /// Its task data (.jsonl token ids or .safetensors pixel_values)
+    /// Its task data: JSON Lines (`text`, a sentence pair, or `input_ids`), an image folder,
+    /// or a .safetensors file with `pixel_values`
     #[arg(long)]
     data: PathBuf,
     /// Output file (e.g. task_a.grams.safetensors)
@@ -167,12 +173,16 @@ struct GramsArgs {
     /// Take the parameters from this merge config (flags below override)
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Examples to run (default: the config's, else 256)
     #[arg(long)]
     num_regmean_examples: Option<usize>,
+    /// Examples per forward pass (default: the config's, else 32)
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Truncate texts to this many tokens (default: the config's, else 512)
     #[arg(long)]
     max_length: Option<usize>,
+    /// Seed of the example shuffle (default: the config's, else 0)
     #[arg(long)]
     seed: Option<u64>,
     /// Take the examples in file order
@@ -187,7 +197,10 @@ struct GramsArgs {
 
 #[derive(Args)]
 struct ForwardArgs {
+    /// The model directory
     model: PathBuf,
+    /// Its data: JSON Lines (`text`, a sentence pair, or `input_ids`), an image folder, or a
+    /// .safetensors file with `pixel_values`
     data: PathBuf,
     /// Output safetensors: last_hidden_state [N, S, d] (and pooler_output, attention_mask)
     #[arg(long, short)]
@@ -198,6 +211,9 @@ struct ForwardArgs {
     /// Replace an existing output file (never an input of the run)
     #[arg(long)]
     force: bool,
+    /// Truncate texts to this many tokens
+    #[arg(long, default_value_t = 512)]
+    max_length: usize,
     #[command(flatten)]
     device: DeviceArg,
     /// Activations on a GPU: float16 or float32 (the CPU always runs float32)
@@ -210,6 +226,14 @@ fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
         "float16" | "fp16" => Ok(Precision::Float16),
         "float32" | "fp32" => Ok(Precision::Float32),
         _ => Err(format!("`{s}` is not a precision: float16 or float32")),
+    }
+}
+
+fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("give at least 1 thread (leave --threads out to use every core)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a number of threads")),
     }
 }
 
@@ -363,12 +387,14 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             }
             // The evaluation's inputs are checked before the merge, not after it.
             let evaluation = (a.eval || a.compare_average)
-                .then(|| eval_plan(&cfg, &a))
+                .then(|| eval_plan(&cfg, &a, ui))
                 .transpose()?;
+            ui.clear();
             with_backend!(&gpu, cfg.parameters.precision, |backend| {
                 ui.info(&format!(
-                    "merging {} models into {} on {}",
-                    cfg.models.len(),
+                    "merging {} ({}) into {} on {}",
+                    ui::count(cfg.models.len(), "model"),
+                    cfg.merge_method.title(),
                     a.out_dir.display(),
                     backend.name()
                 ));
@@ -378,7 +404,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 if let Some(path) = &a.report_json {
                     write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
                 }
-                print_summary(&report, &a.out_dir, ui);
+                ui::print_summary(&report, &a.out_dir, ui);
                 if regmean_gpu::profile::enabled() {
                     eprint!("{}", regmean_gpu::profile::report());
                 }
@@ -445,7 +471,14 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             inputs.add("the data", &a.data);
             let out = StagedOutput::create_file(&a.out, a.force, &inputs)?;
             with_backend!(&gpu, a.precision, |backend| {
-                regmean_gpu::demo::forward_to_file(&backend, &a.model, &a.data, a.examples, out)?
+                regmean_gpu::demo::forward_to_file(
+                    &backend,
+                    &a.model,
+                    &a.data,
+                    a.examples,
+                    a.max_length,
+                    out,
+                )?
             });
             ui.result(&format!("wrote {}", a.out.display()));
             Ok(())
@@ -527,13 +560,15 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
             .clone()
             .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
     };
-    eval::check_tasks(&a.model, &tasks, &opts)?;
+    eval::check_tasks(&a.model, &tasks, &opts, ui)?;
+    ui.clear();
     ui.info(&format!(
-        "evaluating {} on {} task(s)",
+        "evaluating {} on {}",
         a.model.display(),
-        tasks.len()
+        ui::count(tasks.len(), "task")
     ));
-    let results = eval::evaluate(backend, &a.model, &tasks, &opts)?;
+    let results = eval::evaluate(backend, &a.model, &tasks, &opts, ui)?;
+    ui.clear();
     if a.json {
         println!(
             "{}",
@@ -549,6 +584,7 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
 fn eval_plan(
     cfg: &MergeConfig,
     a: &MergeArgs,
+    ui: &Ui,
 ) -> Result<(
     Vec<regmean_gpu::eval::EvalTask>,
     regmean_gpu::eval::EvalOptions,
@@ -566,7 +602,7 @@ fn eval_plan(
         max_length: cfg.parameters.max_length,
         base: Some(cfg.base_model.clone()),
     };
-    eval::check_tasks(&cfg.base_model, &tasks, &opts)?;
+    eval::check_tasks(&cfg.base_model, &tasks, &opts, ui)?;
     Ok((tasks, opts))
 }
 
@@ -584,16 +620,12 @@ fn eval_after_merge<B: Backend>(
     use regmean_gpu::config::MergeMethod;
     use regmean_gpu::eval;
     ui.info(&format!(
-        "evaluating the merged model on {} task(s)",
-        tasks.len()
+        "evaluating the merged model on {}",
+        ui::count(tasks.len(), "task")
     ));
-    let merged = eval::evaluate(backend, &a.out_dir, tasks, opts)?;
-    let label = match cfg.merge_method {
-        MergeMethod::Regmean => "RegMean",
-        MergeMethod::RegmeanPlusplus => "RegMean++",
-        MergeMethod::SimpleAverage => "simple average",
-    };
-    let mut columns = vec![(label, merged)];
+    let merged = eval::evaluate(backend, &a.out_dir, tasks, opts, ui)?;
+    ui.clear();
+    let mut columns = vec![(cfg.merge_method.title(), merged)];
     if a.compare_average && cfg.merge_method != MergeMethod::SimpleAverage {
         let scratch = tempfile::Builder::new()
             .prefix(".regmean-average-")
@@ -614,10 +646,12 @@ fn eval_after_merge<B: Backend>(
         };
         regmean::merge(backend, &avg_cfg, &avg_dir, &avg_opts, ui)?;
         ui.clear();
+        ui.info("evaluating the simple average");
         columns.push((
-            "simple average",
-            eval::evaluate(backend, &avg_dir, tasks, opts)?,
+            MergeMethod::SimpleAverage.title(),
+            eval::evaluate(backend, &avg_dir, tasks, opts, ui)?,
         ));
+        ui.clear();
     }
     let view: Vec<(&str, &[eval::TaskAccuracy])> =
         columns.iter().map(|(h, r)| (*h, r.as_slice())).collect();
@@ -681,6 +715,14 @@ fn doctor(json: bool, bench: bool) -> Result<()> {
                 )
             }
         }
+        if bench && r.bench.is_empty() {
+            println!(
+                "benchmark:         not run: {}",
+                r.unavailable_reason
+                    .as_deref()
+                    .unwrap_or("there is no GPU to benchmark")
+            );
+        }
     }
     if r.cuda_available && !r.all_passed {
         return Err(Error::Numerical(
@@ -723,14 +765,16 @@ fn write_report_json(
 ) -> Result<()> {
     let json = serde_json::json!({
         "arch": r.arch.name(),
-        "method": format!("{:?}", r.method),
+        "method": r.method,
         "phases_s": {
             "forward_and_grams": r.timings.grams.as_secs_f64(),
             "of_which_model_load": r.timings.model_load.as_secs_f64(),
             "of_which_sums": r.timings.sums.as_secs_f64(),
             "solve": r.timings.solve.as_secs_f64(),
             "write": r.timings.write.as_secs_f64(),
+            "writer_busy": r.timings.writer_busy.as_secs_f64(),
         },
+        "tensor_bytes": r.tensor_bytes,
         "total_s": total.as_secs_f64(),
         "peak_rss_bytes": regmean_gpu::peak_rss_bytes(),
         "peak_device_bytes": r.peak_device_bytes,
@@ -750,63 +794,6 @@ fn write_report_json(
     out.commit()
 }
 
-fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
-    if !ui.quiet {
-        eprintln!(
-            "\n  model{:>28}  {:>8}  {:>10}",
-            "", "examples", "rows/site"
-        );
-        for m in &r.models {
-            let ex = if m.from_grams_file {
-                "grams".to_string()
-            } else {
-                m.examples.to_string()
-            };
-            eprintln!("  {:<33}  {:>8}  {:>10}", m.name, ex, m.rows);
-        }
-        eprintln!(
-            "\n  forward + Grams {:.2}s · solve {:.2}s ({} layers) · write {:.2}s · peak memory {}",
-            r.timings.grams.as_secs_f64(),
-            r.timings.solve.as_secs_f64(),
-            r.layers_solved,
-            r.timings.write.as_secs_f64(),
-            regmean_gpu::peak_rss_bytes().map_or("n/a".into(), human_bytes)
-        );
-        if let Some(c) = r.activation_cache {
-            eprintln!(
-                "  merged layer by layer · activation caches {} in memory, {} spilled to disk",
-                human_bytes(c.in_memory_bytes),
-                human_bytes(c.spilled_bytes)
-            );
-        }
-        if !r.fallbacks.is_empty() {
-            eprintln!("  {} layers needed the fallback solve:", r.fallbacks.len());
-            for (name, how) in &r.fallbacks {
-                eprintln!("    {name}: {}", regmean::merge::describe(how));
-            }
-        }
-        if ui.verbose > 0 {
-            eprintln!("  files: {}", r.files.join(", "));
-        }
-    }
-    ui.result(&format!(
-        "merged {} {} models with {:?} into {}",
-        r.models.len(),
-        r.arch.name(),
-        r.method,
-        out.display()
-    ));
-}
-
-pub fn human_bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else {
-        format!("{:.0} MB", b / 1e6)
-    }
-}
-
 fn inspect(path: &Path) -> Result<()> {
     use regmean_gpu::io::{Checkpoint, SafetensorsFile};
     use std::fmt::Write as _;
@@ -817,7 +804,7 @@ fn inspect(path: &Path) -> Result<()> {
             text,
             "{}: {} checkpoint, backbone tensors (canonical names):",
             path.display(),
-            ckpt.arch().name()
+            ckpt.arch().title()
         );
         for name in ckpt.names() {
             let e = ckpt.entry(name)?;
@@ -837,110 +824,4 @@ fn inspect(path: &Path) -> Result<()> {
     // A closed pipe (`inspect ... | head`) is not an error worth reporting.
     let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     Ok(())
-}
-
-/// Terminal output: progress bars on stderr when it is a terminal, plain lines otherwise.
-struct Ui {
-    quiet: bool,
-    verbose: u8,
-    bar: RefCell<Option<ProgressBar>>,
-}
-
-impl Ui {
-    fn new(quiet: bool, verbose: u8) -> Self {
-        Ui {
-            quiet,
-            verbose,
-            bar: RefCell::new(None),
-        }
-    }
-
-    fn new_bar(&self, len: u64, msg: String) {
-        self.clear();
-        if self.quiet {
-            return;
-        }
-        let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-        bar.set_style(
-            ProgressStyle::with_template("{msg:<32} [{bar:30}] {pos}/{len} {elapsed}")
-                .expect("template")
-                .progress_chars("=> "),
-        );
-        bar.set_message(msg);
-        *self.bar.borrow_mut() = Some(bar);
-    }
-
-    fn clear(&self) {
-        if let Some(b) = self.bar.borrow_mut().take() {
-            b.finish_and_clear();
-        }
-    }
-
-    fn info(&self, msg: &str) {
-        if !self.quiet {
-            self.line(msg);
-        }
-    }
-
-    fn line(&self, msg: &str) {
-        match self.bar.borrow().as_ref() {
-            Some(b) if !b.is_hidden() => b.println(msg),
-            _ => eprintln!("{msg}"),
-        }
-    }
-
-    /// The one line printed even with --quiet.
-    fn result(&self, msg: &str) {
-        let _ =
-            std::io::Write::write_all(&mut std::io::stdout().lock(), format!("{msg}\n").as_bytes());
-    }
-}
-
-impl Observer for Ui {
-    fn event(&self, e: Event<'_>) {
-        match e {
-            Event::ModelStart {
-                index,
-                total,
-                name,
-                examples,
-            } => {
-                if examples == 0 {
-                    self.info(&format!("[{}/{total}] {name}: Grams from file", index + 1));
-                } else {
-                    self.new_bar(examples as u64, format!("[{}/{total}] {name}", index + 1));
-                }
-            }
-            Event::Examples { done } => {
-                if let Some(b) = self.bar.borrow().as_ref() {
-                    b.set_position(done as u64);
-                }
-            }
-            Event::ModelDone { .. } => self.clear(),
-            Event::SolveStart { layers } => {
-                if layers > 0 {
-                    self.new_bar(layers as u64, "solving linear layers".into());
-                }
-            }
-            Event::Solved { done } => {
-                if let Some(b) = self.bar.borrow().as_ref() {
-                    b.set_position(done as u64);
-                }
-            }
-            Event::Writing { path } => {
-                self.clear();
-                if self.verbose > 0 {
-                    self.info(&format!("writing {}", path.display()));
-                }
-            }
-            Event::Warning(w) => self.line(&format!("warning: {w}")),
-            Event::Note(n) => self.info(&n),
-        }
-    }
-}
-
-impl regmean_gpu::demo::Say for Ui {
-    fn say(&self, msg: &str) {
-        self.info(msg);
-    }
 }

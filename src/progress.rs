@@ -10,7 +10,8 @@ pub enum Event<'a> {
         name: &'a str,
         examples: usize,
     },
-    /// `done` of the model's examples have been through the forward pass.
+    /// `done` of the examples announced by the last `ModelStart` or `EvalStart` have been
+    /// through the forward pass.
     Examples {
         done: usize,
     },
@@ -21,11 +22,41 @@ pub enum Event<'a> {
     SolveStart {
         layers: usize,
     },
+    /// The `done`-th layer is solved: its weight, how it was solved, and the solve's time.
     Solved {
         done: usize,
+        layer: &'a str,
+        how: &'a str,
+        seconds: f64,
     },
+    /// Every layer is solved; the writer, which ran alongside, still has tensors to write:
+    /// `written` of `total` bytes are in the files.
+    WriteStart {
+        written: u64,
+        total: u64,
+    },
+    /// `written` bytes of the tensors are in the files.
+    Written {
+        written: u64,
+    },
+    /// Every tensor is written; the files are being flushed to disk and the directory
+    /// finished at `path`.
     Writing {
         path: &'a std::path::Path,
+    },
+    /// Evaluation: the data of task `index` (of `total`) is being read and checked, before
+    /// any task is evaluated or as its evaluation starts.
+    EvalCheck {
+        index: usize,
+        total: usize,
+        name: &'a str,
+    },
+    /// Evaluation of task `index` (of `total`) starts: `examples` will be run.
+    EvalStart {
+        index: usize,
+        total: usize,
+        name: &'a str,
+        examples: usize,
     },
     /// Something the user should know that does not stop the run.
     Warning(String),

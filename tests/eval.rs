@@ -235,6 +235,7 @@ fn gpt2_eval_reproduces_transformers_predictions() {
                 &dir.join(backbone),
                 std::slice::from_ref(&t),
                 &opts,
+                &Silent,
             )
             .unwrap()
             .remove(0);
@@ -280,7 +281,9 @@ fn clip_text_tower_and_zero_shot_heads_match_transformers() {
         let base_ckpt = Checkpoint::open(dir.join("base")).unwrap();
         let model = regmean_gpu::model::Model::load(&CpuBackend, &base_ckpt).unwrap();
         let pixels = Dataset::open(&dir.join(format!("{task}.pixels.safetensors"))).unwrap();
-        let logits = zs.logits(&CpuBackend, &model, &pixels, &head, 4).unwrap();
+        let logits = zs
+            .logits(&CpuBackend, &model, &pixels, &head, 4, &mut |_| {})
+            .unwrap();
         let e = rel_err(&logits, &tensor(&expected, &format!("{task}.logits_base")));
         assert!(e <= 1e-4, "{task} logits {e}");
     }
@@ -312,6 +315,7 @@ fn clip_eval_on_image_folders_reproduces_transformers_predictions() {
                 &dir.join(tower),
                 std::slice::from_ref(&t),
                 &opts,
+                &Silent,
             )
             .unwrap()
             .remove(0);
@@ -341,6 +345,17 @@ fn run(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&o.stdout).into_owned(),
         String::from_utf8_lossy(&o.stderr).into_owned(),
     )
+}
+
+/// `merge CONFIG OUT --eval --compare-average`.
+fn merge_eval_compare(config: &Path, out: &Path) -> (bool, String, String) {
+    run(&[
+        "merge",
+        config.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--eval",
+        "--compare-average",
+    ])
 }
 
 #[test]
@@ -400,13 +415,7 @@ fn merge_with_text_or_images_and_eval_against_simple_average() {
     // Text and transformers' token ids merge to the same model.
     let gpt2 = eval_dir().join("gpt2");
     let from_text = tmp.path().join("text");
-    let (ok, out, err) = run(&[
-        "merge",
-        gpt2.join("merge_text.yaml").to_str().unwrap(),
-        from_text.to_str().unwrap(),
-        "--eval",
-        "--compare-average",
-    ]);
+    let (ok, out, err) = merge_eval_compare(&gpt2.join("merge_text.yaml"), &from_text);
     assert!(ok, "{err}");
     assert!(
         out.contains("RegMean") && out.contains("simple average"),
@@ -586,4 +595,97 @@ fn merge_eval_checks_its_inputs_before_merging() {
         );
         assert!(!out.exists(), "{} was written", out.display());
     }
+}
+
+/// The accuracy row of a table `format_table` printed: (heading, value) per column.
+fn table_row(table: &str, row: &str) -> Vec<(String, f64)> {
+    // The accuracy table's header: `task`, `n`, then the columns.
+    let mut lines = table
+        .lines()
+        .skip_while(|l| l.split_whitespace().take(2).collect::<Vec<_>>() != ["task", "n"]);
+    let header = lines
+        .next()
+        .unwrap_or_else(|| panic!("no table in {table}"));
+    let headings: Vec<String> = header
+        .split("  ")
+        .map(str::trim)
+        .filter(|h| !h.is_empty() && *h != "task" && *h != "n")
+        .map(String::from)
+        .collect();
+    let line = lines
+        .find(|l| l.split_whitespace().next() == Some(row))
+        .unwrap_or_else(|| panic!("no row {row} in {table}"));
+    let values: Vec<f64> = line
+        .split_whitespace()
+        .rev()
+        .take(headings.len())
+        .map(|v| v.parse().unwrap())
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    headings.into_iter().zip(values).collect()
+}
+
+/// `demo --keep` leaves a pool of GPT-2 classifiers with labelled held-out data, on which
+/// `merge --eval --compare-average` shows RegMean well ahead of the simple average, with
+/// progress for the evaluation's check and runs.
+#[test]
+fn the_demo_pool_evaluates_with_regmean_ahead_of_the_average() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pool = tmp.path().join("pool");
+    let (ok, demo_out, err) = run(&["demo", "--keep", pool.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let demo = table_row(&demo_out, "average");
+    assert_eq!(
+        demo.iter().map(|(h, _)| h.as_str()).collect::<Vec<_>>(),
+        ["base", "simple average", "RegMean"],
+        "{demo_out}"
+    );
+    let (base, average, regmean) = (demo[0].1, demo[1].1, demo[2].1);
+    eprintln!("demo accuracy: base {base:.2}, simple average {average:.2}, RegMean {regmean:.2}");
+    assert!(
+        base < 65.0,
+        "the base model should be near chance: {demo_out}"
+    );
+    assert!(regmean > average + 10.0, "{demo_out}");
+
+    let out = tmp.path().join("merged");
+    let (ok, table, err) = merge_eval_compare(&pool.join("merge.yaml"), &out);
+    assert!(ok, "{err}");
+    // Each task's data is read when the inputs are checked, before the merge, and again as
+    // it is evaluated, for the merge and for the average.
+    for (line, times) in [
+        ("reading evaluation data: task_0", 3),
+        ("reading evaluation data: task_3", 3),
+        ("[1/4] evaluating task_0", 2),
+        ("[4/4] evaluating task_3", 2),
+    ] {
+        let seen = err.lines().filter(|l| *l == line).count();
+        assert_eq!(seen, times, "`{line}` in {err}");
+    }
+    let merged = table_row(&table, "average");
+    assert_eq!(merged[0], ("RegMean".to_string(), regmean), "{table}");
+    assert_eq!(
+        merged[1],
+        ("simple average".to_string(), average),
+        "{table}"
+    );
+    for task in ["task_0", "task_1", "task_2", "task_3"] {
+        let row = table_row(&table, task);
+        assert!(row[0].1 > row[1].1, "{task}: {table}");
+    }
+    // The task models themselves define the labels.
+    let (ok, own, err) = run(&[
+        "eval",
+        pool.join("task_2").to_str().unwrap(),
+        "--data",
+        pool.join("data/task_2.eval.jsonl").to_str().unwrap(),
+        "--head",
+        pool.join("task_2").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&own).unwrap();
+    assert_eq!(v["average_accuracy"], 1.0, "{own}");
 }

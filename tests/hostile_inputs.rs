@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{assert_mentions, bin, Pool};
@@ -197,19 +197,12 @@ fn singular_system_uses_the_documented_fallback_and_names_the_layer() {
 // The child is returned to the caller, which waits on it.
 #[allow(clippy::zombie_processes)]
 fn start_slow_merge(pool: &Pool) -> std::process::Child {
-    let mut child = Command::new(bin())
-        .args([
-            "merge",
-            "-q",
-            pool.path("compat.yaml").to_str().unwrap(),
-            pool.path("out/merged").to_str().unwrap(),
-        ])
-        .args(["--out-shard-size", "20KB"])
-        .env("REGMEAN_TEST_WRITE_DELAY_MS", "300")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = pool.spawn_slow_merge(
+        "compat.yaml",
+        &pool.path("out/merged"),
+        &["--out-shard-size", "20KB"],
+        300,
+    );
     let start = Instant::now();
     loop {
         let partial = std::fs::read_dir(pool.path("out")).ok().and_then(|mut d| {
@@ -310,7 +303,9 @@ fn write_failure_midway_is_reported_and_leaves_no_output() {
     let o = Command::new("sh").args(["-c", &script]).output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
-    assert_mentions(&stderr, &["model.safetensors", "File too large"]);
+    // Named at the output the user gave, not in the hidden folder it is written in.
+    assert_mentions(&stderr, &["out/merged/model.safetensors", "File too large"]);
+    assert!(!stderr.contains(".partial-"), "{stderr}");
     assert!(
         entries(&pool.path("out")).is_empty(),
         "{:?}",
@@ -363,5 +358,6 @@ fn a_full_disk_is_reported_and_leaves_no_output() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert_mentions(&stderr, &["merged", "No space left on device"]);
+    assert!(!stderr.contains(".partial-"), "{stderr}");
     assert!(entries(&disk).is_empty(), "{:?}", entries(&disk));
 }

@@ -104,6 +104,10 @@ pub trait Backend {
     type Tensor;
 
     fn name(&self) -> String;
+    /// What the forward pass computes activations in (the CPU engine: always float32).
+    fn precision(&self) -> Precision {
+        Precision::Float32
+    }
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// [`Backend::upload`] of a buffer the caller gives up (no copy where it can stay put).
     fn upload_owned(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor> {

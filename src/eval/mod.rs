@@ -16,6 +16,7 @@ use crate::io::{Arch, Checkpoint};
 use crate::model::clip_text::ClipText;
 use crate::model::gpt2::Gpt2Config;
 use crate::model::{Batch, ForwardHooks, Model, ModelConfig};
+use crate::progress::{Event, Observer};
 
 /// Class names and prompt templates (`{}` stands for the class name) of a zero-shot task.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -132,28 +133,68 @@ fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// Evaluates the model in `model_dir` (a GPT-2 backbone or a CLIP vision tower) on every task.
+/// Where an evaluation reports: which task of how many, for [`Event::EvalStart`].
+struct TaskProgress<'a> {
+    index: usize,
+    total: usize,
+    observer: &'a dyn Observer,
+}
+
+impl TaskProgress<'_> {
+    /// The task's data is being read (tokenising a large set takes seconds).
+    fn reading(&self, task: &EvalTask) {
+        self.observer.event(Event::EvalCheck {
+            index: self.index,
+            total: self.total,
+            name: &task.name,
+        });
+    }
+
+    fn start(&self, task: &EvalTask, examples: usize) {
+        self.observer.event(Event::EvalStart {
+            index: self.index,
+            total: self.total,
+            name: &task.name,
+            examples,
+        });
+    }
+
+    fn examples(&self, done: usize) {
+        self.observer.event(Event::Examples { done });
+    }
+}
+
+/// Evaluates the model in `model_dir` (a GPT-2 backbone or a CLIP vision tower) on every
+/// task, reporting each task's start and its examples to `observer`.
 pub fn evaluate<B: Backend>(
     backend: &B,
     model_dir: &Path,
     tasks: &[EvalTask],
     opts: &EvalOptions,
+    observer: &dyn Observer,
 ) -> Result<Vec<TaskAccuracy>> {
     let ckpt = Checkpoint::open(model_dir)?;
     let config = ModelConfig::from_checkpoint(&ckpt)?;
     config.check_checkpoint(&ckpt)?;
     let model = Model::load(backend, &ckpt)?;
+    let progress = |index| TaskProgress {
+        index,
+        total: tasks.len(),
+        observer,
+    };
     match ckpt.arch() {
         Arch::Gpt2 => tasks
             .iter()
-            .map(|t| eval_gpt2(backend, &model, &config, model_dir, t, opts))
+            .enumerate()
+            .map(|(i, t)| eval_gpt2(backend, &model, &config, model_dir, t, opts, &progress(i)))
             .collect(),
         Arch::ClipVision => {
             let base_dir = clip_base(opts)?;
             let zs = ZeroShot::load(backend, base_dir)?;
             tasks
                 .iter()
-                .map(|t| zs.evaluate(backend, &model, model_dir, t, opts))
+                .enumerate()
+                .map(|(i, t)| zs.evaluate(backend, &model, model_dir, t, opts, &progress(i)))
                 .collect()
         }
     }
@@ -235,7 +276,9 @@ fn eval_gpt2<B: Backend>(
     model_dir: &Path,
     task: &EvalTask,
     opts: &EvalOptions,
+    progress: &TaskProgress<'_>,
 ) -> Result<TaskAccuracy> {
+    progress.reading(task);
     let head_dir = gpt2_head(task)?;
     let ModelConfig::Gpt2(gpt2) = config else {
         unreachable!("called for GPT-2 only")
@@ -263,34 +306,47 @@ fn eval_gpt2<B: Backend>(
     };
     let indices: Vec<usize> = (0..labelled.data.len()).collect();
     let mut logits = Vec::with_capacity(indices.len() * num_labels);
+    progress.start(task, indices.len());
+    let mut done = 0;
     for_each_batch(
         &labelled.data,
         &indices,
         opts.batch_size,
         padding,
-        |_, batch| {
+        |chunk, batch| {
             let out = model.forward(backend, &batch, ForwardHooks::default())?;
             let hidden = backend.download(&out.last_hidden)?;
-            let Batch::Tokens {
-                ids, batch, seq, ..
-            } = &batch
-            else {
-                unreachable!("text batches")
-            };
-            for b in 0..*batch {
-                // transformers: argmax over positions of position · (id ≠ pad), the first maximum.
-                let row = &ids[b * seq..(b + 1) * seq];
-                let last = (0..*seq).rev().find(|&p| row[p] != pad).unwrap_or(0);
-                let h = &hidden[(b * seq + last) * d..(b * seq + last + 1) * d];
+            for h in last_token_states(&batch, &hidden, d, pad) {
                 for k in 0..num_labels {
                     let w = &score[k * d..(k + 1) * d];
                     logits.push(h.iter().zip(w).map(|(a, b)| a * b).sum());
                 }
             }
+            done += chunk.len();
+            progress.examples(done);
             Ok(())
         },
     )?;
     Ok(finish(task, labels, logits, num_labels))
+}
+
+/// Each sequence's hidden state at its last non-padding token, which sequence classification
+/// pools (transformers: argmax over positions of position · (id ≠ pad), the first maximum).
+/// `hidden` is the batch's last hidden state `[batch·seq, d]`.
+pub fn last_token_states<'a>(
+    batch: &'a Batch,
+    hidden: &'a [f32],
+    d: usize,
+    pad: u32,
+) -> impl Iterator<Item = &'a [f32]> + 'a {
+    let Batch::Tokens { ids, seq, .. } = batch else {
+        unreachable!("text batches")
+    };
+    let seq = *seq;
+    ids.chunks(seq.max(1)).enumerate().map(move |(b, row)| {
+        let last = (0..seq).rev().find(|&p| row[p] != pad).unwrap_or(0);
+        &hidden[(b * seq + last) * d..(b * seq + last + 1) * d]
+    })
 }
 
 fn finish(task: &EvalTask, labels: &[usize], logits: Vec<f32>, classes: usize) -> TaskAccuracy {
@@ -384,7 +440,8 @@ impl<B: Backend> ZeroShot<B> {
         Ok(head)
     }
 
-    /// Zero-shot logits `[n, classes]` of every image of a data set, in order.
+    /// Zero-shot logits `[n, classes]` of every image of a data set, in order; `done` is told
+    /// how many images are through after each batch.
     pub fn logits(
         &self,
         backend: &B,
@@ -392,6 +449,7 @@ impl<B: Backend> ZeroShot<B> {
         data: &crate::data::Dataset,
         head: &[f32],
         batch_size: usize,
+        done: &mut dyn FnMut(usize),
     ) -> Result<Vec<f32>> {
         let p = self.text.config.projection_dim;
         let classes = head.len() / p;
@@ -403,7 +461,8 @@ impl<B: Backend> ZeroShot<B> {
         };
         let indices: Vec<usize> = (0..data.len()).collect();
         let mut logits = Vec::with_capacity(indices.len() * classes);
-        for_each_batch(data, &indices, batch_size, padding, |_, batch| {
+        let mut seen = 0;
+        for_each_batch(data, &indices, batch_size, padding, |chunk, batch| {
             let out = model.forward(backend, &batch, ForwardHooks::default())?;
             let pooled = out.pooled.expect("the vision tower pools");
             if backend.shape(&pooled).1 != self.vision_dim {
@@ -423,6 +482,8 @@ impl<B: Backend> ZeroShot<B> {
                     logits.push(scale * cos);
                 }
             }
+            seen += chunk.len();
+            done(seen);
             Ok(())
         })?;
         Ok(logits)
@@ -435,7 +496,9 @@ impl<B: Backend> ZeroShot<B> {
         model_dir: &Path,
         task: &EvalTask,
         opts: &EvalOptions,
+        progress: &TaskProgress<'_>,
     ) -> Result<TaskAccuracy> {
+        progress.reading(task);
         let spec = zero_shot_spec(task)?;
         let labelled = open_labelled(&task.data, &[model_dir, &self.base_dir], opts.max_length)?;
         let Model::Clip(vision) = model else {
@@ -448,8 +511,16 @@ impl<B: Backend> ZeroShot<B> {
         )?;
         let folder_labels = labels_of(&labelled, task)?;
         let labels = class_labels(&labelled.classes, folder_labels, &spec, &task.data)?;
+        progress.start(task, labelled.data.len());
         let head = self.head(backend, &spec)?;
-        let logits = self.logits(backend, model, &labelled.data, &head, opts.batch_size)?;
+        let logits = self.logits(
+            backend,
+            model,
+            &labelled.data,
+            &head,
+            opts.batch_size,
+            &mut |done| progress.examples(done),
+        )?;
         Ok(finish(task, &labels, logits, spec.classes.len()))
     }
 }
@@ -474,9 +545,20 @@ fn zero_shot_spec(task: &EvalTask) -> Result<ZeroShotTask> {
 /// names that fit its class folders. A wrong path in the last task then fails at once.
 /// `model_dir` is the model to evaluate; `merge --eval`, which checks before the merged model
 /// exists, gives the base, whose tokenizer and preprocessor files the merged model gets.
-pub fn check_tasks(model_dir: &Path, tasks: &[EvalTask], opts: &EvalOptions) -> Result<()> {
+/// Each task's turn is reported to `observer` (reading a large evaluation set takes seconds).
+pub fn check_tasks(
+    model_dir: &Path,
+    tasks: &[EvalTask],
+    opts: &EvalOptions,
+    observer: &dyn Observer,
+) -> Result<()> {
     let arch = Checkpoint::open(model_dir)?.arch();
-    for task in tasks {
+    for (index, task) in tasks.iter().enumerate() {
+        observer.event(Event::EvalCheck {
+            index,
+            total: tasks.len(),
+            name: &task.name,
+        });
         // Where evaluation reads tokenizer.json / preprocessor_config.json from.
         let dirs = match arch {
             Arch::Gpt2 => [gpt2_head(task)?, model_dir],

@@ -28,10 +28,19 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// The name recorded in files (Gram statistics, fingerprints, reports).
     pub fn name(self) -> &'static str {
         match self {
             Arch::Gpt2 => "gpt2",
             Arch::ClipVision => "clip_vision",
+        }
+    }
+
+    /// The architecture as users name it, for messages.
+    pub fn title(self) -> &'static str {
+        match self {
+            Arch::Gpt2 => "GPT-2",
+            Arch::ClipVision => "CLIP vision",
         }
     }
 
@@ -192,7 +201,7 @@ impl Checkpoint {
         if backbone.is_empty() {
             return Err(Error::file(
                 &dir,
-                format!("no {} backbone tensors found", arch.name()),
+                format!("no {} backbone tensors found", arch.title()),
             ));
         }
         Ok(Checkpoint {

@@ -194,6 +194,13 @@ impl ModelWriter {
         })
     }
 
+    /// The planned size of tensor `name` in bytes (0 when it is not in the plan).
+    pub fn planned_len(&self, name: &str) -> usize {
+        self.by_name
+            .get(name)
+            .map_or(0, |&i| self.tensors[i].planned.byte_len)
+    }
+
     /// The planned tensor `name`, checked to be unwritten and `byte_len` long.
     fn slot(&mut self, name: &str, byte_len: usize) -> Result<usize> {
         let i = *self

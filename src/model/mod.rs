@@ -354,7 +354,7 @@ impl ModelConfig {
                 .map(|(k, v)| format!("{k}: {v} vs {}", b[k]))
                 .collect::<Vec<_>>()
                 .join(", "),
-            _ => format!("{} vs {}", self.arch().name(), other.arch().name()),
+            _ => format!("{} vs {}", self.arch().title(), other.arch().title()),
         }
     }
 }

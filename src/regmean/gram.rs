@@ -332,7 +332,7 @@ pub fn check_data(
                 if s.len() > c.n_positions && params.max_length > c.n_positions {
                     return Err(Error::file(
                         path,
-                        format!("example {}: {} tokens exceed the model's n_positions {} (set parameters.max_length to truncate)", i + 1, s.len(), c.n_positions),
+                        format!("example {}: {} tokens exceed the model's n_positions {} (truncate them: parameters.max_length in a merge config, --max-length on the command line)", i + 1, s.len(), c.n_positions),
                     ));
                 }
             }

@@ -13,13 +13,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::activations::ActivationStore;
 use super::gram::{check_data, GramAccumulator};
 use super::merge::{
     describe, open_data, output_plan, write_finite, write_sidecars, MergeOptions, MergeReport,
-    ModelReport, Prepared, Source, Timings,
+    ModelCard, ModelReport, Prepared, Source, Timings,
 };
 use super::solve::solve_layer;
 use super::sums::{add_assign, add_weighted, reduce_into};
@@ -266,7 +266,7 @@ pub(super) fn merge_by_layer<B: Backend>(
     let mut merged = HostParams::default();
     for (name, _) in in_group(ParamGroup::Embeddings) {
         let mean = average(&tasks, name, k)?;
-        write_finite(&mut writer, name, &mean)?;
+        write_timed(&mut writer, &mut timings.writer_busy, name, &mean)?;
         merged.tensors.insert(name.clone(), mean);
     }
     let merged_embeddings = if plus_plus {
@@ -400,14 +400,19 @@ pub(super) fn merge_by_layer<B: Backend>(
         let t = Instant::now();
         let mut merged = HostParams::default();
         for (((si, m), gw), w) in layer_solved.iter().zip(&gw_sum).zip(&w_sum) {
+            let t_layer = Instant::now();
             let w_mean: Vec<f32> = w.iter().map(|v| v / k).collect();
             let (w, outcome) = solve_layer(&gram_sum[si - 4 * l], gw, &w_mean, m.in_dim, m.out_dim);
+            let how = describe(&outcome);
+            solved_count += 1;
+            observer.event(Event::Solved {
+                done: solved_count,
+                layer: &m.weight,
+                how: &how,
+                seconds: t_layer.elapsed().as_secs_f64(),
+            });
             if outcome.is_fallback() {
-                observer.event(Event::Warning(format!(
-                    "{}: {}",
-                    m.weight,
-                    describe(&outcome)
-                )));
+                observer.event(Event::Warning(format!("{}: {how}", m.weight)));
                 fallbacks.push((m.weight.clone(), outcome));
             }
             // The solve gives [in, out]; nn.Linear stores [out, in].
@@ -416,14 +421,12 @@ pub(super) fn merge_by_layer<B: Backend>(
             } else {
                 w.clone()
             };
-            write_finite(&mut writer, &m.weight, &stored)?;
+            write_timed(&mut writer, &mut timings.writer_busy, &m.weight, &stored)?;
             merged.linear_in_out.insert(m.weight.clone(), w);
-            solved_count += 1;
-            observer.event(Event::Solved { done: solved_count });
         }
         for (name, _) in in_group(ParamGroup::Layer(l)) {
             let mean = average(&tasks, name, k)?;
-            write_finite(&mut writer, name, &mean)?;
+            write_timed(&mut writer, &mut timings.writer_busy, name, &mean)?;
             merged.tensors.insert(name.clone(), mean);
         }
         timings.solve += t.elapsed();
@@ -458,21 +461,41 @@ pub(super) fn merge_by_layer<B: Backend>(
 
     let t2 = Instant::now();
     for (name, _) in in_group(ParamGroup::Final) {
-        write_finite(&mut writer, name, &average(&tasks, name, k)?)?;
+        write_timed(
+            &mut writer,
+            &mut timings.writer_busy,
+            name,
+            &average(&tasks, name, k)?,
+        )?;
     }
     for (t, source) in &plan {
         match source {
             Source::Merged => {}
-            Source::Base => write_finite(&mut writer, &t.name, &base.f32(&t.name)?)?,
-            Source::Raw => writer.write_raw(&t.name, base.bytes(&t.name)?)?,
+            Source::Base => write_timed(
+                &mut writer,
+                &mut timings.writer_busy,
+                &t.name,
+                &base.f32(&t.name)?,
+            )?,
+            Source::Raw => {
+                let t0 = Instant::now();
+                writer.write_raw(&t.name, base.bytes(&t.name)?)?;
+                timings.writer_busy += t0.elapsed();
+            }
         }
     }
     observer.event(Event::Writing {
         path: out_dir.final_path(),
     });
     let mut files = writer.finish()?;
-    files.extend(write_sidecars(out_dir, base, out_dtype.clone(), cfg)?);
     let arch = model_cfg.arch();
+    let card = ModelCard {
+        cfg,
+        arch,
+        precision: Some(backend.precision()),
+        out_dtype,
+    };
+    files.extend(write_sidecars(out_dir, base, out_dtype.clone(), &card)?);
     let layers_solved = solved.len();
     drop(keeps_base);
     prepared.out_dir.commit()?;
@@ -485,10 +508,24 @@ pub(super) fn merge_by_layer<B: Backend>(
         fallbacks,
         timings,
         files,
+        tensor_bytes: planned.iter().map(|t| t.byte_len as u64).sum(),
         peak_device_bytes: peak_device,
         schedule: Schedule::Layer,
         activation_cache: Some(cache),
     })
+}
+
+/// Writes one merged tensor, counting the time spent writing.
+fn write_timed(
+    writer: &mut ModelWriter,
+    busy: &mut Duration,
+    name: &str,
+    values: &[f32],
+) -> Result<()> {
+    let t = Instant::now();
+    let r = write_finite(writer, name, values);
+    *busy += t.elapsed();
+    r
 }
 
 /// How a block runs on a cached batch.

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,9 +71,11 @@ pub struct Timings {
     /// Until the last layer is solved. The output is written alongside, on another thread:
     /// this includes any wait for the writer (it takes at most a few solved layers ahead).
     pub solve: Duration,
-    /// What writing takes after the last layer is solved: the rest of the tensors, the flush
-    /// to disk, config.json and the other files.
+    /// What the user waits for after the last layer is solved: the tensors the writer still
+    /// has to write, the flush to disk, config.json and the other files, the rename.
     pub write: Duration,
+    /// How long the writer spent writing tensors in all, alongside the solve and after it.
+    pub writer_busy: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +88,8 @@ pub struct MergeReport {
     pub fallbacks: Vec<(String, SolveOutcome)>,
     pub timings: Timings,
     pub files: Vec<String>,
+    /// Bytes of tensors written.
+    pub tensor_bytes: u64,
     /// The most device memory in use during the merge (GPU backends only).
     pub peak_device_bytes: Option<u64>,
     /// `model` or `layer`: the schedule the merge ran.
@@ -131,11 +135,14 @@ pub fn merge<B: Backend>(
     opts: &MergeOptions,
     observer: &dyn Observer,
 ) -> Result<MergeReport> {
-    let prepared = prepare(cfg, out, opts)?;
+    let prepared = prepare(cfg, out, opts, observer)?;
+    // Errors name the output path the user gave, not the hidden folder it is written in.
+    let staging = prepared.out_dir.path().to_path_buf();
     match super::layerwise::choose_schedule(cfg, &prepared, opts, observer)? {
         Schedule::Layer => super::layerwise::merge_by_layer(prepared, backend, cfg, opts, observer),
         _ => merge_by_model(backend, cfg, prepared, opts, observer),
     }
+    .map_err(|e| e.relocated(&staging, out))
 }
 
 /// What every schedule starts from: the base model and its architecture, the solve's
@@ -152,7 +159,12 @@ pub(super) struct Prepared {
     pub out_dir: OutputDir,
 }
 
-fn prepare(cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<Prepared> {
+fn prepare(
+    cfg: &MergeConfig,
+    out: &Path,
+    opts: &MergeOptions,
+    observer: &dyn Observer,
+) -> Result<Prepared> {
     let params = &cfg.parameters;
     let base = Checkpoint::open(&cfg.base_model)?;
     let model_cfg = ModelConfig::from_checkpoint(&base)?;
@@ -165,6 +177,7 @@ fn prepare(cfg: &MergeConfig, out: &Path, opts: &MergeOptions) -> Result<Prepare
     // FusionBench builds the multiplier as diag(1 − r) + r in f32; keep its rounding.
     let diag_mult = (1.0f32 - ratio) + ratio;
     let sites = model_cfg.sites();
+    warn_unmatched_excludes(&exclude, params, &model_cfg, observer);
     // Fail before hours of work, not after: the output location must be usable, and every
     // input must open and fit.
     let out_dir = OutputDir::create(out, opts.force, &cfg.inputs())?;
@@ -304,25 +317,41 @@ fn merge_by_model<B: Backend>(
         &out_dtype,
     )?;
     let planned: Vec<PlannedTensor> = plan.iter().map(|(t, _)| t.clone()).collect();
+    // Paths in errors name the output the user gave, not its hidden temporary sibling.
     let mut writer = ModelWriter::create(out_dir.path(), &planned, opts.out_shard_bytes)?;
+    let tensor_bytes: u64 = planned.iter().map(|t| t.byte_len as u64).sum();
     observer.event(Event::SolveStart {
         layers: sums.modules.len(),
     });
     let k = sums.count as f32;
     let mut fallbacks = Vec::new();
     let mut solve_time = Duration::ZERO;
+    let mut writer_busy = Duration::ZERO;
     let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
     std::thread::scope(|scope| -> Result<()> {
         // Bounded: solved layers wait here, not in memory, when the disk is the slower.
         let (ready, arrivals) = std::sync::mpsc::sync_channel::<Ready>(4);
         let means = std::mem::take(&mut sums.mean_sum);
-        let (writer, base, plan, stop_ref) = (&mut writer, &base, &plan, &stop);
+        let (writer, base, plan) = (&mut writer, &base, &plan);
+        let progress = WriteProgress {
+            stop: &stop,
+            written: &written,
+        };
         let writing =
-            scope.spawn(move || write_merged(writer, base, plan, means, k, arrivals, stop_ref));
+            scope.spawn(move || write_merged(writer, base, plan, means, k, arrivals, progress));
         let mut solving = || -> Result<()> {
             for (done, m) in sums.modules.iter().enumerate() {
                 let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
+                let started = Instant::now();
                 let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
+                let seconds = started.elapsed().as_secs_f64();
+                observer.event(Event::Solved {
+                    done: done + 1,
+                    layer: &m.module.weight,
+                    how: &describe(&outcome),
+                    seconds,
+                });
                 if outcome.is_fallback() {
                     observer.event(Event::Warning(format!(
                         "{}: {}",
@@ -338,7 +367,6 @@ fn merge_by_model<B: Backend>(
                     // The writer stopped on an error, which join reports.
                     return Ok(());
                 }
-                observer.event(Event::Solved { done: done + 1 });
             }
             Ok(())
         };
@@ -348,20 +376,40 @@ fn merge_by_model<B: Backend>(
             stop.store(true, Ordering::Relaxed);
         }
         drop(ready);
-        let written = writing
+        if solved.is_ok() {
+            // What is left for the writer is the user's wait now: show it.
+            observer.event(Event::WriteStart {
+                written: written.load(Ordering::Relaxed),
+                total: tensor_bytes,
+            });
+            while !writing.is_finished() {
+                std::thread::sleep(Duration::from_millis(50));
+                observer.event(Event::Written {
+                    written: written.load(Ordering::Relaxed),
+                });
+            }
+        }
+        let wrote = writing
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // A solve error comes first: the writer only stopped because of it.
-        solved.and(written)
+        writer_busy = solved.and(wrote)?;
+        Ok(())
     })?;
     let layers_solved = sums.modules.len();
     peak_device = peak_device.max(backend.memory_in_use());
     drop(sums);
 
-    let t2 = Instant::now();
     observer.event(Event::Writing { path: out });
     let mut files = writer.finish()?;
-    files.extend(write_sidecars(&out_dir, &base, out_dtype, cfg)?);
+    let forward_ran = regmean && cfg.models.iter().any(|m| m.grams.is_none());
+    let card = ModelCard {
+        cfg,
+        arch,
+        precision: forward_ran.then(|| backend.precision()),
+        out_dtype: &out_dtype,
+    };
+    files.extend(write_sidecars(&out_dir, &base, out_dtype.clone(), &card)?);
     out_dir.commit()?;
     Ok(MergeReport {
         arch,
@@ -374,13 +422,61 @@ fn merge_by_model<B: Backend>(
             model_load,
             sums: sums_time,
             solve: solve_time,
-            write: t2.elapsed(),
+            write: t1.elapsed().saturating_sub(solve_time),
+            writer_busy,
         },
         files,
+        tensor_bytes,
         peak_device_bytes: peak_device,
         schedule: Schedule::Model,
         activation_cache: None,
     })
+}
+
+/// Warns of every `exclude_param_names_regex` pattern that matches no parameter, naming a few
+/// names the model has: a pattern written for other names (FusionBench users write the
+/// `transformer.`-prefixed names of a classifier checkpoint) would otherwise exclude nothing,
+/// silently.
+fn warn_unmatched_excludes(
+    exclude: &ExcludeSet,
+    params: &crate::config::Parameters,
+    model_cfg: &ModelConfig,
+    observer: &dyn Observer,
+) {
+    let names: Vec<String> = model_cfg
+        .expected_shapes()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    // The same parameters as other checkpoints spell them.
+    let respelled: Vec<String> = names
+        .iter()
+        .map(|n| match model_cfg.arch() {
+            Arch::Gpt2 => format!("transformer.{n}"),
+            Arch::ClipVision => n.strip_prefix("vision_model.").unwrap_or(n).to_string(),
+        })
+        .collect();
+    let examples: Vec<String> = names
+        .iter()
+        .step_by((names.len() / 4).max(1))
+        .take(4)
+        .map(|n| format!("`{n}`"))
+        .collect();
+    for i in exclude.unmatched(&names) {
+        let pattern = &params.exclude_param_names_regex[i];
+        let why = if exclude.unmatched(&respelled).contains(&i) {
+            String::new()
+        } else {
+            match model_cfg.arch() {
+                Arch::Gpt2 => " (it matches `transformer.`-prefixed names; the merged model's names have no prefix)".into(),
+                Arch::ClipVision => " (it matches names without the `vision_model.` prefix; the merged model's names have it)".into(),
+            }
+        };
+        observer.event(Event::Warning(format!(
+            "exclude_param_names_regex `{pattern}` matches no parameter, so it excludes nothing{why}; the names are like {}",
+            examples.join(", ")
+        )));
+    }
 }
 
 pub fn describe(outcome: &SolveOutcome) -> String {
@@ -400,9 +496,9 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
             ckpt.dir(),
             format!(
                 "is a {} model but the base model {} is {}",
-                ckpt.arch().name(),
+                ckpt.arch().title(),
                 base.dir().display(),
-                base.arch().name()
+                base.arch().title()
             ),
         ));
     }
@@ -850,9 +946,17 @@ impl Ready {
     }
 }
 
+/// What the writer thread shares with the solve: a stop flag (the solve failed) and the
+/// bytes written so far (for progress).
+#[derive(Clone, Copy)]
+struct WriteProgress<'a> {
+    stop: &'a AtomicBool,
+    written: &'a AtomicU64,
+}
+
 /// Writes every output tensor: each solved layer as it arrives, first (the solve never waits
 /// for the rest), and between them what the base model gives and the averages (Σ / k), until
-/// `stop` says the solve failed.
+/// `stop` says the solve failed. Returns the time spent writing.
 fn write_merged(
     writer: &mut ModelWriter,
     base: &Checkpoint,
@@ -860,9 +964,20 @@ fn write_merged(
     means: BTreeMap<String, Vec<f32>>,
     k: f32,
     arrivals: std::sync::mpsc::Receiver<Ready>,
-    stop: &AtomicBool,
-) -> Result<()> {
-    let write = write_finite;
+    progress: WriteProgress<'_>,
+) -> Result<Duration> {
+    let busy = std::cell::Cell::new(Duration::ZERO);
+    let timed = |f: &mut dyn FnMut() -> Result<()>, bytes: usize| {
+        let t = Instant::now();
+        let r = f();
+        busy.set(busy.get() + t.elapsed());
+        progress.written.fetch_add(bytes as u64, Ordering::Relaxed);
+        r
+    };
+    let write = |writer: &mut ModelWriter, name: &str, values: &[f32]| {
+        let bytes = writer.planned_len(name);
+        timed(&mut || write_finite(writer, name, values), bytes)
+    };
     let write_arrival = |writer: &mut ModelWriter, r: Ready| {
         let values = match r.transpose_from {
             Some((rows, cols)) => transpose(&r.values, rows, cols),
@@ -886,12 +1001,15 @@ fn write_merged(
         while let Ok(r) = arrivals.try_recv() {
             write_arrival(writer, r)?;
         }
-        if stop.load(Ordering::Relaxed) {
-            return Ok(());
+        if progress.stop.load(Ordering::Relaxed) {
+            return Ok(busy.get());
         }
         match own {
             Own::Base => write(writer, &name, &base.f32(&name)?)?,
-            Own::Raw => writer.write_raw(&name, base.bytes(&name)?)?,
+            Own::Raw => {
+                let bytes = base.bytes(&name)?;
+                timed(&mut || writer.write_raw(&name, bytes), bytes.len())?
+            }
             Own::Mean(sum) => {
                 let mean: Vec<f32> = sum.into_iter().map(|v| v / k).collect();
                 write(writer, &name, &mean)?
@@ -901,7 +1019,7 @@ fn write_merged(
     for r in arrivals {
         write_arrival(writer, r)?;
     }
-    Ok(())
+    Ok(busy.get())
 }
 
 /// Writes a merged tensor, refusing non-finite values.
@@ -920,7 +1038,7 @@ pub(super) fn write_sidecars(
     out_dir: &OutputDir,
     base: &Checkpoint,
     out_dtype: Dtype,
-    cfg: &MergeConfig,
+    card: &ModelCard<'_>,
 ) -> Result<Vec<String>> {
     let mut files = Vec::new();
     let config = output_config(base, out_dtype.torch_name());
@@ -930,7 +1048,7 @@ pub(super) fn write_sidecars(
     )?;
     files.push("config.json".into());
     files.extend(copy_sidecars(base.dir(), out_dir.path())?);
-    out_dir.write_text("README.md", &model_card(cfg, base.arch()))?;
+    out_dir.write_text("README.md", &card.render())?;
     files.push("README.md".into());
     Ok(files)
 }
@@ -969,32 +1087,66 @@ pub fn output_config(base: &Checkpoint, torch_dtype: &str) -> serde_json::Value 
     c
 }
 
-fn model_card(cfg: &MergeConfig, arch: Arch) -> String {
-    let models: Vec<String> = cfg
-        .models
-        .iter()
-        .map(|m| {
-            let src = m
-                .data
-                .as_ref()
-                .map(|d| format!("data `{}`", d.display()))
-                .or_else(|| m.grams.as_ref().map(|g| format!("grams `{}`", g.display())));
-            format!(
-                "- `{}` ({})",
-                m.model.display(),
-                src.unwrap_or_else(|| "no data".into())
-            )
-        })
-        .collect();
-    let p = &cfg.parameters;
-    format!(
-        "---\nlibrary_name: transformers\ntags:\n- merge\n- regmean\n---\n\n# Merged model\n\nMerged by regmean-gpu {version} with `{method:?}` from the base model `{base}` and:\n\n{models}\n\n## Parameters\n\n```yaml\n{params}reduce_non_diagonal_ratio_used: {ratio}\nout_dtype: {dtype}\n```\n",
-        version = env!("CARGO_PKG_VERSION"),
-        method = cfg.merge_method,
-        base = cfg.base_model.display(),
-        models = models.join("\n"),
-        params = serde_yaml::to_string(p).unwrap_or_default(),
-        ratio = p.ratio_for(arch),
-        dtype = cfg.out_dtype.as_deref().unwrap_or("(base model's)"),
-    )
+/// What the model card records: the config as run, and what the run actually used.
+pub(super) struct ModelCard<'a> {
+    pub cfg: &'a MergeConfig,
+    pub arch: Arch,
+    /// The forward pass's precision; None when no forward pass ran (Grams from files, or a
+    /// simple average).
+    pub precision: Option<crate::backend::Precision>,
+    pub out_dtype: &'a Dtype,
+}
+
+/// A path as the model card shows it: its last component (the card travels with the model;
+/// the local folders it was merged from do not).
+fn card_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+impl ModelCard<'_> {
+    fn render(&self) -> String {
+        let cfg = self.cfg;
+        let models: Vec<String> = cfg
+            .models
+            .iter()
+            .map(|m| {
+                let src = m
+                    .data
+                    .as_ref()
+                    .map(|d| format!("data `{}`", card_name(d)))
+                    .or_else(|| {
+                        m.grams
+                            .as_ref()
+                            .map(|g| format!("grams `{}`", card_name(g)))
+                    });
+                format!(
+                    "- `{}` ({})",
+                    card_name(&m.model),
+                    src.unwrap_or_else(|| "no data".into())
+                )
+            })
+            .collect();
+        let mut params = serde_yaml::to_value(&cfg.parameters).unwrap_or_default();
+        if let Some(map) = params.as_mapping_mut() {
+            match self.precision {
+                Some(p) => map.insert("precision".into(), p.name().into()),
+                None => map.remove("precision"),
+            };
+            map.insert(
+                "reduce_non_diagonal_ratio".into(),
+                cfg.parameters.ratio_for(self.arch).into(),
+            );
+        }
+        format!(
+            "---\nlibrary_name: transformers\ntags:\n- merge\n- regmean\n---\n\n# Merged model\n\nMerged by regmean-gpu {version} with {method} from the base model `{base}` and:\n\n{models}\n\n## Parameters\n\n```yaml\n{params}out_dtype: {dtype}\n```\n",
+            version = env!("CARGO_PKG_VERSION"),
+            method = cfg.merge_method.title(),
+            base = card_name(&cfg.base_model),
+            models = models.join("\n"),
+            params = serde_yaml::to_string(&params).unwrap_or_default(),
+            dtype = self.out_dtype.torch_name(),
+        )
+    }
 }

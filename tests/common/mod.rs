@@ -128,6 +128,27 @@ impl Pool {
             .unwrap()
     }
 
+    /// Starts `regmean-gpu merge -q CONFIG OUT EXTRA...` on the pool with its output files'
+    /// final flush slowed down by `delay_ms` each (a test hook), stderr piped.
+    pub fn spawn_slow_merge(
+        &self,
+        config: &str,
+        out: &Path,
+        extra: &[&str],
+        delay_ms: u64,
+    ) -> std::process::Child {
+        Command::new(bin())
+            .args(["merge", "-q"])
+            .arg(self.path(config))
+            .arg(out)
+            .args(extra)
+            .env("REGMEAN_TEST_WRITE_DELAY_MS", delay_ms.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Runs `merge` on the pool's compat config (or another) and returns the failure message.
     pub fn merge_fails(&self, config: &str) -> String {
         let out_parent = self.path("out");

@@ -797,6 +797,10 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         by_precision!(self.upload_t(data, rows, cols))
     }
