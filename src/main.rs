@@ -303,7 +303,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    regmean_gpu::io::writer::install_interrupt_cleanup();
+    regmean_gpu::io::pending::install_interrupt_cleanup();
     let ui = Ui::new(cli.quiet, cli.verbose);
     match run(cli.command, &ui) {
         Ok(()) => ExitCode::SUCCESS,
@@ -576,6 +576,11 @@ fn eval_after_merge<B: Backend>(
                     .unwrap_or(Path::new(".")),
             )
             .map_err(|e| Error::io(&a.out_dir, e))?;
+        // Registered, so that an interrupt removes it too (and says so).
+        let _registered = regmean_gpu::io::pending::register_scratch(
+            scratch.path(),
+            "the scratch folder of the simple-average comparison",
+        );
         let avg_dir = scratch.path().join("average");
         let mut avg_cfg = cfg.clone();
         avg_cfg.merge_method = MergeMethod::SimpleAverage;

@@ -299,6 +299,7 @@ pub fn merge<B: Backend>(
     let mut files = writer.finish()?;
     files.extend(write_sidecars(&out_dir, &base, out_dtype, cfg)?);
     out_dir.commit()?;
+    crate::io::pending::record_complete(out);
     Ok(MergeReport {
         arch,
         method: cfg.merge_method,

@@ -74,13 +74,16 @@ pub fn write(path: &Path, grams: &ModelGrams, info: &GramFileInfo<'_>) -> Result
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    crate::io::writer::register_pending(&tmp);
+    crate::io::pending::register_pending(&tmp);
     let written = write_file(&tmp, &tensors, &meta)
         .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    match &written {
+        Ok(()) => crate::io::pending::record_complete(path),
+        Err(_) => {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
-    crate::io::writer::unregister_pending(&tmp);
+    crate::io::pending::unregister_pending(&tmp);
     written
 }
 
