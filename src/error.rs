@@ -9,6 +9,10 @@ pub enum Error {
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
 
+    /// An input was truncated or rewritten by another program while this run read it.
+    #[error("{} changed while being read (another program truncated or rewrote it during this run): run again once it is complete", path.display())]
+    InputChanged { path: PathBuf },
+
     /// The operating system refused a read or write.
     #[error("{}: {source}", path.display())]
     Io {

@@ -305,7 +305,9 @@ fn main() -> ExitCode {
     }
     regmean_gpu::io::pending::install_interrupt_cleanup();
     let ui = Ui::new(cli.quiet, cli.verbose);
-    match run(cli.command, &ui) {
+    // A mapped input truncated during the run reads as zeros after the fault: whatever
+    // was computed from it is not reported as a success.
+    match run(cli.command, &ui).and_then(|()| regmean_gpu::io::mapped::check_no_fault()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             ui.clear();

@@ -1,5 +1,6 @@
-//! Runs cut short from outside: Ctrl-C after one output of `merge --eval --compare-average`
-//! was already written. Each must end with one true line and leave no temporary output behind.
+//! Runs cut short from outside: an input truncated by another program while the merge reads
+//! it, and Ctrl-C after one output of `merge --eval --compare-average` was already written.
+//! Each must end with one true line and leave no temporary output behind.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_mentions, bin, fixtures};
+use common::{assert_mentions, bin, fixtures, Pool};
 
 /// Polls until `ready` gives a value; kills the child and fails after 30 s.
 fn wait_for<T>(child: &mut Child, what: &str, ready: impl Fn() -> Option<T>) -> T {
@@ -42,6 +43,85 @@ fn names(dir: &Path) -> Vec<String> {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect()
+}
+
+/// Truncates `file` to 1000 bytes (its header stays whole; its tensors are cut off).
+fn truncate(file: &Path) {
+    std::fs::File::options()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+}
+
+/// A merge of the GPT-2 pool into many small shards, slowed down by the test hook `hook`
+/// (`REGMEAN_TEST_MODEL_DELAY_MS`: each task model held open before its weights are read;
+/// `REGMEAN_TEST_WRITE_DELAY_MS`: each shard held before it is flushed).
+fn start_slow_merge(pool: &Pool, hook: &str, ms: u64) -> Child {
+    Command::new(bin())
+        .args(["merge", "-q"])
+        .arg(pool.path("compat.yaml"))
+        .arg(pool.path("out/merged"))
+        .args(["--out-shard-size", "20KB"])
+        .env(hook, ms.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Whether process `pid` has `file` memory-mapped now.
+fn maps(pid: u32, file: &Path) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .is_ok_and(|m| m.contains(file.to_str().unwrap()))
+}
+
+/// The truncated file must be named in the one error line, the run must exit 1 (not die of
+/// SIGBUS), and nothing may be left beside the output.
+fn assert_reported(child: Child, pool: &Pool, file: &str) {
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{:?}: {stderr}", o.status);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert_mentions(errors[0], &[file, "changed while being read"]);
+    let left = names(&pool.path("out"));
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn a_task_model_truncated_while_the_merge_reads_it_ends_the_run_with_one_line() {
+    let pool = Pool::new();
+    std::fs::create_dir(pool.path("out")).unwrap();
+    let mut child = start_slow_merge(&pool, "REGMEAN_TEST_MODEL_DELAY_MS", 1500);
+    let (pid, model) = (child.id(), pool.path("task_a/model.safetensors"));
+    // Mapped for a moment when every input is checked, then at its turn, held by the hook:
+    // cut once it has been mapped for 300 ms, before its weights are read.
+    let since = std::cell::Cell::new(None::<Instant>);
+    wait_for(&mut child, "task_a was mapped at its turn", || {
+        let first = maps(pid, &model).then(|| *since.get().get_or_insert_with(Instant::now));
+        since.set(first);
+        first.filter(|t| t.elapsed() > Duration::from_millis(300))
+    });
+    truncate(&model);
+    assert_reported(child, &pool, "task_a/model.safetensors");
+}
+
+#[test]
+fn the_base_model_truncated_while_the_output_is_written_ends_the_run_with_one_line() {
+    let pool = Pool::new();
+    std::fs::create_dir(pool.path("out")).unwrap();
+    let mut child = start_slow_merge(&pool, "REGMEAN_TEST_WRITE_DELAY_MS", 300);
+    // The shards are created once every task model was read; the base model is read on,
+    // until the last tensor that it supplies is written.
+    wait_for(&mut child, "its first shard appeared", || {
+        entries_with(&pool.path("out"), ".partial-")
+            .pop()
+            .filter(|p| !entries_with(p, "safetensors").is_empty())
+    });
+    truncate(&pool.path("base/model.safetensors"));
+    assert_reported(child, &pool, "base/model.safetensors");
 }
 
 extern "C" {

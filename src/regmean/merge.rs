@@ -24,6 +24,7 @@ use crate::backend::Backend;
 use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::io::mapped::FileStamp;
 use crate::io::writer::{copy_sidecars, ModelWriter, OutputDir, PlannedTensor};
 use crate::io::{Arch, Checkpoint, Dtype};
 use crate::model::{take_linear_in_out, transpose, LinearModule, ModelConfig, Site};
@@ -125,8 +126,30 @@ pub fn merge<B: Backend>(
     opts: &MergeOptions,
     observer: &dyn Observer,
 ) -> Result<MergeReport> {
+    let mut watched = Vec::new();
+    merge_watched(backend, cfg, out, opts, observer, &mut watched).map_err(|e| {
+        // An input that changed under the run explains what failed after it (a model
+        // truncated before its turn no longer parses): the change is what the user is told.
+        watched
+            .iter()
+            .find_map(|stamp| stamp.check().err())
+            .unwrap_or(e)
+    })
+}
+
+/// [`merge`], recording in `watched` the stamp of every input file as it is first opened;
+/// all are checked again before the output is committed.
+fn merge_watched<B: Backend>(
+    backend: &B,
+    cfg: &MergeConfig,
+    out: &Path,
+    opts: &MergeOptions,
+    observer: &dyn Observer,
+    watched: &mut Vec<FileStamp>,
+) -> Result<MergeReport> {
     let params = &cfg.parameters;
     let base = Checkpoint::open(&cfg.base_model)?;
+    watched.extend(base.stamps().cloned());
     let model_cfg = ModelConfig::from_checkpoint(&base)?;
     model_cfg.check_checkpoint(&base)?;
     let arch = model_cfg.arch();
@@ -144,7 +167,7 @@ pub fn merge<B: Backend>(
     // input must open and fit.
     let out_dir = OutputDir::create(out, opts.force)?;
     crate::profile::span("inputs: open and check all", || {
-        check_inputs(cfg, &base, &model_cfg, &sites, regmean)
+        check_inputs(cfg, &base, &model_cfg, &sites, regmean, watched)
     })?;
 
     let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
@@ -167,6 +190,7 @@ pub fn merge<B: Backend>(
                     Some(handle) => join_prepared(handle)?,
                     None => open_prepared(entry, &sites, forward_runs(entry), false)?,
                 };
+                hold_for_tests();
                 if let Some(following) = cfg.models.get(index + 1).filter(|_| ahead) {
                     let sites = &sites;
                     let keep = forward_runs(following);
@@ -213,6 +237,9 @@ pub fn merge<B: Backend>(
                 let t = Instant::now();
                 crate::profile::span("sums: means", || sums.add_means(&ckpt))?;
                 sums_time += t.elapsed();
+                // Everything of this model was read: had another program truncated or
+                // rewritten it meanwhile, the sums hold zeros or a mix, and the run ends here.
+                ckpt.check_unchanged()?;
                 sums.count += 1;
                 observer.event(Event::ModelDone { index });
                 reports.push(report);
@@ -298,6 +325,10 @@ pub fn merge<B: Backend>(
     observer.event(Event::Writing { path: out });
     let mut files = writer.finish()?;
     files.extend(write_sidecars(&out_dir, &base, out_dtype, cfg)?);
+    // The base model was read until its last tensor was written; every other input was
+    // read earlier, and must still be as it was when first checked.
+    base.check_unchanged()?;
+    watched.iter().try_for_each(FileStamp::check)?;
     out_dir.commit()?;
     crate::io::pending::record_complete(out);
     Ok(MergeReport {
@@ -360,18 +391,36 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
 /// forward pass: a wrong path or a malformed file in the last entry fails in seconds, not
 /// after the other models have run. Nothing is kept: each is opened again at its turn, so
 /// that memory does not grow with the number of models (a second parse of a few hundred
-/// examples takes milliseconds).
+/// examples takes milliseconds). Adds the stamps of the files checked to `stamps`: the run
+/// compares them before it commits its output, so that a file changed between this check and
+/// its turn (or after it) is reported.
 fn check_inputs(
     cfg: &MergeConfig,
     base: &Checkpoint,
     model_cfg: &ModelConfig,
     sites: &[Site],
     regmean: bool,
+    stamps: &mut Vec<FileStamp>,
 ) -> Result<()> {
     let options = cfg.parameters.gram_options();
     for entry in &cfg.models {
         let ckpt = Checkpoint::open(&entry.model)?;
+        stamps.extend(ckpt.stamps().cloned());
         check_compatible(base, model_cfg, &ckpt)?;
+        let read = if regmean {
+            entry.grams.as_ref().or(entry.data.as_ref())
+        } else {
+            None
+        };
+        // Stamped before it is read. An image folder has no stamp of its own: its images
+        // are read once, at its turn.
+        // (A missing one is reported by its reader, just below.)
+        if let Some(stamp) = read
+            .filter(|p| p.is_file())
+            .and_then(|p| FileStamp::of(p).ok())
+        {
+            stamps.push(stamp);
+        }
         match (&entry.grams, &entry.data) {
             _ if !regmean => {}
             (Some(path), _) => stats::check(path, model_cfg.arch(), &options, sites)?,
@@ -421,6 +470,17 @@ fn open_prepared(
         });
     }
     Ok(ckpt)
+}
+
+/// A test hook: holds each task model open (mapped, its header read) this long before its
+/// weights are read, so that tests can change the file under the run.
+fn hold_for_tests() {
+    if let Some(ms) = std::env::var("REGMEAN_TEST_MODEL_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 }
 
 fn join_prepared(
