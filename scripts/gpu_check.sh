@@ -44,7 +44,7 @@ has_gpu() { "$bin" doctor --json 2>/dev/null | grep -q '"cuda_available": true';
 doctor() { "$bin" doctor && has_gpu; }
 gpu_tests() {
   local log
-  log=$(env REGMEAN_REPO="$PWD" "$bundle/gpu-tests" --nocapture --test-threads=1 2>&1); local rc=$?
+  log=$(env REGMEAN_REPO="$PWD" REGMEAN_BIN="$(realpath "$bin")" "$bundle/gpu-tests" --nocapture --test-threads=1 2>&1); local rc=$?
   echo "$log"
   [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log"
 }

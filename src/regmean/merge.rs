@@ -18,6 +18,7 @@ use rayon::prelude::*;
 use super::gram::{accumulate_grams, DeviceGrams, ModelGrams};
 use super::solve::{solve_layer, SolveOutcome};
 use super::stats::{self, GramFileInfo};
+use crate::backend::cuda::fault::{LOWER_FORWARD, LOWER_SUMS};
 use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::Backend;
@@ -170,7 +171,8 @@ fn merge_watched<B: Backend>(
         check_inputs(cfg, &base, &model_cfg, &sites, regmean, watched)
     })?;
 
-    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
+    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())
+        .map_err(|e| e.during("allocating the running sums on the GPU", LOWER_SUMS))?;
     let mut reports = Vec::with_capacity(cfg.models.len());
     let mut peak_device = backend.memory_in_use();
     let mut model_load = Duration::ZERO;
@@ -214,7 +216,8 @@ fn merge_watched<B: Backend>(
                         sums.device(),
                         &mut model_load,
                         observer,
-                    )?;
+                    )
+                    .map_err(|e| e.during(format!("the forward pass of {name}"), LOWER_FORWARD))?;
                     let (examples, rows, peak) = match &grams {
                         Grams::Host(g) => (
                             g.examples,
@@ -231,7 +234,8 @@ fn merge_watched<B: Backend>(
                     report.rows = rows.unwrap_or(0);
                     peak_device = peak_device.max(peak);
                     let t = Instant::now();
-                    sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
+                    sums.add_regmean(&ckpt, grams, ratio, diag_mult)
+                        .map_err(|e| e.during(format!("adding {name} to the sums"), LOWER_SUMS))?;
                     sums_time += t.elapsed();
                 }
                 let t = Instant::now();
@@ -285,7 +289,9 @@ fn merge_watched<B: Backend>(
         let mut solving = || -> Result<()> {
             for (done, m) in sums.modules.iter().enumerate() {
                 let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
-                let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
+                let (w, outcome) = sums.solve(done, m.site, d_in, d_out).map_err(|e| {
+                    e.during(format!("the solve of {}", m.module.weight), LOWER_SUMS)
+                })?;
                 if outcome.is_fallback() {
                     observer.event(Event::Warning(format!(
                         "{}: {}",
@@ -530,6 +536,9 @@ fn model_grams<B: Backend>(
             },
         )
         .map(Grams::Host);
+    }
+    if let Some(dev) = sums_on {
+        dev.inject_test_fault(index)?;
     }
     let data = open_data(
         cfg,
