@@ -167,7 +167,7 @@ impl fmt::Display for GpuError {
                 write!(f, "out of GPU memory{step}: ")?;
                 match &self.allocation {
                     Some((what, bytes)) => write!(f, "{what} needed {} more", mb(*bytes))?,
-                    None => write!(f, "{} (a library's workspace)", self.code)?,
+                    None => write!(f, "{}", self.code)?,
                 }
                 if let Some((free, total)) = self.memory {
                     write!(f, ", and {} of the GPU's {} was free", mb(free), mb(total))?;
@@ -238,8 +238,7 @@ mod tests {
         assert!(
             text.starts_with(
                 "out of GPU memory in the solve of h.0.attn.c_attn.weight: \
-                 CUBLAS_STATUS_ALLOC_FAILED (a library's workspace): the sums grow with the \
-                 model's width"
+                 CUBLAS_STATUS_ALLOC_FAILED: the sums grow with the model's width"
             ),
             "{text}"
         );
