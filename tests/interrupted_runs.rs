@@ -90,22 +90,40 @@ fn assert_reported(child: Child, pool: &Pool, file: &str) {
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-#[test]
-fn a_task_model_truncated_while_the_merge_reads_it_ends_the_run_with_one_line() {
+/// Starts a merge and calls `change` on task_a's weights while the merge holds them open at
+/// their turn, before it reads them; the run must then end with the line naming the file.
+fn change_task_a_at_its_turn(change: impl Fn(&Path)) {
     let pool = Pool::new();
     std::fs::create_dir(pool.path("out")).unwrap();
     let mut child = start_slow_merge(&pool, "REGMEAN_TEST_MODEL_DELAY_MS", 1500);
     let (pid, model) = (child.id(), pool.path("task_a/model.safetensors"));
     // Mapped for a moment when every input is checked, then at its turn, held by the hook:
-    // cut once it has been mapped for 300 ms, before its weights are read.
+    // changed once it has been mapped for 300 ms.
     let since = std::cell::Cell::new(None::<Instant>);
     wait_for(&mut child, "task_a was mapped at its turn", || {
         let first = maps(pid, &model).then(|| *since.get().get_or_insert_with(Instant::now));
         since.set(first);
         first.filter(|t| t.elapsed() > Duration::from_millis(300))
     });
-    truncate(&model);
+    change(&model);
     assert_reported(child, &pool, "task_a/model.safetensors");
+}
+
+#[test]
+fn a_task_model_truncated_while_the_merge_reads_it_ends_the_run_with_one_line() {
+    change_task_a_at_its_turn(truncate);
+}
+
+#[test]
+fn a_task_model_rewritten_in_place_while_the_merge_reads_it_ends_the_run_with_one_line() {
+    // The same size, other bytes (the end of the last tensor): only the modification time
+    // tells.
+    change_task_a_at_its_turn(|model| {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::File::options().write(true).open(model).unwrap();
+        f.seek(SeekFrom::End(-64)).unwrap();
+        f.write_all(&[0x3f; 64]).unwrap();
+    });
 }
 
 #[test]
