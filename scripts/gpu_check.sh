@@ -44,8 +44,8 @@ has_gpu() { "$bin" doctor --json 2>/dev/null | grep -q '"cuda_available": true';
 doctor() { "$bin" doctor && has_gpu; }
 gpu_tests() { # the GPU tests are #[ignore]d where cargo test runs; here they must all run
   local log
-  log=$(env REGMEAN_REPO="$PWD" REGMEAN_REQUIRE_GPU=1 "$bundle/gpu-tests" --include-ignored \
-    --nocapture --test-threads=1 2>&1); local rc=$?
+  log=$(env REGMEAN_REPO="$PWD" REGMEAN_BIN="$(realpath "$bin")" REGMEAN_REQUIRE_GPU=1 \
+    "$bundle/gpu-tests" --include-ignored --nocapture --test-threads=1 2>&1); local rc=$?
   echo "$log"
   [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log" && ! grep -qE '[1-9][0-9]* ignored' <<< "$log"
 }

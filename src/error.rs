@@ -3,11 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::backend::cuda::fault::GpuError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file (checkpoint, data, Gram statistics, config) is malformed or inconsistent.
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
+
+    /// An input was truncated or rewritten by another program while this run read it.
+    #[error("{} changed while being read (another program truncated or rewrote it during this run): run again once it is complete", path.display())]
+    InputChanged { path: PathBuf },
 
     /// The operating system refused a read or write.
     #[error("{}: {source}", path.display())]
@@ -33,17 +39,10 @@ pub enum Error {
     #[error("backend: {0}")]
     Backend(String),
 
-    #[error("CUDA driver: {0}")]
-    Driver(#[from] cudarc::driver::DriverError),
-
-    #[error("cuBLAS: {0}")]
-    Cublas(#[from] cudarc::cublas::result::CublasError),
-
-    #[error("cuSOLVER: {0}")]
-    Cusolver(#[from] cudarc::cusolver::result::CusolverError),
-
-    #[error("out of GPU memory allocating {what} ({} MB): lower parameters.batch_size, or use --device cpu", bytes / 1_000_000)]
-    OutOfMemory { what: String, bytes: usize },
+    /// A GPU failure (out of memory, a device fault, any CUDA, cuBLAS or cuSOLVER status),
+    /// classified in one place: `backend/cuda/fault.rs`.
+    #[error("{0}")]
+    Gpu(Box<GpuError>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -93,6 +92,60 @@ impl Error {
             },
             other => other,
         }
+    }
+
+    /// Names the step of the run a GPU failure happened in, and what lowers that step's
+    /// memory (`fault::LOWER_*`), unless an inner step was named already. Other errors pass.
+    pub fn during(mut self, step: impl AsRef<str>, lower_with: &str) -> Self {
+        if let Error::Gpu(e) = &mut self {
+            e.during(step.as_ref(), lower_with);
+        }
+        self
+    }
+}
+
+/// Free and total memory of the current device, asked for only on the way to an
+/// out-of-memory error, and only when the driver library is loaded (cudarc panics otherwise).
+fn device_memory() -> Option<(u64, u64)> {
+    if !crate::backend::cuda::driver_loaded() {
+        return None;
+    }
+    cudarc::driver::result::mem_get_info()
+        .ok()
+        .map(|(free, total)| (free as u64, total as u64))
+}
+
+impl From<GpuError> for Error {
+    fn from(mut e: GpuError) -> Self {
+        if e.kind == crate::backend::cuda::fault::GpuFailure::OutOfMemory && e.memory.is_none() {
+            e.memory = device_memory();
+        }
+        Error::Gpu(Box::new(e))
+    }
+}
+
+impl From<cudarc::driver::DriverError> for Error {
+    fn from(e: cudarc::driver::DriverError) -> Self {
+        let mut gpu = GpuError::from_driver(e.0);
+        if crate::backend::cuda::driver_loaded() {
+            gpu.detail = e
+                .error_string()
+                .ok()
+                .map(|s| s.to_string_lossy().into_owned());
+        }
+        gpu.into()
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for Error {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        GpuError::from_cublas(e.0).into()
+    }
+}
+
+impl From<cudarc::cusolver::result::CusolverError> for Error {
+    fn from(e: cudarc::cusolver::result::CusolverError) -> Self {
+        GpuError::from_cusolver(e.0).into()
     }
 }
 

@@ -339,9 +339,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    regmean_gpu::io::writer::install_interrupt_cleanup();
+    regmean_gpu::io::pending::install_interrupt_cleanup();
     let ui = Ui::new(cli.quiet, cli.verbose);
-    match run(cli.command, &ui) {
+    // A mapped input truncated during the run reads as zeros after the fault: whatever
+    // was computed from it is not reported as a success.
+    match run(cli.command, &ui).and_then(|()| regmean_gpu::io::mapped::check_no_fault()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             ui.clear();
@@ -636,6 +638,11 @@ fn eval_after_merge<B: Backend>(
                     .unwrap_or(Path::new(".")),
             )
             .map_err(|e| Error::io(&a.out_dir, e))?;
+        // Registered, so that an interrupt removes it too (and says so).
+        let _registered = regmean_gpu::io::pending::register_scratch(
+            scratch.path(),
+            "the scratch folder of the simple-average comparison",
+        );
         let avg_dir = scratch.path().join("average");
         let mut avg_cfg = cfg.clone();
         avg_cfg.merge_method = MergeMethod::SimpleAverage;

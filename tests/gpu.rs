@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{
     assert_mentions, assert_model_matches, copy_dir, fixtures, i64_tensor, rel_err,
@@ -377,4 +377,191 @@ fn the_probe_keeps_the_libraries_it_found_loaded() {
     let again = cuda::probe();
     assert!(t.elapsed() < std::time::Duration::from_millis(5));
     assert_eq!(again.cublas_present, p.cublas_present);
+}
+
+// GPU faults. Each merge here runs as a child process: a device fault leaves the context of
+// the process it happened in unusable, and the memory held below must belong to another
+// process than the merge, as when another program holds the GPU. (Held in this process,
+// it also starves other GPU tests running at the same time: scripts/gpu_check.sh runs them
+// one at a time.)
+
+/// A merge on the GPU through the command line, into `out`, with `env` set.
+fn cli_merge_on_gpu(config: &Path, out: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(common::bin());
+    cmd.arg("merge")
+        .arg(config)
+        .arg(out)
+        .args(["--device", "cuda"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+/// The run failed with exit 1 and one error line, no panic and no cudarc dump, and left
+/// nothing beside its output; returns the error line.
+fn one_clean_failure(o: &std::process::Output, out_parent: &Path) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{:?}: {stderr}", o.status);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("DriverError"),
+        "{stderr}"
+    );
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(out_parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    errors[0].to_string()
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
+fn out_of_device_memory_ends_the_merge_with_one_line_that_says_what_lowers_it() {
+    if !gpu_or_skip("out_of_device_memory_ends_the_merge_with_one_line_that_says_what_lowers_it") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A pool of GPT-2 small width (2 layers, 180 MB a model): its merge needs more device
+    // memory than the least left free below.
+    let pool = tmp.path().join("pool");
+    let synth = std::process::Command::new(common::bin())
+        .args([
+            "synth",
+            "--layers",
+            "2",
+            "--models",
+            "2",
+            "--examples",
+            "32",
+        ])
+        .arg("--out")
+        .arg(&pool)
+        .output()
+        .unwrap();
+    assert!(synth.status.success(), "{synth:?}");
+    let dev = CudaDevice::open(0).unwrap();
+    let out_parent = tmp.path().join("out");
+    std::fs::create_dir(&out_parent).unwrap();
+    // How much the child's context, handles and merge need is the driver's business: the
+    // memory left free goes from little to more, and every run that fails must fail cleanly,
+    // out of memory, with the step and the option named; at least one must fail in the merge
+    // itself (not while opening the GPU).
+    let mut in_the_merge = 0;
+    for keep_mb in [128usize, 384, 1024, 2048] {
+        let (free, total) = dev.stream().context().mem_get_info().unwrap();
+        let held = dev
+            .zeros::<u8>(
+                free.saturating_sub(keep_mb << 20),
+                "memory held by the test",
+            )
+            .unwrap();
+        eprintln!(
+            "holding {} of {} MB, {} MB left free",
+            held.len() >> 20,
+            total >> 20,
+            dev.stream().context().mem_get_info().unwrap().0 >> 20
+        );
+        let o = cli_merge_on_gpu(&pool.join("merge.yaml"), &out_parent.join("merged"), &[]);
+        drop(held);
+        if o.status.success() {
+            eprintln!("{keep_mb} MB free: the merge fitted");
+            std::fs::remove_dir_all(out_parent.join("merged")).unwrap();
+            continue;
+        }
+        let line = one_clean_failure(&o, &out_parent);
+        eprintln!("{keep_mb} MB free: {line}");
+        assert_mentions(&line, &["error: out of GPU memory in ", " was free: "]);
+        assert!(line.contains("--device cpu"), "{line}");
+        if !line.contains("in opening GPU") {
+            assert_mentions(&line, &[" needed "]);
+            in_the_merge += 1;
+        }
+    }
+    assert!(
+        in_the_merge > 0,
+        "no run ran out of memory in the merge itself"
+    );
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
+fn a_kernel_fault_mid_merge_names_the_step_and_removes_the_partial_output() {
+    if !gpu_or_skip("a_kernel_fault_mid_merge_names_the_step_and_removes_the_partial_output") {
+        return;
+    }
+    // fault.cu's kernels, launched by the test hook at the second model's forward pass.
+    for (kernel, status) in [
+        ("write_through", "CUDA_ERROR_ILLEGAL_ADDRESS"),
+        ("trap", "CUDA_ERROR_"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out_parent = tmp.path().join("out");
+        std::fs::create_dir(&out_parent).unwrap();
+        let spec = format!("{kernel}:1");
+        let o = cli_merge_on_gpu(
+            &fixtures().join("gpt2_pool/compat.yaml"),
+            &out_parent.join("merged"),
+            &[("REGMEAN_TEST_GPU_FAULT", &spec)],
+        );
+        let line = one_clean_failure(&o, &out_parent);
+        assert_mentions(
+            &line,
+            &[
+                "the GPU failed in the forward pass of task_b: ",
+                status,
+                "--device cpu",
+            ],
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
+fn merges_sharing_one_gpu_at_once_all_match_the_cpu_merge() {
+    if !gpu_or_skip("merges_sharing_one_gpu_at_once_all_match_the_cpu_merge") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let configs = [
+        fixtures().join("gpt2_pool/compat.yaml"),
+        fixtures().join("clip_pool/compat.yaml"),
+    ];
+    // Two of each at once, started together.
+    let runs: Vec<(usize, PathBuf, std::process::Child)> = (0..4)
+        .map(|i| {
+            let out = tmp.path().join(format!("gpu{i}"));
+            let child = std::process::Command::new(common::bin())
+                .arg("merge")
+                .arg(&configs[i % 2])
+                .arg(&out)
+                .args(["--device", "cuda", "-q"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (i % 2, out, child)
+        })
+        .collect();
+    let cpu: Vec<PathBuf> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let out = tmp.path().join(format!("cpu{i}"));
+            let cfg = MergeConfig::load(c).unwrap();
+            merge(&CpuBackend, &cfg, &out, &MergeOptions::default(), &Silent).unwrap();
+            out
+        })
+        .collect();
+    for (config, out, child) in runs {
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            out.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_model_matches(&out, &cpu[config].join("model.safetensors"), 1e-4);
+    }
 }

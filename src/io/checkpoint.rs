@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use super::mapped::FileStamp;
 use super::safetensors::{Dtype, SafetensorsFile, TensorEntry};
 use rayon::prelude::*;
 
@@ -301,6 +302,20 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// An error naming the first weight file that was truncated while mapped, or whose size,
+    /// modification time or inode changed since the checkpoint was opened: for the end of
+    /// reading it (bytes borrowed from a truncated map read as zeros).
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.files
+            .iter()
+            .try_for_each(SafetensorsFile::check_unchanged)
+    }
+
+    /// Its weight files as they were when opened.
+    pub fn stamps(&self) -> impl Iterator<Item = &FileStamp> {
+        self.files.iter().map(SafetensorsFile::stamp)
+    }
+
     /// A content fingerprint of the backbone: names, dtypes, shapes and bytes of every tensor.
     /// Two checkpoints with the same backbone weights in different key layouts agree.
     pub fn fingerprint(&self) -> Result<String> {
@@ -315,6 +330,7 @@ impl Checkpoint {
             }
             h.update(self.bytes(name)?);
         }
+        self.check_unchanged()?;
         Ok(format!("sha256:{:x}", h.finalize()))
     }
 

@@ -2,7 +2,9 @@
 
 pub mod checkpoint;
 pub mod guard;
+pub mod mapped;
 pub mod output;
+pub mod pending;
 pub mod safetensors;
 pub mod writer;
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::guard::Inputs;
-use super::writer::{register_pending, unregister_pending};
+use super::pending::{record_complete, register_pending, unregister_pending};
 use crate::error::{Error, Result};
 
 /// Distinguishes the staged outputs of one process (`compare-average` writes two).
@@ -144,6 +144,7 @@ impl StagedOutput {
             remove_entry(&self.tmp_path).map_err(|e| Error::io(&self.tmp_path, e))?;
         }
         unregister_pending(&self.tmp_path);
+        record_complete(&self.final_path);
         Ok(())
     }
 }

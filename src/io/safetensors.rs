@@ -1,4 +1,5 @@
-//! Safetensors files: a memory-mapped reader that converts float tensors to f32 on demand,
+//! Safetensors files: a memory-mapped reader that converts float tensors to f32 on demand
+//! (the map guarded against the file changing under it, see [`super::mapped`]),
 //! and a streaming writer. Parsing and validation of the header (size cap, offsets, dtype
 //! × shape against byte length) are the `safetensors` crate's; this module adds file names
 //! to every error and the dtype conversions the engine needs.
@@ -8,8 +9,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
-
+use super::mapped::{FileStamp, MappedFile};
 use crate::error::{Error, Result};
 
 /// Element types the engine distinguishes. Floats are computed in f32; everything else is
@@ -98,7 +98,7 @@ impl TensorEntry {
 /// A memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    map: MappedFile,
     tensors: BTreeMap<String, TensorEntry>,
     metadata: HashMap<String, String>,
 }
@@ -106,11 +106,8 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        // SAFETY: the map is read-only and private to this process. A file truncated or
-        // rewritten by another process while we hold the map could fault on access; that is
-        // the documented contract of every memory-mapped reader (the safetensors crate's too).
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let map = MappedFile::open(&path)?;
+        let mmap = map.bytes();
         // Duplicates first: the crate's map keeps the last entry and reports a confusing error.
         if let Some(header) = mmap
             .get(..8)
@@ -118,14 +115,18 @@ impl SafetensorsFile {
             .and_then(|n| mmap.get(8..8usize.checked_add(usize::try_from(n).ok()?)?))
         {
             if let Some(dup) = duplicate_key(header) {
+                map.check_read()?;
                 return Err(Error::file(
                     &path,
                     format!("tensor `{dup}` is listed twice in the header"),
                 ));
             }
         }
-        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
+        let parsed = safetensors::SafeTensors::read_metadata(mmap);
+        // A header read as zeros (the file truncated while it was parsed) is not malformed.
+        map.check_read()?;
+        let (header_len, meta) =
+            parsed.map_err(|e| Error::file(&path, format!("not a valid safetensors file: {e}")))?;
 
         let data_start = 8 + header_len;
         let mut tensors = BTreeMap::new();
@@ -147,7 +148,7 @@ impl SafetensorsFile {
         let metadata = meta.metadata().clone().unwrap_or_default();
         Ok(SafetensorsFile {
             path,
-            mmap,
+            map,
             tensors,
             metadata,
         })
@@ -171,22 +172,37 @@ impl SafetensorsFile {
             .ok_or_else(|| Error::file(&self.path, format!("missing tensor `{name}`")))
     }
 
+    /// A tensor's stored bytes, borrowed from the map. Whoever reads them checks
+    /// [`SafetensorsFile::check_unchanged`] afterwards: bytes past a truncation read as zeros.
     pub fn bytes(&self, name: &str) -> Result<&[u8]> {
         let e = self.entry(name)?;
-        Ok(&self.mmap[e.range.clone()])
+        Ok(&self.map.bytes()[e.range.clone()])
     }
 
     /// The tensor converted to f32 (F32, F16, BF16, F64 accepted).
     pub fn to_f32(&self, name: &str) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
-        let bytes = &self.mmap[e.range.clone()];
-        decode_f32(&e.dtype, bytes).ok_or_else(|| self.not_float(name, e))
+        let bytes = &self.map.bytes()[e.range.clone()];
+        let v = decode_f32(&e.dtype, bytes).ok_or_else(|| self.not_float(name, e))?;
+        self.map.check_read()?;
+        Ok(v)
+    }
+
+    /// An error naming the file when it was truncated while mapped, or when its size,
+    /// modification time or inode changed since it was opened.
+    pub fn check_unchanged(&self) -> Result<()> {
+        self.map.check_unchanged()
+    }
+
+    /// The file as it was when opened.
+    pub fn stamp(&self) -> &FileStamp {
+        self.map.stamp()
     }
 
     /// A `[rows, cols]` tensor converted to f32 and transposed to `[cols, rows]`.
     pub fn to_f32_transposed(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
         let e = self.entry(name)?;
-        let bytes = &self.mmap[e.range.clone()];
+        let bytes = &self.map.bytes()[e.range.clone()];
         if e.shape != [rows, cols] {
             return Err(Error::file(
                 &self.path,
@@ -196,7 +212,10 @@ impl SafetensorsFile {
                 ),
             ));
         }
-        decode_f32_transposed(&e.dtype, bytes, rows, cols).ok_or_else(|| self.not_float(name, e))
+        let v = decode_f32_transposed(&e.dtype, bytes, rows, cols)
+            .ok_or_else(|| self.not_float(name, e))?;
+        self.map.check_read()?;
+        Ok(v)
     }
 
     fn not_float(&self, name: &str, e: &TensorEntry) -> Error {

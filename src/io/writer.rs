@@ -4,7 +4,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -13,41 +12,6 @@ use std::io::{Seek, SeekFrom, Write};
 use super::safetensors::{check_f32_target, encode_f32, header_bytes, OutTensor, TensorData};
 use super::Dtype;
 use crate::error::{Error, Result};
-
-/// Temporary outputs of this process, removed if it is interrupted (Ctrl-C, SIGTERM).
-static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
-
-pub(crate) fn register_pending(path: &Path) {
-    PENDING
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(path.to_path_buf());
-}
-
-pub(crate) fn unregister_pending(path: &Path) {
-    PENDING
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|p| p != path);
-}
-
-/// On SIGINT/SIGTERM: delete this process's temporary outputs and exit with status 130, so
-/// an interrupted run leaves nothing behind. (A SIGKILL cannot be caught: its leftovers are
-/// hidden `.NAME.partial-PID` entries, removed by the next run that writes the same output.)
-pub fn install_interrupt_cleanup() {
-    let _ = ctrlc::set_handler(|| {
-        let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        for p in &pending {
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(p)
-            } else {
-                std::fs::remove_file(p)
-            };
-        }
-        eprintln!("\ninterrupted: removed the partial output; nothing was written");
-        std::process::exit(130);
-    });
-}
 
 /// Writes tensors as `model.safetensors`, or as `model-0000i-of-0000N.safetensors` shards of
 /// at most `shard_bytes` each plus `model.safetensors.index.json`, with `{"format": "pt"}`

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::io::writer::{register_pending, unregister_pending};
+use crate::io::pending::{register_scratch, Registered};
 
 /// How much the caches hold, and where.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,6 +38,8 @@ struct SpillFile {
     file: File,
     path: PathBuf,
     len: u64,
+    /// Removed on interrupt too, while this lives.
+    _registered: Registered,
 }
 
 impl SpillFile {
@@ -48,11 +50,11 @@ impl SpillFile {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
-        register_pending(path);
         Ok(SpillFile {
             file,
             path: path.to_path_buf(),
             len: 0,
+            _registered: register_scratch(path, "the activation caches' spill file"),
         })
     }
 }
@@ -60,7 +62,6 @@ impl SpillFile {
 impl Drop for SpillFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-        unregister_pending(&self.path);
     }
 }
 

@@ -396,6 +396,10 @@ pub fn grams_to_file<B: Backend>(
     let ckpt = Checkpoint::open(model_dir)?;
     let config = ModelConfig::from_checkpoint(&ckpt)?;
     config.check_checkpoint(&ckpt)?;
+    let data_stamp = data_path
+        .is_file()
+        .then(|| crate::io::mapped::FileStamp::of(data_path))
+        .transpose()?;
     let data = Dataset::open_for_model(data_path, &[model_dir], params.max_length)?;
     let name = model_dir
         .file_name()
@@ -409,7 +413,10 @@ pub fn grams_to_file<B: Backend>(
         examples,
     });
     let grams = compute_grams(backend, &ckpt, &config, &data, params, observer)?;
+    // The fingerprint reads the whole model and checks it is unchanged; the data is checked
+    // here: neither may have changed while the Grams were computed.
     let fingerprint = ckpt.fingerprint()?;
+    data_stamp.as_ref().map_or(Ok(()), |s| s.check())?;
     let sites = config.sites();
     let info = super::stats::GramFileInfo {
         arch: config.arch(),

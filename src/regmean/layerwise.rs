@@ -27,6 +27,7 @@ use crate::backend::Backend;
 use crate::config::{MergeConfig, MergeMethod, Schedule};
 use crate::data::{for_each_batch, select};
 use crate::error::{Error, Result};
+use crate::io::mapped::FileStamp;
 use crate::io::writer::{ModelWriter, PlannedTensor};
 use crate::io::{Arch, Checkpoint};
 use crate::model::{
@@ -191,6 +192,7 @@ pub(super) fn merge_by_layer<B: Backend>(
     cfg: &MergeConfig,
     opts: &MergeOptions,
     observer: &dyn Observer,
+    watched: &[FileStamp],
 ) -> Result<MergeReport> {
     let plus_plus = cfg.merge_method == MergeMethod::RegmeanPlusplus;
     let params = &cfg.parameters;
@@ -498,6 +500,9 @@ pub(super) fn merge_by_layer<B: Backend>(
     files.extend(write_sidecars(out_dir, base, out_dtype.clone(), &card)?);
     let layers_solved = solved.len();
     drop(keeps_base);
+    // Every input must still be as it was when first checked (see `io::mapped`).
+    base.check_unchanged()?;
+    watched.iter().try_for_each(FileStamp::check)?;
     prepared.out_dir.commit()?;
     timings.write = t2.elapsed();
     Ok(MergeReport {

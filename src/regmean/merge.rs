@@ -15,12 +15,14 @@ use super::gram::{accumulate_grams, DeviceGrams, ModelGrams};
 use super::solve::{solve_layer, SolveOutcome};
 use super::stats::{self, GramFileInfo};
 use super::sums::{add_weighted, reduce_into};
+use crate::backend::cuda::fault::{LOWER_FORWARD, LOWER_SUMS};
 use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::Backend;
 use crate::config::{ExcludeSet, MergeConfig, MergeMethod, ModelEntry, Schedule};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::io::mapped::FileStamp;
 use crate::io::writer::{copy_sidecars, ModelWriter, PlannedTensor};
 use crate::io::OutputDir;
 use crate::io::{Arch, Checkpoint, Dtype};
@@ -135,12 +137,35 @@ pub fn merge<B: Backend>(
     opts: &MergeOptions,
     observer: &dyn Observer,
 ) -> Result<MergeReport> {
-    let prepared = prepare(cfg, out, opts, observer)?;
+    let mut watched = Vec::new();
+    merge_watched(backend, cfg, out, opts, observer, &mut watched).map_err(|e| {
+        // An input that changed under the run explains what failed after it (a model
+        // truncated before its turn no longer parses): the change is what the user is told.
+        watched
+            .iter()
+            .find_map(|stamp| stamp.check().err())
+            .unwrap_or(e)
+    })
+}
+
+/// [`merge`], recording in `watched` the stamp of every input file as it is first opened;
+/// all are checked again before the output is committed.
+fn merge_watched<B: Backend>(
+    backend: &B,
+    cfg: &MergeConfig,
+    out: &Path,
+    opts: &MergeOptions,
+    observer: &dyn Observer,
+    watched: &mut Vec<FileStamp>,
+) -> Result<MergeReport> {
+    let prepared = prepare(cfg, out, opts, observer, watched)?;
     // Errors name the output path the user gave, not the hidden folder it is written in.
     let staging = prepared.out_dir.path().to_path_buf();
     match super::layerwise::choose_schedule(cfg, &prepared, opts, observer)? {
-        Schedule::Layer => super::layerwise::merge_by_layer(prepared, backend, cfg, opts, observer),
-        _ => merge_by_model(backend, cfg, prepared, opts, observer),
+        Schedule::Layer => {
+            super::layerwise::merge_by_layer(prepared, backend, cfg, opts, observer, watched)
+        }
+        _ => merge_by_model(backend, cfg, prepared, opts, observer, watched),
     }
     .map_err(|e| e.relocated(&staging, out))
 }
@@ -164,9 +189,11 @@ fn prepare(
     out: &Path,
     opts: &MergeOptions,
     observer: &dyn Observer,
+    watched: &mut Vec<FileStamp>,
 ) -> Result<Prepared> {
     let params = &cfg.parameters;
     let base = Checkpoint::open(&cfg.base_model)?;
+    watched.extend(base.stamps().cloned());
     let model_cfg = ModelConfig::from_checkpoint(&base)?;
     model_cfg.check_checkpoint(&base)?;
     let out_dtype = cfg
@@ -188,6 +215,7 @@ fn prepare(
             &model_cfg,
             &sites,
             cfg.merge_method.uses_grams(),
+            watched,
         )
     })?;
     Ok(Prepared {
@@ -209,6 +237,7 @@ fn merge_by_model<B: Backend>(
     prepared: Prepared,
     opts: &MergeOptions,
     observer: &dyn Observer,
+    watched: &[FileStamp],
 ) -> Result<MergeReport> {
     let (base, model_cfg, sites) = (prepared.base, prepared.model_cfg, prepared.sites);
     let (exclude, out_dtype, out_dir) = (prepared.exclude, prepared.out_dtype, prepared.out_dir);
@@ -218,7 +247,8 @@ fn merge_by_model<B: Backend>(
     let out = out_dir.final_path().to_path_buf();
     let out = out.as_path();
 
-    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())?;
+    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())
+        .map_err(|e| e.during("allocating the running sums on the GPU", LOWER_SUMS))?;
     let mut reports = Vec::with_capacity(cfg.models.len());
     let mut peak_device = backend.memory_in_use();
     let mut model_load = Duration::ZERO;
@@ -238,6 +268,7 @@ fn merge_by_model<B: Backend>(
                     Some(handle) => join_prepared(handle)?,
                     None => open_prepared(entry, &sites, forward_runs(entry), false)?,
                 };
+                hold_for_tests();
                 if let Some(following) = cfg.models.get(index + 1).filter(|_| ahead) {
                     let sites = &sites;
                     let keep = forward_runs(following);
@@ -261,7 +292,8 @@ fn merge_by_model<B: Backend>(
                         sums.device(),
                         &mut model_load,
                         observer,
-                    )?;
+                    )
+                    .map_err(|e| e.during(format!("the forward pass of {name}"), LOWER_FORWARD))?;
                     let (examples, rows, peak) = match &grams {
                         Grams::Host(g) => (
                             g.examples,
@@ -278,12 +310,16 @@ fn merge_by_model<B: Backend>(
                     report.rows = rows.unwrap_or(0);
                     peak_device = peak_device.max(peak);
                     let t = Instant::now();
-                    sums.add_regmean(&ckpt, grams, ratio, diag_mult)?;
+                    sums.add_regmean(&ckpt, grams, ratio, diag_mult)
+                        .map_err(|e| e.during(format!("adding {name} to the sums"), LOWER_SUMS))?;
                     sums_time += t.elapsed();
                 }
                 let t = Instant::now();
                 crate::profile::span("sums: means", || sums.add_means(&ckpt))?;
                 sums_time += t.elapsed();
+                // Everything of this model was read: had another program truncated or
+                // rewritten it meanwhile, the sums hold zeros or a mix, and the run ends here.
+                ckpt.check_unchanged()?;
                 sums.count += 1;
                 observer.event(Event::ModelDone { index });
                 reports.push(report);
@@ -344,7 +380,9 @@ fn merge_by_model<B: Backend>(
             for (done, m) in sums.modules.iter().enumerate() {
                 let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
                 let started = Instant::now();
-                let (w, outcome) = sums.solve(done, m.site, d_in, d_out)?;
+                let (w, outcome) = sums.solve(done, m.site, d_in, d_out).map_err(|e| {
+                    e.during(format!("the solve of {}", m.module.weight), LOWER_SUMS)
+                })?;
                 let seconds = started.elapsed().as_secs_f64();
                 observer.event(Event::Solved {
                     done: done + 1,
@@ -410,6 +448,10 @@ fn merge_by_model<B: Backend>(
         out_dtype: &out_dtype,
     };
     files.extend(write_sidecars(&out_dir, &base, out_dtype.clone(), &card)?);
+    // The base model was read until its last tensor was written; every other input was
+    // read earlier, and must still be as it was when first checked.
+    base.check_unchanged()?;
+    watched.iter().try_for_each(FileStamp::check)?;
     out_dir.commit()?;
     Ok(MergeReport {
         arch,
@@ -521,18 +563,36 @@ fn check_compatible(base: &Checkpoint, base_cfg: &ModelConfig, ckpt: &Checkpoint
 /// forward pass: a wrong path or a malformed file in the last entry fails in seconds, not
 /// after the other models have run. Nothing is kept: each is opened again at its turn, so
 /// that memory does not grow with the number of models (a second parse of a few hundred
-/// examples takes milliseconds).
+/// examples takes milliseconds). Adds the stamps of the files checked to `stamps`: the run
+/// compares them before it commits its output, so that a file changed between this check and
+/// its turn (or after it) is reported.
 fn check_inputs(
     cfg: &MergeConfig,
     base: &Checkpoint,
     model_cfg: &ModelConfig,
     sites: &[Site],
     regmean: bool,
+    stamps: &mut Vec<FileStamp>,
 ) -> Result<()> {
     let options = cfg.parameters.gram_options();
     for entry in &cfg.models {
         let ckpt = Checkpoint::open(&entry.model)?;
+        stamps.extend(ckpt.stamps().cloned());
         check_compatible(base, model_cfg, &ckpt)?;
+        let read = if regmean {
+            entry.grams.as_ref().or(entry.data.as_ref())
+        } else {
+            None
+        };
+        // Stamped before it is read. An image folder has no stamp of its own: its images
+        // are read once, at its turn.
+        // (A missing one is reported by its reader, just below.)
+        if let Some(stamp) = read
+            .filter(|p| p.is_file())
+            .and_then(|p| FileStamp::of(p).ok())
+        {
+            stamps.push(stamp);
+        }
         match (&entry.grams, &entry.data) {
             _ if !regmean => {}
             (Some(path), _) => stats::check(path, model_cfg.arch(), &options, sites)?,
@@ -584,6 +644,17 @@ fn open_prepared(
     Ok(ckpt)
 }
 
+/// A test hook: holds each task model open (mapped, its header read) this long before its
+/// weights are read, so that tests can change the file under the run.
+fn hold_for_tests() {
+    if let Some(ms) = std::env::var("REGMEAN_TEST_MODEL_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 fn join_prepared(
     handle: std::thread::ScopedJoinHandle<'_, Result<Checkpoint>>,
 ) -> Result<Checkpoint> {
@@ -631,6 +702,9 @@ fn model_grams<B: Backend>(
             },
         )
         .map(Grams::Host);
+    }
+    if let Some(dev) = sums_on {
+        dev.inject_test_fault(index)?;
     }
     let data = open_data(
         cfg,

@@ -62,9 +62,12 @@ pub fn assert_model_matches(out: &Path, expected: &Path, tol: f64) -> f64 {
     worst.0
 }
 
-/// Path of the built CLI.
+/// Path of the built CLI: `REGMEAN_BIN` when set (test binaries carried to another machine,
+/// such as the GPU check), else the one cargo built with this test.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_regmean-gpu"))
+    std::env::var_os("REGMEAN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_regmean-gpu")))
 }
 
 /// A private copy of the GPT-2 pool to break.

@@ -7,6 +7,7 @@
 //! Everything here loads the CUDA libraries at run time (cudarc's dynamic loading): a binary
 //! built anywhere runs everywhere, and touches libcuda only after [`probe`] found it.
 
+pub mod fault;
 pub mod forward;
 pub mod gram;
 pub mod solve;
@@ -21,7 +22,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::cusolver::safe::DnHandle;
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchConfig,
-    ValidAsZeroBits,
+    PushKernelArg, ValidAsZeroBits,
 };
 
 use crate::error::{Error, Result};
@@ -90,10 +91,17 @@ impl Probe {
     }
 }
 
+static PROBED: OnceLock<Probe> = OnceLock::new();
+
 /// Probes the driver, the libraries and the devices, once per process.
 pub fn probe() -> Probe {
-    static PROBED: OnceLock<Probe> = OnceLock::new();
     PROBED.get_or_init(probe_now).clone()
+}
+
+/// Whether a probe already found libcuda loaded: the driver may then be asked about an
+/// error (never waits for a probe under way, nor starts one).
+pub(crate) fn driver_loaded() -> bool {
+    PROBED.get().is_some_and(|p| p.libcuda_present)
 }
 
 /// Loads the library cudarc loads for `names` (the same file names, in the same order) and
@@ -228,8 +236,10 @@ impl CudaDevice {
         if let Some(why) = probe().unavailable_reason() {
             return Err(Error::invalid(format!("cannot use the GPU: {why}")));
         }
-        let ctx = crate::profile::span("cuda: context", || CudaContext::new(ordinal))?;
-        Self::on_stream(ctx.default_stream())
+        let opened = crate::profile::span("cuda: context", || CudaContext::new(ordinal))
+            .map_err(Error::from)
+            .and_then(|ctx| Self::on_stream(ctx.default_stream()));
+        opened.map_err(|e| e.during(format!("opening GPU {ordinal}"), fault::FREE_THE_GPU))
     }
 
     /// Binds to a stream the caller owns (a CUDA pipeline's own stream): every kernel,
@@ -371,14 +381,40 @@ impl CudaDevice {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.stream.synchronize()?)
     }
+
+    /// The GPU fault tests' hook ([`fault::injected_fault`]): launches the faulting kernel
+    /// asked for at task model `model`, and waits for it, so that its error surfaces in the
+    /// step that is running. Nothing happens unless the hook's variable asks for it.
+    pub fn inject_test_fault(&self, model: usize) -> Result<()> {
+        let Some(kernel) = fault::injected_fault(model) else {
+            return Ok(());
+        };
+        let f = self.function("fault", kernel)?;
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(&f);
+        if kernel == "fault_write_through" {
+            b.arg(&null);
+        }
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: fault_trap takes no argument and fault_write_through one pointer, pushed
+        // above. Both fault on purpose: the driver reports it as an error of this context,
+        // which the run then stops using; no memory of this process is written.
+        unsafe { b.launch(one) }?;
+        self.synchronize()
+    }
 }
 
+/// A failed allocation of `bytes` for `what`: out of memory says what it was for and its
+/// size (the free memory is added by the conversion into [`Error`]).
 fn oom(e: cudarc::driver::DriverError, what: &str, bytes: usize) -> Error {
-    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        Error::OutOfMemory {
-            what: what.to_string(),
-            bytes,
-        }
+    let mut gpu = fault::GpuError::from_driver(e.0);
+    if gpu.kind == fault::GpuFailure::OutOfMemory {
+        gpu.allocation = Some((what.to_string(), bytes as u64));
+        gpu.into()
     } else {
         e.into()
     }
