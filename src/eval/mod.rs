@@ -156,7 +156,12 @@ pub fn evaluate<B: Backend>(
                 .map(|t| zs.evaluate(backend, &model, model_dir, t, opts))
                 .collect()
         }
+        Arch::CausalLm(_) => Err(causal_lm_eval_unsupported()),
     }
+}
+
+fn causal_lm_eval_unsupported() -> Error {
+    Error::invalid("eval of decoder LLMs (next-token loss) is not implemented yet")
 }
 
 /// CLIP's base `CLIPModel`, which evaluation needs for the text tower.
@@ -481,6 +486,7 @@ pub fn check_tasks(model_dir: &Path, tasks: &[EvalTask], opts: &EvalOptions) -> 
         let dirs = match arch {
             Arch::Gpt2 => [gpt2_head(task)?, model_dir],
             Arch::ClipVision => [model_dir, clip_base(opts)?],
+            Arch::CausalLm(_) => return Err(causal_lm_eval_unsupported()),
         };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;

@@ -20,11 +20,14 @@ use super::safetensors::{Dtype, SafetensorsFile, TensorEntry};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::model::llama_config::{DecoderFamily, SUPPORTED_DECODERS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     Gpt2,
     ClipVision,
+    /// A decoder LLM of the Llama family (`model.layers.N...` names).
+    CausalLm(DecoderFamily),
 }
 
 impl Arch {
@@ -32,6 +35,7 @@ impl Arch {
         match self {
             Arch::Gpt2 => "gpt2",
             Arch::ClipVision => "clip_vision",
+            Arch::CausalLm(family) => family.name(),
         }
     }
 
@@ -59,6 +63,20 @@ impl Arch {
                 .any(|p| stored.starts_with(p))
                 {
                     Some(format!("vision_model.{stored}"))
+                } else {
+                    None
+                }
+            }
+            // `LlamaForCausalLM` names; a bare `LlamaModel`'s keys get the `model.` prefix,
+            // and other heads (`score`) are not backbone.
+            Arch::CausalLm(_) => {
+                if stored.starts_with("model.") || stored.starts_with("lm_head.") {
+                    Some(stored.to_string())
+                } else if ["embed_tokens.", "layers.", "norm."]
+                    .iter()
+                    .any(|p| stored.starts_with(p))
+                {
+                    Some(format!("model.{stored}"))
                 } else {
                     None
                 }
@@ -158,14 +176,17 @@ impl Checkpoint {
         let arch = match config.get("model_type").and_then(|v| v.as_str()) {
             Some("gpt2") => Arch::Gpt2,
             Some("clip") | Some("clip_vision_model") => Arch::ClipVision,
-            Some(other) => {
-                return Err(Error::file(
-                    &config_path,
-                    format!(
-                    "unsupported model_type `{other}` (supported: gpt2, clip, clip_vision_model)"
-                ),
-                ))
-            }
+            Some(other) => match DecoderFamily::from_model_type(other) {
+                Some(family) => Arch::CausalLm(family),
+                None => {
+                    return Err(Error::file(
+                        &config_path,
+                        format!(
+                            "unsupported model_type `{other}` (supported: gpt2, clip, clip_vision_model, {SUPPORTED_DECODERS})"
+                        ),
+                    ))
+                }
+            },
             None => return Err(Error::file(&config_path, "no `model_type` field")),
         };
 

@@ -5,6 +5,8 @@ mod block;
 pub mod clip;
 pub mod clip_text;
 pub mod gpt2;
+pub mod llama;
+pub mod llama_config;
 
 use std::sync::Arc;
 
@@ -116,6 +118,7 @@ impl<B: Backend> Default for ForwardHooks<'_, B> {
 pub enum Model<B: Backend> {
     Gpt2(gpt2::Gpt2<B>),
     Clip(clip::ClipVision<B>),
+    Llama(llama::Llama<B>),
 }
 
 /// The architecture-level description of a checkpoint, without its weights on a backend.
@@ -123,6 +126,7 @@ pub enum Model<B: Backend> {
 pub enum ModelConfig {
     Gpt2(gpt2::Gpt2Config),
     Clip(clip::ClipVisionConfig),
+    Llama(llama_config::LlamaConfig),
 }
 
 impl ModelConfig {
@@ -137,6 +141,11 @@ impl ModelConfig {
                 ckpt.config(),
                 &path,
             )?)),
+            Arch::CausalLm(family) => Ok(ModelConfig::Llama(llama_config::LlamaConfig::from_json(
+                ckpt.config(),
+                family,
+                &path,
+            )?)),
         }
     }
 
@@ -144,6 +153,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(_) => Arch::Gpt2,
             ModelConfig::Clip(_) => Arch::ClipVision,
+            ModelConfig::Llama(c) => Arch::CausalLm(c.family),
         }
     }
 
@@ -152,6 +162,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.sites(),
             ModelConfig::Clip(c) => c.sites(),
+            ModelConfig::Llama(c) => c.sites(),
         }
     }
 
@@ -160,6 +171,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.expected_shapes(),
             ModelConfig::Clip(c) => c.expected_shapes(),
+            ModelConfig::Llama(c) => c.expected_shapes(),
         }
     }
 
@@ -185,6 +197,7 @@ impl ModelConfig {
             match c {
                 ModelConfig::Gpt2(c) => serde_json::to_value(c),
                 ModelConfig::Clip(c) => serde_json::to_value(c),
+                ModelConfig::Llama(c) => serde_json::to_value(c),
             }
             .expect("config serialises")
         };
@@ -206,6 +219,7 @@ impl<B: Backend> Model<B> {
         match ModelConfig::from_checkpoint(ckpt)? {
             ModelConfig::Gpt2(c) => Ok(Model::Gpt2(gpt2::Gpt2::load(backend, ckpt, c)?)),
             ModelConfig::Clip(c) => Ok(Model::Clip(clip::ClipVision::load(backend, ckpt, c)?)),
+            ModelConfig::Llama(c) => Ok(Model::Llama(llama::Llama::load(backend, ckpt, c)?)),
         }
     }
 
@@ -218,6 +232,7 @@ impl<B: Backend> Model<B> {
         match self {
             Model::Gpt2(m) => m.forward(backend, batch, hooks),
             Model::Clip(m) => m.forward(backend, batch, hooks),
+            Model::Llama(m) => m.forward(backend, batch, hooks),
         }
     }
 }

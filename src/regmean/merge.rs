@@ -909,6 +909,7 @@ pub fn output_config(base: &Checkpoint, torch_dtype: &str) -> serde_json::Value 
     c["architectures"] = serde_json::json!([match base.arch() {
         Arch::Gpt2 => "GPT2Model",
         Arch::ClipVision => "CLIPVisionModel",
+        Arch::CausalLm(family) => family.causal_lm_class(),
     }]);
     // transformers 5 writes `dtype`, 4.x `torch_dtype`: update the one the base model uses.
     if let Some(obj) = c.as_object_mut() {
