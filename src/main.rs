@@ -339,11 +339,29 @@ macro_rules! with_backend {
     };
 }
 
+/// The device `--device` names for a run on `model`; decoder LLMs run on the CPU engine
+/// (`auto` says so, a GPU is refused).
+fn select_device(
+    device: &str,
+    model: &Path,
+    ui: &Ui,
+) -> Result<Option<std::sync::Arc<cuda::CudaDevice>>> {
+    let mut choice = device.parse::<DeviceChoice>()?;
+    if regmean_gpu::model::llama_config::is_decoder_dir(model) {
+        let (cpu, notice) = regmean_gpu::model::llama_config::decoder_device(choice)?;
+        if let Some(n) = notice {
+            ui.info(n);
+        }
+        choice = cpu;
+    }
+    cuda::select(choice)
+}
+
 fn run(command: Command, ui: &Ui) -> Result<()> {
     match command {
         Command::Merge(a) => {
-            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
             let mut cfg = MergeConfig::load(&a.config)?;
+            let gpu = select_device(&a.device.device, &cfg.base_model, ui)?;
             if let Some(p) = a.precision {
                 cfg.parameters.precision = p;
             }
@@ -388,7 +406,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
         }
         Command::Eval(a) => eval_command(&a, ui),
         Command::Grams(a) => {
-            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+            let gpu = select_device(&a.device.device, &a.model, ui)?;
             let mut params = match &a.config {
                 Some(p) => MergeConfig::load(p)?.parameters,
                 None => Parameters::default(),
@@ -433,7 +451,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
         Command::Inspect { path } => inspect(&path),
         Command::Demo { keep } => regmean_gpu::demo::run_demo(keep.as_deref(), ui),
         Command::Forward(a) => {
-            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+            let gpu = select_device(&a.device.device, &a.model, ui)?;
             let mut inputs = Inputs::new();
             inputs.add("the model", &a.model);
             inputs.add("the data", &a.data);
@@ -475,7 +493,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
 }
 
 fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
-    let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+    let gpu = select_device(&a.device.device, &a.model, ui)?;
     with_backend!(&gpu, a.precision, |backend| eval_on(&backend, a, ui))
 }
 

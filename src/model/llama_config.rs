@@ -55,6 +55,35 @@ impl DecoderFamily {
     }
 }
 
+/// Whether `dir` holds a decoder LLM (by its config.json's `model_type`; false when the
+/// file cannot be read, which the run itself then reports).
+pub fn is_decoder_dir(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_string))
+        .is_some_and(|t| DecoderFamily::from_model_type(&t).is_some())
+}
+
+/// The device a run on a decoder LLM uses: the CPU engine, the only one with their
+/// operations for now. `auto` picks it, with the notice returned; a GPU is refused.
+pub fn decoder_device(
+    choice: crate::backend::cuda::DeviceChoice,
+) -> Result<(crate::backend::cuda::DeviceChoice, Option<&'static str>)> {
+    use crate::backend::cuda::DeviceChoice;
+    match choice {
+        DeviceChoice::Cpu => Ok((DeviceChoice::Cpu, None)),
+        DeviceChoice::Auto => Ok((
+            DeviceChoice::Cpu,
+            Some("decoder LLMs run on the CPU engine for now: --device auto chose cpu"),
+        )),
+        DeviceChoice::Cuda(n) => Err(crate::backend::decoder_ops_unsupported(
+            &format!("cuda:{n}"),
+            "the decoder forward pass",
+        )),
+    }
+}
+
 /// `llama3` scaling of the inverse frequencies (Llama 3.1 / 3.2).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Llama3Scaling {
