@@ -6,6 +6,9 @@
 mod common;
 
 use common::{assert_model_matches, fixtures, rewrite_safetensors, Pool};
+use std::collections::BTreeMap;
+
+use regmean_gpu::io::safetensors::{write_file, OutTensor, TensorData};
 use regmean_gpu::io::{Checkpoint, Dtype};
 
 const TOL: f64 = 1e-4;
@@ -50,6 +53,42 @@ fn qwen2_bias_tied_pool_matches_f64_regmean_and_stays_tied() {
         !ckpt.contains("lm_head.weight"),
         "a tied head is the embeddings, not a tensor of its own"
     );
+}
+
+#[test]
+fn a_stored_copy_of_a_tied_head_is_not_merged_or_written() {
+    let pool = Pool::of("llm/qwen2_pool");
+    // Every model also stores lm_head.weight, as some tied checkpoints do: the base's holds
+    // zeros, so were it passed through, the output would hold them.
+    for dir in ["base", "task_a", "task_c"] {
+        let path = pool.path(&format!("{dir}/model.safetensors"));
+        let f = regmean_gpu::io::SafetensorsFile::open(&path).unwrap();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
+            .tensors()
+            .iter()
+            .map(|(n, e)| (n.clone(), e.shape.clone(), f.to_f32(n).unwrap()))
+            .collect();
+        drop(f);
+        let zeros = vec![0.0f32; 96 * 32];
+        let copy = if dir == "base" { zeros } else { tensors[0].2.clone() };
+        tensors.push(("lm_head.weight".into(), vec![96, 32], copy));
+        let out: Vec<OutTensor> = tensors
+            .iter()
+            .map(|(n, s, v)| OutTensor {
+                name: n.clone(),
+                dtype: Dtype::F32,
+                shape: s.clone(),
+                data: TensorData::F32(v),
+            })
+            .collect();
+        write_file(&path, &out, &BTreeMap::new()).unwrap();
+    }
+    let out = pool.path("merged");
+    let o = pool.merge("default.yaml", &out, &["--device", "cpu", "-q"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!Checkpoint::open_all(&out).unwrap().contains("lm_head.weight"));
+    let expected = fixtures().join("llm/qwen2_pool/expected/default_f64.safetensors");
+    assert_model_matches(&out, &expected, TOL);
 }
 
 #[test]

@@ -210,6 +210,12 @@ impl Checkpoint {
                 }
             }
         }
+        // A tied head is the embeddings: a copy some checkpoints also store is not a
+        // parameter of its own (merged, it would keep one model's values beside the average).
+        let tied = config.get("tie_word_embeddings").and_then(|t| t.as_bool()) == Some(true);
+        if matches!(arch, Arch::CausalLm(_)) && tied && !all {
+            backbone.remove("lm_head.weight");
+        }
         if backbone.is_empty() {
             return Err(Error::file(
                 &dir,
