@@ -83,7 +83,12 @@ struct MergeArgs {
     /// The merge config (YAML)
     config: PathBuf,
     /// Output directory (must not exist unless --force)
-    out_dir: PathBuf,
+    #[arg(required_unless_present = "plan")]
+    out_dir: Option<PathBuf>,
+    /// Print the memory plan (per device and host), FLOPs and bytes read, and stop: decoder
+    /// LLMs; CONFIG may be a merge config or a model's config.json alone
+    #[arg(long)]
+    plan: bool,
     #[command(flatten)]
     device: DeviceArg,
     /// Largest output shard, e.g. 2GB or 500MB
@@ -104,6 +109,14 @@ struct MergeArgs {
     /// With --eval: also merge by simple averaging and show its accuracy beside
     #[arg(long)]
     compare_average: bool,
+}
+
+impl MergeArgs {
+    fn out(&self) -> &Path {
+        self.out_dir
+            .as_deref()
+            .expect("clap requires the output directory without --plan")
+    }
 }
 
 #[derive(Args)]
@@ -359,6 +372,11 @@ fn select_device(
 
 fn run(command: Command, ui: &Ui) -> Result<()> {
     match command {
+        Command::Merge(a) if a.plan => {
+            let plan = regmean_gpu::model::llama_plan::plan_for(&a.config)?;
+            print!("{}", plan.report());
+            Ok(())
+        }
         Command::Merge(a) => {
             let mut cfg = MergeConfig::load(&a.config)?;
             let gpu = select_device(&a.device.device, &cfg.base_model, ui)?;
@@ -381,16 +399,16 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 ui.info(&format!(
                     "merging {} models into {} on {}",
                     cfg.models.len(),
-                    a.out_dir.display(),
+                    a.out().display(),
                     backend.name()
                 ));
                 let started = std::time::Instant::now();
-                let report = regmean::merge(&backend, &cfg, &a.out_dir, &opts, ui)?;
+                let report = regmean::merge(&backend, &cfg, a.out(), &opts, ui)?;
                 ui.clear();
                 if let Some(path) = &a.report_json {
                     write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
                 }
-                print_summary(&report, &a.out_dir, ui);
+                print_summary(&report, a.out(), ui);
                 if regmean_gpu::profile::enabled() {
                     eprint!("{}", regmean_gpu::profile::report());
                 }
@@ -599,7 +617,7 @@ fn eval_after_merge<B: Backend>(
         "evaluating the merged model on {} task(s)",
         tasks.len()
     ));
-    let merged = eval::evaluate(backend, &a.out_dir, tasks, opts)?;
+    let merged = eval::evaluate(backend, a.out(), tasks, opts)?;
     let label = match cfg.merge_method {
         MergeMethod::Regmean => "RegMean",
         MergeMethod::SimpleAverage => "simple average",
@@ -609,12 +627,12 @@ fn eval_after_merge<B: Backend>(
         let scratch = tempfile::Builder::new()
             .prefix(".regmean-average-")
             .tempdir_in(
-                a.out_dir
+                a.out()
                     .parent()
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(Path::new(".")),
             )
-            .map_err(|e| Error::io(&a.out_dir, e))?;
+            .map_err(|e| Error::io(a.out(), e))?;
         let avg_dir = scratch.path().join("average");
         let mut avg_cfg = cfg.clone();
         avg_cfg.merge_method = MergeMethod::SimpleAverage;

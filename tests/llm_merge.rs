@@ -70,7 +70,11 @@ fn a_stored_copy_of_a_tied_head_is_not_merged_or_written() {
             .collect();
         drop(f);
         let zeros = vec![0.0f32; 96 * 32];
-        let copy = if dir == "base" { zeros } else { tensors[0].2.clone() };
+        let copy = if dir == "base" {
+            zeros
+        } else {
+            tensors[0].2.clone()
+        };
         tensors.push(("lm_head.weight".into(), vec![96, 32], copy));
         let out: Vec<OutTensor> = tensors
             .iter()
@@ -86,7 +90,9 @@ fn a_stored_copy_of_a_tied_head_is_not_merged_or_written() {
     let out = pool.path("merged");
     let o = pool.merge("default.yaml", &out, &["--device", "cpu", "-q"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(!Checkpoint::open_all(&out).unwrap().contains("lm_head.weight"));
+    assert!(!Checkpoint::open_all(&out)
+        .unwrap()
+        .contains("lm_head.weight"));
     let expected = fixtures().join("llm/qwen2_pool/expected/default_f64.safetensors");
     assert_model_matches(&out, &expected, TOL);
 }

@@ -7,6 +7,7 @@ pub mod clip_text;
 pub mod gpt2;
 pub mod llama;
 pub mod llama_config;
+pub mod llama_plan;
 
 use std::sync::Arc;
 
