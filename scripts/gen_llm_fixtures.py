@@ -16,7 +16,9 @@ single-threaded CPU torch). It makes:
   (``model/``) and ``expected.safetensors`` with a right-padded token batch
   (``input_ids``, ``attention_mask``, I64), transformers' ``hidden_states.{i}``
   (the embeddings, the output of every layer but the last, then the final norm's
-  output) and ``logits``, eager attention, float32. The Mistral config is
+  output), ``logits`` and ``loss`` (the mean next-token loss over the real
+  tokens, ``labels`` = the ids with -100 at padding), eager attention, float32;
+  ``inputs.jsonl`` holds the same sequences unpadded. The Mistral config is
   rewritten in the transformers 5.x dialect (``rope_parameters``) to test that
   reader; the others keep 4.x's ``rope_theta`` / ``rope_scaling``.
 * ``llama_pool/`` and ``qwen2_pool/``  a base model and three task models
@@ -154,9 +156,15 @@ def forward_fixture(name: str, config, seed: int) -> None:
     out = ROOT / "forward" / name
     model.save_pretrained(out / "model", safe_serialization=True)
     ids, mask = padded(sequences(seed + 1, 3, 4, 11, config.vocab_size), pad=0)
+    labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():
-        o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    tensors = {"input_ids": ids, "attention_mask": mask, "logits": o.logits.contiguous()}
+        o = model(input_ids=ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+    tensors = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "logits": o.logits.contiguous(),
+        "loss": o.loss.reshape(1),
+    }
     for i, h in enumerate(o.hidden_states):
         tensors[f"hidden_states.{i}"] = h.contiguous()
     save_file(tensors, out / "expected.safetensors", metadata={"format": "pt"})

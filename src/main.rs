@@ -557,6 +557,9 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
             .clone()
             .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
     };
+    if regmean_gpu::model::llama_config::is_decoder_dir(&a.model) {
+        return causal_lm_eval(backend, a, &tasks, &opts, ui);
+    }
     eval::check_tasks(&a.model, &tasks, &opts)?;
     ui.info(&format!(
         "evaluating {} on {} task(s)",
@@ -571,6 +574,30 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
         );
     } else {
         print!("{}", eval::format_table(&[("accuracy (%)", &results)]));
+    }
+    Ok(())
+}
+
+/// `eval` of a decoder LLM: the mean next-token loss and perplexity per task.
+fn causal_lm_eval<B: Backend>(
+    backend: &B,
+    a: &EvalArgs,
+    tasks: &[regmean_gpu::eval::EvalTask],
+    opts: &regmean_gpu::eval::EvalOptions,
+    ui: &Ui,
+) -> Result<()> {
+    use regmean_gpu::eval::causal_lm;
+    ui.info(&format!(
+        "next-token loss of {} on {} task(s)",
+        a.model.display(),
+        tasks.len()
+    ));
+    let results = causal_lm::evaluate(backend, &a.model, tasks, opts)?;
+    if a.json {
+        let json = causal_lm::to_json(&results);
+        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+    } else {
+        print!("{}", causal_lm::format_table(&results));
     }
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! non-padding token), CLIP vision towers with zero-shot heads built by the base model's
 //! text tower from class names and templates.
 
+pub mod causal_lm;
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -161,7 +163,9 @@ pub fn evaluate<B: Backend>(
 }
 
 fn causal_lm_eval_unsupported() -> Error {
-    Error::invalid("eval of decoder LLMs (next-token loss) is not implemented yet")
+    Error::invalid(
+        "merge --eval does not evaluate decoder LLMs yet: run `regmean-gpu eval MERGED --config CONFIG` (next-token loss per task)",
+    )
 }
 
 /// CLIP's base `CLIPModel`, which evaluation needs for the text tower.
