@@ -32,6 +32,9 @@ single-threaded CPU torch). It makes:
   included when untied), every other parameter the plain mean, a tied
   ``lm_head`` left tied (the embeddings averaged), excluded parameters the base
   model's.
+* ``chat/``  a word-level tokenizer (``tokenizer.json``, its config and chat
+  template) with ``data.jsonl`` (``messages`` lines) and ``expected.json``: the
+  rendered texts and the ids ``apply_chat_template(..., tokenize=True)`` gives.
 * ``llama31_8b_config.json``  the config.json of Llama-3.1-8B (shapes only), for
   the memory plan.
 * ``MANIFEST.json``  library versions and what each directory holds.
@@ -331,6 +334,53 @@ LLAMA31_8B = {
 }
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}\n"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|> system\n"
+    "you are a helpful model <|im_end|>\n{% endif %}"
+    "<|im_start|> {{ message['role'] }}\n{{ message['content'].strip() }} <|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant\n{% endif %}"
+)
+
+
+def chat_fixture() -> None:
+    """A word-level tokenizer (BOS added by its post-processor, as Llama's is) with a
+    ChatML-like chat template, `messages` data and the ids `apply_chat_template` gives."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    out = ROOT / "chat"
+    specials = ["<s>", "</s>", "[UNK]", "<|im_start|>", "<|im_end|>"]
+    words = ("system you are a helpful model user assistant what is the merge of two "
+             "models it averages their weights with grams tell me more please yes").split()
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="[UNK]")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    conversations = [
+        [{"role": "user", "content": " what is the merge of two models "},
+         {"role": "assistant", "content": "it averages their weights with grams"}],
+        [{"role": "system", "content": "you are a model"},
+         {"role": "user", "content": "tell me more please"},
+         {"role": "assistant", "content": "yes"}],
+    ]
+    ids = [fast.apply_chat_template(c, tokenize=True, add_generation_prompt=False)
+           for c in conversations]
+    texts = [fast.apply_chat_template(c, tokenize=False) for c in conversations]
+    with open(out / "data.jsonl", "w") as f:
+        for c in conversations:
+            f.write(json.dumps({"messages": c}) + "\n")
+    (out / "expected.json").write_text(json.dumps({"input_ids": ids, "text": texts}, indent=1))
+
+
 def main() -> None:
     if ROOT.exists():
         shutil.rmtree(ROOT)
@@ -350,6 +400,7 @@ def main() -> None:
             "qwen2_pool": pool_fixture("qwen2_pool", qwen2_config(), 400, 0.5, None),
         },
     }
+    chat_fixture()
     (ROOT / "llama31_8b_config.json").write_text(json.dumps(LLAMA31_8B, indent=2) + "\n")
     (ROOT / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
