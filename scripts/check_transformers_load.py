@@ -24,7 +24,11 @@ For every case below the script
    ``pooler_output``; the worst of these must be within the case tolerance.
 
 Cases: gpt2 compat (f32), gpt2 exclude (f32, sharded 60KB), gpt2 default
-(float16 output), clip compat (f32), clip compat (bfloat16 output).
+(float16 output), clip compat (f32), clip compat (bfloat16 output), and the
+decoder LLM pools (``tests/fixtures/llm/{llama,qwen2}_pool``, loaded with
+``AutoModelForCausalLM``, its backbone's last hidden state compared): llama
+default (f32), llama exclude (bfloat16, sharded 40KB), qwen2 default (f32, tied
+embeddings).
 
 Run from the repository root (build the binary first with
 ``cargo build --release``)::
@@ -69,7 +73,7 @@ ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 @dataclass
 class Case:
     name: str
-    arch: str  # "gpt2" | "clip"
+    arch: str  # "gpt2" | "clip" | "causal_lm"
     config: Path
     out_dtype: str | None = None  # None: keep the YAML's value
     shard_size: str | None = None
@@ -83,6 +87,10 @@ CASES = [
     Case("gpt2-default-f16", "gpt2", FIXTURES / "gpt2_pool" / "default.yaml", out_dtype="float16"),
     Case("clip-compat-f32", "clip", FIXTURES / "clip_pool" / "compat.yaml"),
     Case("clip-compat-bf16", "clip", FIXTURES / "clip_pool" / "compat.yaml", out_dtype="bfloat16"),
+    Case("llama-default-f32", "causal_lm", FIXTURES / "llm" / "llama_pool" / "default.yaml"),
+    Case("llama-exclude-bf16-sharded", "causal_lm", FIXTURES / "llm" / "llama_pool" / "exclude.yaml",
+         out_dtype="bfloat16", shard_size="40KB"),
+    Case("qwen2-default-f32-tied", "causal_lm", FIXTURES / "llm" / "qwen2_pool" / "default.yaml"),
 ]
 
 
@@ -148,7 +156,8 @@ def check_files(case: Case, model_dir: Path) -> None:
 
 
 def load_hf(case: Case, model_dir: Path):
-    cls = transformers.GPT2Model if case.arch == "gpt2" else transformers.CLIPVisionModel
+    cls = {"gpt2": transformers.GPT2Model, "clip": transformers.CLIPVisionModel,
+           "causal_lm": transformers.AutoModelForCausalLM}[case.arch]
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     tlogger = logging.getLogger("transformers")
@@ -206,12 +215,13 @@ def run_case(case: Case, binary: Path, tmp: Path) -> tuple[float, str]:
 
     details = []
     with torch.no_grad():
-        if case.arch == "gpt2":
+        if case.arch in ("gpt2", "causal_lm"):
             ids = torch.from_numpy(ours["input_ids"].astype(np.int64))
             mask = torch.from_numpy(ours["attention_mask"].astype(np.int64))
             if ids.shape[0] != EXAMPLES:
                 raise CheckError(f"our forward returned {ids.shape[0]} examples, wanted {EXAMPLES}")
-            hf = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+            backbone = model.model if case.arch == "causal_lm" else model
+            hf = backbone(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
             keep = mask.numpy().astype(bool)
             if ours["last_hidden_state"].shape != hf.shape:
                 raise CheckError(f"last_hidden_state shape: ours {ours['last_hidden_state'].shape}, "

@@ -126,6 +126,8 @@ impl Parameters {
         self.reduce_non_diagonal_ratio.unwrap_or(match arch {
             Arch::Gpt2 => 0.6,
             Arch::ClipVision => 0.95,
+            // FusionBench has no decoder default: the RegMean paper's base setting.
+            Arch::CausalLm(_) => 0.1,
         })
     }
 

@@ -88,7 +88,12 @@ struct MergeArgs {
     /// The merge config (YAML)
     config: PathBuf,
     /// Output directory (must not exist unless --force)
-    out_dir: PathBuf,
+    #[arg(required_unless_present = "plan")]
+    out_dir: Option<PathBuf>,
+    /// Print the memory plan (per device and host), FLOPs and bytes read, and stop: decoder
+    /// LLMs; CONFIG may be a merge config or a model's config.json alone
+    #[arg(long)]
+    plan: bool,
     #[command(flatten)]
     device: DeviceArg,
     /// Largest output shard, e.g. 2GB or 500MB
@@ -114,6 +119,14 @@ struct MergeArgs {
     /// With --eval: also merge by simple averaging and show its accuracy beside
     #[arg(long)]
     compare_average: bool,
+}
+
+impl MergeArgs {
+    fn out(&self) -> &Path {
+        self.out_dir
+            .as_deref()
+            .expect("clap requires the output directory without --plan")
+    }
 }
 
 #[derive(Args)]
@@ -370,11 +383,34 @@ macro_rules! with_backend {
     };
 }
 
+/// The device `--device` names for a run on `model`; decoder LLMs run on the CPU engine
+/// (`auto` says so, a GPU is refused).
+fn select_device(
+    device: &str,
+    model: &Path,
+    ui: &Ui,
+) -> Result<Option<std::sync::Arc<cuda::CudaDevice>>> {
+    let mut choice = device.parse::<DeviceChoice>()?;
+    if regmean_gpu::model::llama_config::is_decoder_dir(model) {
+        let (cpu, notice) = regmean_gpu::model::llama_config::decoder_device(choice)?;
+        if let Some(n) = notice {
+            ui.info(n);
+        }
+        choice = cpu;
+    }
+    cuda::select(choice)
+}
+
 fn run(command: Command, ui: &Ui) -> Result<()> {
     match command {
+        Command::Merge(a) if a.plan => {
+            let plan = regmean_gpu::model::llama_plan::plan_for(&a.config)?;
+            print!("{}", plan.report());
+            Ok(())
+        }
         Command::Merge(a) => {
-            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
             let mut cfg = MergeConfig::load(&a.config)?;
+            let gpu = select_device(&a.device.device, &cfg.base_model, ui)?;
             if let Some(p) = a.precision {
                 cfg.parameters.precision = p;
             }
@@ -397,16 +433,16 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                     "merging {} ({}) into {} on {}",
                     ui::count(cfg.models.len(), "model"),
                     cfg.merge_method.title(),
-                    a.out_dir.display(),
+                    a.out().display(),
                     backend.name()
                 ));
                 let started = std::time::Instant::now();
-                let report = regmean::merge(&backend, &cfg, &a.out_dir, &opts, ui)?;
+                let report = regmean::merge(&backend, &cfg, a.out(), &opts, ui)?;
                 ui.clear();
                 if let Some(path) = &a.report_json {
                     write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
                 }
-                ui::print_summary(&report, &a.out_dir, ui);
+                ui::print_summary(&report, a.out(), ui);
                 if regmean_gpu::profile::enabled() {
                     eprint!("{}", regmean_gpu::profile::report());
                 }
@@ -422,7 +458,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
         }
         Command::Eval(a) => eval_command(&a, ui),
         Command::Grams(a) => {
-            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+            let gpu = select_device(&a.device.device, &a.model, ui)?;
             let mut params = match &a.config {
                 Some(p) => MergeConfig::load(p)?.parameters,
                 None => Parameters::default(),
@@ -467,7 +503,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
         Command::Inspect { path } => inspect(&path),
         Command::Demo { keep } => regmean_gpu::demo::run_demo(keep.as_deref(), ui),
         Command::Forward(a) => {
-            let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+            let gpu = select_device(&a.device.device, &a.model, ui)?;
             let mut inputs = Inputs::new();
             inputs.add("the model", &a.model);
             inputs.add("the data", &a.data);
@@ -516,7 +552,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
 }
 
 fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
-    let gpu = cuda::select(a.device.device.parse::<DeviceChoice>()?)?;
+    let gpu = select_device(&a.device.device, &a.model, ui)?;
     with_backend!(&gpu, a.precision, |backend| eval_on(&backend, a, ui))
 }
 
@@ -562,6 +598,9 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
             .clone()
             .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
     };
+    if regmean_gpu::model::llama_config::is_decoder_dir(&a.model) {
+        return causal_lm_eval(backend, a, &tasks, &opts, ui);
+    }
     eval::check_tasks(&a.model, &tasks, &opts, ui)?;
     ui.clear();
     ui.info(&format!(
@@ -578,6 +617,30 @@ fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
         );
     } else {
         print!("{}", eval::format_table(&[("accuracy (%)", &results)]));
+    }
+    Ok(())
+}
+
+/// `eval` of a decoder LLM: the mean next-token loss and perplexity per task.
+fn causal_lm_eval<B: Backend>(
+    backend: &B,
+    a: &EvalArgs,
+    tasks: &[regmean_gpu::eval::EvalTask],
+    opts: &regmean_gpu::eval::EvalOptions,
+    ui: &Ui,
+) -> Result<()> {
+    use regmean_gpu::eval::causal_lm;
+    ui.info(&format!(
+        "next-token loss of {} on {} task(s)",
+        a.model.display(),
+        tasks.len()
+    ));
+    let results = causal_lm::evaluate(backend, &a.model, tasks, opts)?;
+    if a.json {
+        let json = causal_lm::to_json(&results);
+        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+    } else {
+        print!("{}", causal_lm::format_table(&results));
     }
     Ok(())
 }
@@ -625,19 +688,19 @@ fn eval_after_merge<B: Backend>(
         "evaluating the merged model on {}",
         ui::count(tasks.len(), "task")
     ));
-    let merged = eval::evaluate(backend, &a.out_dir, tasks, opts, ui)?;
+    let merged = eval::evaluate(backend, a.out(), tasks, opts, ui)?;
     ui.clear();
     let mut columns = vec![(cfg.merge_method.title(), merged)];
     if a.compare_average && cfg.merge_method != MergeMethod::SimpleAverage {
         let scratch = tempfile::Builder::new()
             .prefix(".regmean-average-")
             .tempdir_in(
-                a.out_dir
+                a.out()
                     .parent()
                     .filter(|p| !p.as_os_str().is_empty())
                     .unwrap_or(Path::new(".")),
             )
-            .map_err(|e| Error::io(&a.out_dir, e))?;
+            .map_err(|e| Error::io(a.out(), e))?;
         // Registered, so that an interrupt removes it too (and says so).
         let _registered = regmean_gpu::io::pending::register_scratch(
             scratch.path(),

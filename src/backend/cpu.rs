@@ -6,7 +6,7 @@ use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::{Activation, AttentionShape, Backend, GramUpdate};
+use super::{Activation, AttentionShape, Backend, GqaShape, GramUpdate};
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -55,7 +55,7 @@ const CHUNK: usize = 1 << 14;
 /// 1 + eˣ, softmax weights beside a weight of 1) the difference is below f32's resolution.
 /// Above ln(f32::MAX) ≈ 88.72 the result is +∞, as `expf` gives.
 #[inline(always)]
-fn exp_vectorisable(x: f32) -> f32 {
+pub(super) fn exp_vectorisable(x: f32) -> f32 {
     // 1.5·2²³: adding it rounds to an integer, which lands in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     const LN2_HI: f32 = 0.693_359_4;
@@ -258,64 +258,68 @@ impl Backend for CpuBackend {
         check(qkv.rows == s.batch * s.seq && qkv.cols == 3 * d, || {
             format!("attention: qkv [{}, {}] for {s:?}", qkv.rows, qkv.cols)
         })?;
-        if let Some(m) = key_mask {
-            check(m.len() == qkv.rows, || "attention: mask length".into())?;
-        }
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
-        let mut out = vec![0.0f32; s.batch * s.seq * d];
-        out.par_chunks_mut(s.seq * d)
-            .enumerate()
-            .for_each(|(b, out_b)| {
-                let block = &qkv.data[b * s.seq * 3 * d..(b + 1) * s.seq * 3 * d];
-                let mask = key_mask.map(|m| &m[b * s.seq..(b + 1) * s.seq]);
-                let mut scores = vec![0.0f32; s.seq * s.seq];
-                for h in 0..s.heads {
-                    let col = |part: usize| &block[part * d + h * s.head_dim..];
-                    let view = |part: usize| {
-                        MatRef::from_row_major_slice_with_stride(
-                            col(part),
-                            s.seq,
-                            s.head_dim,
-                            3 * d,
-                        )
-                    };
-                    let (q, k, v) = (view(0), view(1), view(2));
-                    {
-                        let dst = MatMut::from_row_major_slice_mut(&mut scores, s.seq, s.seq);
-                        matmul(dst, Accum::Replace, q, k.transpose(), scale, Par::Seq);
-                    }
-                    for i in 0..s.seq {
-                        let row = &mut scores[i * s.seq..(i + 1) * s.seq];
-                        for (j, x) in row.iter_mut().enumerate() {
-                            let masked = (s.causal && j > i) || mask.is_some_and(|m| m[j] == 0);
-                            if masked {
-                                *x = f32::NEG_INFINITY;
-                            }
-                        }
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        if max == f32::NEG_INFINITY {
-                            // Every key masked (an empty sequence): the output row is zero.
-                            row.iter_mut().for_each(|x| *x = 0.0);
-                            continue;
-                        }
-                        with_avx2!(softmax_exp(row, max));
-                        let sum: f32 = row.iter().sum();
-                        row.iter_mut().for_each(|x| *x /= sum);
-                    }
-                    // A strided row-major view built as the transpose of a column-major one:
-                    // faer 0.24's `from_row_major_slice_with_stride_mut` swaps the strides.
-                    let dst = MatMut::from_column_major_slice_with_stride_mut(
-                        &mut out_b[h * s.head_dim..],
-                        s.head_dim,
-                        s.seq,
-                        d,
-                    )
-                    .transpose_mut();
-                    let p = MatRef::from_row_major_slice(&scores, s.seq, s.seq);
-                    matmul(dst, Accum::Replace, p, v, 1.0, Par::Seq);
-                }
-            });
-        Ok(CpuTensor::new(out, s.batch * s.seq, d))
+        let layout = QkvLayout {
+            batch: s.batch,
+            seq: s.seq,
+            heads: s.heads,
+            kv_heads: s.heads,
+            head_dim: s.head_dim,
+            causal: s.causal,
+        };
+        attend(qkv, layout, key_mask)
+    }
+
+    fn gqa_attention(
+        &self,
+        qkv: &CpuTensor,
+        s: GqaShape,
+        key_mask: Option<&[u8]>,
+    ) -> Result<CpuTensor> {
+        check(
+            s.kv_heads > 0
+                && s.heads.is_multiple_of(s.kv_heads)
+                && qkv.rows == s.batch * s.seq
+                && qkv.cols == (s.heads + 2 * s.kv_heads) * s.head_dim,
+            || format!("gqa_attention: qkv [{}, {}] for {s:?}", qkv.rows, qkv.cols),
+        )?;
+        let layout = QkvLayout {
+            batch: s.batch,
+            seq: s.seq,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            causal: true,
+        };
+        attend(qkv, layout, key_mask)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        super::cpu_decoder::rms_norm(x, weight, eps)
+    }
+
+    fn rms_norm_columns(
+        &self,
+        x: &mut CpuTensor,
+        cols: std::ops::Range<usize>,
+        weight: &CpuTensor,
+        eps: f32,
+    ) -> Result<()> {
+        super::cpu_decoder::rms_norm_columns(x, cols, weight, eps)
+    }
+
+    fn rotary(
+        &self,
+        x: &mut CpuTensor,
+        cols: std::ops::Range<usize>,
+        head_dim: usize,
+        seq: usize,
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        super::cpu_decoder::rotary(x, cols, head_dim, seq, inv_freq)
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor) -> Result<CpuTensor> {
+        super::cpu_decoder::silu_mul(gate_up)
     }
 
     fn embed_tokens(
@@ -477,6 +481,86 @@ impl Backend for CpuBackend {
         }
         Ok(())
     }
+}
+
+/// The fused q|k|v projection's layout: `heads` query heads, then `kv_heads` key and
+/// `kv_heads` value heads of `head_dim` columns each (kv_heads = heads: plain multi-head).
+#[derive(Clone, Copy, Debug)]
+struct QkvLayout {
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+}
+
+/// Attention of every query head over its key/value head (query head h reads kv head
+/// h / (heads / kv_heads)), masked keys and (when causal) later keys excluded, softmax in
+/// f32: `[batch·seq, heads·head_dim]`.
+fn attend(qkv: &CpuTensor, s: QkvLayout, key_mask: Option<&[u8]>) -> Result<CpuTensor> {
+    let d = s.heads * s.head_dim;
+    let stride = qkv.cols;
+    let group = s.heads / s.kv_heads.max(1);
+    let (k_start, v_start) = (d, d + s.kv_heads * s.head_dim);
+    if let Some(m) = key_mask {
+        check(m.len() == qkv.rows, || "attention: mask length".into())?;
+    }
+    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let mut out = vec![0.0f32; s.batch * s.seq * d];
+    out.par_chunks_mut(s.seq * d)
+        .enumerate()
+        .for_each(|(b, out_b)| {
+            let block = &qkv.data[b * s.seq * stride..(b + 1) * s.seq * stride];
+            let mask = key_mask.map(|m| &m[b * s.seq..(b + 1) * s.seq]);
+            let mut scores = vec![0.0f32; s.seq * s.seq];
+            for h in 0..s.heads {
+                let kv = (h / group) * s.head_dim;
+                let view = |start: usize| {
+                    MatRef::from_row_major_slice_with_stride(
+                        &block[start..],
+                        s.seq,
+                        s.head_dim,
+                        stride,
+                    )
+                };
+                let (q, k, v) = (view(h * s.head_dim), view(k_start + kv), view(v_start + kv));
+                {
+                    let dst = MatMut::from_row_major_slice_mut(&mut scores, s.seq, s.seq);
+                    matmul(dst, Accum::Replace, q, k.transpose(), scale, Par::Seq);
+                }
+                for i in 0..s.seq {
+                    let row = &mut scores[i * s.seq..(i + 1) * s.seq];
+                    for (j, x) in row.iter_mut().enumerate() {
+                        let masked = (s.causal && j > i) || mask.is_some_and(|m| m[j] == 0);
+                        if masked {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    if max == f32::NEG_INFINITY {
+                        // Every key masked (an empty sequence): the output row is zero.
+                        row.iter_mut().for_each(|x| *x = 0.0);
+                        continue;
+                    }
+                    with_avx2!(softmax_exp(row, max));
+                    let sum: f32 = row.iter().sum();
+                    row.iter_mut().for_each(|x| *x /= sum);
+                }
+                // A strided row-major view built as the transpose of a column-major one:
+                // faer 0.24's `from_row_major_slice_with_stride_mut` swaps the strides.
+                let dst = MatMut::from_column_major_slice_with_stride_mut(
+                    &mut out_b[h * s.head_dim..],
+                    s.head_dim,
+                    s.seq,
+                    d,
+                )
+                .transpose_mut();
+                let p = MatRef::from_row_major_slice(&scores, s.seq, s.seq);
+                matmul(dst, Accum::Replace, p, v, 1.0, Par::Seq);
+            }
+        });
+    Ok(CpuTensor::new(out, s.batch * s.seq, d))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! a batch of sequences is `[batch·seq, features]`.
 
 pub mod cpu;
+mod cpu_decoder;
 pub mod cuda;
 
 pub use cpu::{CpuBackend, CpuTensor};
@@ -29,6 +30,25 @@ pub struct AttentionShape {
     pub heads: usize,
     pub head_dim: usize,
     pub causal: bool,
+}
+
+/// Causal grouped-query attention over a fused `[batch·seq, (heads + 2·kv_heads)·head_dim]`
+/// q|k|v projection: query head h reads key/value head h / (heads / kv_heads).
+#[derive(Clone, Copy, Debug)]
+pub struct GqaShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The error of a decoder-LLM operation on a backend that does not have it yet.
+pub fn decoder_ops_unsupported(backend: &str, op: &str) -> crate::error::Error {
+    crate::error::Error::invalid(format!(
+        "decoder LLMs ({}) run on --device cpu for now: {op} is not implemented on {backend}",
+        crate::model::llama_config::SUPPORTED_DECODERS
+    ))
 }
 
 /// The element type of activations and weights on a GPU (the CPU always runs f32).
@@ -235,6 +255,56 @@ pub trait Backend {
         pos: &Self::Tensor,
         batch: usize,
     ) -> Result<Self::Tensor>;
+    /// RMSNorm `x·rsqrt(mean(x²) + eps)·weight` over each group of `weight.len()` columns
+    /// (the whole row for a layer's norm).
+    fn rms_norm(
+        &self,
+        _x: &Self::Tensor,
+        _weight: &Self::Tensor,
+        _eps: f32,
+    ) -> Result<Self::Tensor> {
+        Err(decoder_ops_unsupported(&self.name(), "RMSNorm"))
+    }
+    /// [`Backend::rms_norm`] in place on the columns `cols` of `x`, in groups of
+    /// `weight.len()` (Qwen3's per-head q and k norms inside the fused q|k|v projection).
+    fn rms_norm_columns(
+        &self,
+        _x: &mut Self::Tensor,
+        _cols: std::ops::Range<usize>,
+        _weight: &Self::Tensor,
+        _eps: f32,
+    ) -> Result<()> {
+        Err(decoder_ops_unsupported(&self.name(), "RMSNorm"))
+    }
+    /// Rotary position embedding in place on the columns `cols` of `x`, heads of `head_dim`
+    /// (non-interleaved halves: x' = x·cos + rotate_half(x)·sin), row r at position r % seq.
+    fn rotary(
+        &self,
+        _x: &mut Self::Tensor,
+        _cols: std::ops::Range<usize>,
+        _head_dim: usize,
+        _seq: usize,
+        _inv_freq: &[f32],
+    ) -> Result<()> {
+        Err(decoder_ops_unsupported(&self.name(), "RoPE"))
+    }
+    /// The SiLU-gated MLP activation: `[rows, 2f]` gate|up → `[rows, f]` silu(gate)·up.
+    fn silu_mul(&self, _gate_up: &Self::Tensor) -> Result<Self::Tensor> {
+        Err(decoder_ops_unsupported(&self.name(), "the SiLU-gated MLP"))
+    }
+    /// Causal grouped-query attention, keys whose `key_mask` is 0 masked, scale
+    /// 1/√head_dim, softmax in f32. Returns `[batch·seq, heads·head_dim]`.
+    fn gqa_attention(
+        &self,
+        _qkv: &Self::Tensor,
+        _shape: GqaShape,
+        _key_mask: Option<&[u8]>,
+    ) -> Result<Self::Tensor> {
+        Err(decoder_ops_unsupported(
+            &self.name(),
+            "grouped-query attention",
+        ))
+    }
     /// Rows of `x` picked by index.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
     /// Updates the lower triangle (diagonal included) of the `[d, d]` accumulator with XᵀX

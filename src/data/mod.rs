@@ -2,6 +2,7 @@
 //! (safetensors), the seeded sample selection, and batching with the padding rule of each
 //! Gram mode.
 
+pub mod chat;
 pub mod image;
 pub mod text;
 
@@ -141,6 +142,8 @@ pub fn parse_jsonl(text: &str, path: &Path) -> Result<Dataset> {
 enum Line {
     Ids(Vec<u32>),
     Text(String, Option<String>),
+    /// Chat turns, rendered with the model's chat template.
+    Chat(serde_json::Value),
 }
 
 /// JSON Lines of token ids or text; text is tokenised with `model_dir`'s tokenizer.json,
@@ -208,13 +211,18 @@ fn parse_lines(
                 return Err(at("empty sequence".into()));
             }
             lines.push(Line::Ids(seq));
+        } else if let Some(messages) = v.get("messages") {
+            if messages.as_array().is_none_or(|m| m.is_empty()) {
+                return Err(at("`messages` is not a non-empty array of turns".into()));
+            }
+            lines.push(Line::Chat(messages.clone()));
         } else {
             match text::text_fields(&v) {
                 Some(Ok((a, b))) => lines.push(Line::Text(a.to_string(), b.map(str::to_string))),
                 Some(Err(msg)) => return Err(at(msg)),
                 None => {
                     return Err(at(
-                        "no `input_ids` array, `text`, `sentence`, or sentence pair (text_a/text_b, sentence1/sentence2, premise/hypothesis, question/sentence, question1/question2)".into(),
+                        "no `input_ids` array, `messages`, `text`, `sentence`, or sentence pair (text_a/text_b, sentence1/sentence2, premise/hypothesis, question/sentence, question1/question2)".into(),
                     ))
                 }
             }
@@ -223,7 +231,13 @@ fn parse_lines(
     if lines.is_empty() {
         return Err(Error::file(path, "no examples"));
     }
-    let needs_tokenizer = lines.iter().any(|l| matches!(l, Line::Text(..)));
+    let needs_tokenizer = lines
+        .iter()
+        .any(|l| matches!(l, Line::Text(..) | Line::Chat(..)));
+    let template = match (lines.iter().any(|l| matches!(l, Line::Chat(..))), model_dir) {
+        (true, Some(dir)) => Some(chat::ChatTemplate::from_model_dir(dir)?),
+        _ => None,
+    };
     let tokenizer =
         match (needs_tokenizer, model_dir) {
             (false, _) => None,
@@ -246,6 +260,21 @@ fn parse_lines(
                     return Err(Error::file(
                         path,
                         format!("line {n}: the text has no tokens"),
+                    ));
+                }
+                Ok(ids)
+            }
+            Line::Chat(messages) => {
+                let tok = tokenizer.as_ref().expect("loaded for chat lines");
+                let template = template.as_ref().expect("loaded for chat lines");
+                let text = template
+                    .render(&messages)
+                    .map_err(|e| Error::file(path, format!("line {n}: {e}")))?;
+                let ids = tok.encode_plain(&text)?;
+                if ids.is_empty() {
+                    return Err(Error::file(
+                        path,
+                        format!("line {n}: the conversation has no tokens"),
                     ));
                 }
                 Ok(ids)

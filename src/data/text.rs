@@ -70,6 +70,16 @@ impl TextTokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of a text that already holds its special tokens (a rendered chat
+    /// template): none are added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::file(&self.path, format!("tokenisation failed: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
     }

@@ -3,6 +3,8 @@
 //! non-padding token), CLIP vision towers with zero-shot heads built by the base model's
 //! text tower from class names and templates.
 
+pub mod causal_lm;
+
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -197,7 +199,14 @@ pub fn evaluate<B: Backend>(
                 .map(|(i, t)| zs.evaluate(backend, &model, model_dir, t, opts, &progress(i)))
                 .collect()
         }
+        Arch::CausalLm(_) => Err(causal_lm_eval_unsupported()),
     }
+}
+
+fn causal_lm_eval_unsupported() -> Error {
+    Error::invalid(
+        "merge --eval does not evaluate decoder LLMs yet: run `regmean-gpu eval MERGED --config CONFIG` (next-token loss per task)",
+    )
 }
 
 /// CLIP's base `CLIPModel`, which evaluation needs for the text tower.
@@ -563,6 +572,7 @@ pub fn check_tasks(
         let dirs = match arch {
             Arch::Gpt2 => [gpt2_head(task)?, model_dir],
             Arch::ClipVision => [model_dir, clip_base(opts)?],
+            Arch::CausalLm(_) => return Err(causal_lm_eval_unsupported()),
         };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;

@@ -21,11 +21,14 @@ use super::safetensors::{Dtype, SafetensorsFile, TensorEntry};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::model::llama_config::{DecoderFamily, SUPPORTED_DECODERS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     Gpt2,
     ClipVision,
+    /// A decoder LLM of the Llama family (`model.layers.N...` names).
+    CausalLm(DecoderFamily),
 }
 
 impl Arch {
@@ -34,6 +37,7 @@ impl Arch {
         match self {
             Arch::Gpt2 => "gpt2",
             Arch::ClipVision => "clip_vision",
+            Arch::CausalLm(family) => family.name(),
         }
     }
 
@@ -42,6 +46,7 @@ impl Arch {
         match self {
             Arch::Gpt2 => "GPT-2",
             Arch::ClipVision => "CLIP vision",
+            Arch::CausalLm(family) => family.title(),
         }
     }
 
@@ -69,6 +74,20 @@ impl Arch {
                 .any(|p| stored.starts_with(p))
                 {
                     Some(format!("vision_model.{stored}"))
+                } else {
+                    None
+                }
+            }
+            // `LlamaForCausalLM` names; a bare `LlamaModel`'s keys get the `model.` prefix,
+            // and other heads (`score`) are not backbone.
+            Arch::CausalLm(_) => {
+                if stored.starts_with("model.") || stored.starts_with("lm_head.") {
+                    Some(stored.to_string())
+                } else if ["embed_tokens.", "layers.", "norm."]
+                    .iter()
+                    .any(|p| stored.starts_with(p))
+                {
+                    Some(format!("model.{stored}"))
                 } else {
                     None
                 }
@@ -168,14 +187,17 @@ impl Checkpoint {
         let arch = match config.get("model_type").and_then(|v| v.as_str()) {
             Some("gpt2") => Arch::Gpt2,
             Some("clip") | Some("clip_vision_model") => Arch::ClipVision,
-            Some(other) => {
-                return Err(Error::file(
-                    &config_path,
-                    format!(
-                    "unsupported model_type `{other}` (supported: gpt2, clip, clip_vision_model)"
-                ),
-                ))
-            }
+            Some(other) => match DecoderFamily::from_model_type(other) {
+                Some(family) => Arch::CausalLm(family),
+                None => {
+                    return Err(Error::file(
+                        &config_path,
+                        format!(
+                            "unsupported model_type `{other}` (supported: gpt2, clip, clip_vision_model, {SUPPORTED_DECODERS})"
+                        ),
+                    ))
+                }
+            },
             None => return Err(Error::file(&config_path, "no `model_type` field")),
         };
 
@@ -198,6 +220,12 @@ impl Checkpoint {
                     }
                 }
             }
+        }
+        // A tied head is the embeddings: a copy some checkpoints also store is not a
+        // parameter of its own (merged, it would keep one model's values beside the average).
+        let tied = config.get("tie_word_embeddings").and_then(|t| t.as_bool()) == Some(true);
+        if matches!(arch, Arch::CausalLm(_)) && tied && !all {
+            backbone.remove("lm_head.weight");
         }
         if backbone.is_empty() {
             return Err(Error::file(

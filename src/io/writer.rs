@@ -293,6 +293,7 @@ pub const SIDECAR_FILES: &[&str] = &[
     "added_tokens.json",
     "preprocessor_config.json",
     "generation_config.json",
+    "chat_template.jinja",
 ];
 
 /// Copies the sidecar files present in `from` into `to`; returns those copied.

@@ -5,6 +5,9 @@ mod block;
 pub mod clip;
 pub mod clip_text;
 pub mod gpt2;
+pub mod llama;
+pub mod llama_config;
+pub mod llama_plan;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -200,13 +203,18 @@ impl<B: Backend> Default for ForwardHooks<'_, B> {
 pub enum Model<B: Backend> {
     Gpt2(gpt2::Gpt2<B>),
     Clip(clip::ClipVision<B>),
+    Llama(llama::Llama<B>),
 }
 
 /// The architecture-level description of a checkpoint, without its weights on a backend.
+/// What the layer-wise engine says of a decoder LLM.
+pub const LAYERWISE_DECODERS: &str = "decoder LLMs are merged one model at a time for now: RegMean++ and `schedule: layer` run GPT-2 and CLIP vision towers; use merge_method: regmean with schedule: model (or auto)";
+
 #[derive(Clone, Debug)]
 pub enum ModelConfig {
     Gpt2(gpt2::Gpt2Config),
     Clip(clip::ClipVisionConfig),
+    Llama(llama_config::LlamaConfig),
 }
 
 impl ModelConfig {
@@ -221,6 +229,11 @@ impl ModelConfig {
                 ckpt.config(),
                 &path,
             )?)),
+            Arch::CausalLm(family) => Ok(ModelConfig::Llama(llama_config::LlamaConfig::from_json(
+                ckpt.config(),
+                family,
+                &path,
+            )?)),
         }
     }
 
@@ -228,6 +241,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(_) => Arch::Gpt2,
             ModelConfig::Clip(_) => Arch::ClipVision,
+            ModelConfig::Llama(c) => Arch::CausalLm(c.family),
         }
     }
 
@@ -236,6 +250,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.sites(),
             ModelConfig::Clip(c) => c.sites(),
+            ModelConfig::Llama(c) => c.sites(),
         }
     }
 
@@ -243,17 +258,19 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.n_layer,
             ModelConfig::Clip(c) => c.num_hidden_layers,
+            ModelConfig::Llama(c) => c.num_hidden_layers,
         }
     }
 
     /// The part of the model the backbone parameter `name` belongs to.
     pub fn group_of(&self, name: &str) -> ParamGroup {
-        let (layers, fin) = match self {
-            ModelConfig::Gpt2(_) => ("h.", "ln_f."),
+        let (layers, fin): (&str, &[&str]) = match self {
+            ModelConfig::Gpt2(_) => ("h.", &["ln_f."]),
             ModelConfig::Clip(_) => (
                 "vision_model.encoder.layers.",
-                "vision_model.post_layernorm.",
+                &["vision_model.post_layernorm."],
             ),
+            ModelConfig::Llama(_) => ("model.layers.", &["model.norm.", "lm_head."]),
         };
         if let Some(l) = name
             .strip_prefix(layers)
@@ -261,7 +278,7 @@ impl ModelConfig {
             .and_then(|l| l.parse().ok())
         {
             ParamGroup::Layer(l)
-        } else if name.starts_with(fin) {
+        } else if fin.iter().any(|f| name.starts_with(f)) {
             ParamGroup::Final
         } else {
             ParamGroup::Embeddings
@@ -273,6 +290,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(_) => format!("h.{l}."),
             ModelConfig::Clip(_) => format!("{}encoder.layers.{l}.", clip::PREFIX),
+            ModelConfig::Llama(_) => format!("model.layers.{l}."),
         }
     }
 
@@ -288,6 +306,7 @@ impl ModelConfig {
             ModelConfig::Clip(c) => Ok(Embeddings::Clip(clip::ClipEmbeddings::load(
                 backend, src, c,
             )?)),
+            ModelConfig::Llama(_) => Err(Error::invalid(LAYERWISE_DECODERS)),
         }
     }
 
@@ -303,6 +322,7 @@ impl ModelConfig {
         let (ln1, ln2) = match self {
             ModelConfig::Gpt2(_) => ("ln_1", "ln_2"),
             ModelConfig::Clip(_) => ("layer_norm1", "layer_norm2"),
+            ModelConfig::Llama(_) => return Err(Error::invalid(LAYERWISE_DECODERS)),
         };
         PreLnBlock::load(
             backend,
@@ -318,6 +338,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Gpt2(c) => c.expected_shapes(),
             ModelConfig::Clip(c) => c.expected_shapes(),
+            ModelConfig::Llama(c) => c.expected_shapes(),
         }
     }
 
@@ -343,6 +364,7 @@ impl ModelConfig {
             match c {
                 ModelConfig::Gpt2(c) => serde_json::to_value(c),
                 ModelConfig::Clip(c) => serde_json::to_value(c),
+                ModelConfig::Llama(c) => serde_json::to_value(c),
             }
             .expect("config serialises")
         };
@@ -364,6 +386,7 @@ impl<B: Backend> Model<B> {
         match ModelConfig::from_checkpoint(ckpt)? {
             ModelConfig::Gpt2(c) => Ok(Model::Gpt2(gpt2::Gpt2::load(backend, ckpt, c)?)),
             ModelConfig::Clip(c) => Ok(Model::Clip(clip::ClipVision::load(backend, ckpt, c)?)),
+            ModelConfig::Llama(c) => Ok(Model::Llama(llama::Llama::load(backend, ckpt, c)?)),
         }
     }
 
@@ -376,6 +399,7 @@ impl<B: Backend> Model<B> {
         match self {
             Model::Gpt2(m) => m.forward(backend, batch, hooks),
             Model::Clip(m) => m.forward(backend, batch, hooks),
+            Model::Llama(m) => m.forward(backend, batch, hooks),
         }
     }
 }

@@ -360,6 +360,16 @@ pub fn check_data(
                 to_max_length: false,
             })
         }
+        (ModelConfig::Llama(c), Dataset::Tokens { path, sequences }) => c.check_tokens(
+            path,
+            sequences,
+            params.max_length,
+            params.fusionbench_compat,
+        ),
+        (ModelConfig::Llama(_), d) => Err(Error::file(
+            d.path(),
+            "a decoder LLM needs text or token data (.jsonl), not images",
+        )),
         (ModelConfig::Gpt2(_), d) => Err(Error::file(
             d.path(),
             "GPT-2 needs text or token data (.jsonl), not images",

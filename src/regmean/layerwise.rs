@@ -32,7 +32,7 @@ use crate::io::writer::{ModelWriter, PlannedTensor};
 use crate::io::{Arch, Checkpoint};
 use crate::model::{
     linear_in_out, transpose, Batch, BlockRun, GramSink, HostParams, LinearModule, ModelConfig,
-    ParamGroup, Site,
+    ParamGroup, Site, LAYERWISE_DECODERS,
 };
 use crate::progress::{Event, Observer};
 
@@ -86,6 +86,11 @@ pub(super) fn estimate(cfg: &MergeConfig, model_cfg: &ModelConfig) -> MemoryEsti
     let (seq, d, f) = match model_cfg {
         ModelConfig::Gpt2(c) => (p.max_length.min(c.n_positions), c.n_embd, c.n_inner),
         ModelConfig::Clip(c) => (c.num_patches() + 1, c.hidden_size, c.intermediate_size),
+        ModelConfig::Llama(c) => (
+            p.max_length.min(c.max_position_embeddings),
+            c.hidden_size,
+            c.intermediate_size,
+        ),
     };
     let examples = if p.fusionbench_compat {
         p.num_regmean_examples.div_ceil(p.batch_size) * p.batch_size
@@ -114,8 +119,13 @@ pub(super) fn choose_schedule(
     opts: &MergeOptions,
     observer: &dyn Observer,
 ) -> Result<Schedule> {
+    let decoder = matches!(prepared.model_cfg, ModelConfig::Llama(_));
     match (cfg.merge_method, cfg.parameters.schedule) {
         (MergeMethod::SimpleAverage, _) => return Ok(Schedule::Model),
+        (MergeMethod::RegmeanPlusplus, _) | (_, Schedule::Layer) if decoder => {
+            return Err(Error::config(&cfg.path, LAYERWISE_DECODERS))
+        }
+        (_, Schedule::Auto) if decoder => return Ok(Schedule::Model),
         (MergeMethod::RegmeanPlusplus, _) => return Ok(Schedule::Layer),
         (MergeMethod::Regmean, Schedule::Auto) => {}
         (MergeMethod::Regmean, s) => return Ok(s),
@@ -538,6 +548,7 @@ fn block_run<'a>(model_cfg: &ModelConfig, b: &'a CachedBatch) -> BlockRun<'a> {
     match model_cfg {
         ModelConfig::Gpt2(c) => c.block_run(b.batch, b.seq, b.mask.as_deref()),
         ModelConfig::Clip(c) => c.block_run(b.batch),
+        ModelConfig::Llama(_) => unreachable!("choose_schedule keeps decoder LLMs model by model"),
     }
 }
 

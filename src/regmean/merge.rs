@@ -496,6 +496,7 @@ fn warn_unmatched_excludes(
         .map(|n| match model_cfg.arch() {
             Arch::Gpt2 => format!("transformer.{n}"),
             Arch::ClipVision => n.strip_prefix("vision_model.").unwrap_or(n).to_string(),
+            Arch::CausalLm(_) => n.strip_prefix("model.").unwrap_or(n).to_string(),
         })
         .collect();
     let examples: Vec<String> = names
@@ -512,6 +513,7 @@ fn warn_unmatched_excludes(
             match model_cfg.arch() {
                 Arch::Gpt2 => " (it matches `transformer.`-prefixed names; the merged model's names have no prefix)".into(),
                 Arch::ClipVision => " (it matches names without the `vision_model.` prefix; the merged model's names have it)".into(),
+                Arch::CausalLm(_) => " (it matches names without the `model.` prefix; the merged model's names have it)".into(),
             }
         };
         observer.event(Event::Warning(format!(
@@ -1148,6 +1150,7 @@ pub fn output_config(base: &Checkpoint, torch_dtype: &str) -> serde_json::Value 
     c["architectures"] = serde_json::json!([match base.arch() {
         Arch::Gpt2 => "GPT2Model",
         Arch::ClipVision => "CLIPVisionModel",
+        Arch::CausalLm(family) => family.causal_lm_class(),
     }]);
     // transformers 5 writes `dtype`, 4.x `torch_dtype`: update the one the base model uses.
     if let Some(obj) = c.as_object_mut() {

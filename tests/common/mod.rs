@@ -31,6 +31,24 @@ pub fn i64_tensor(f: &SafetensorsFile, name: &str) -> Vec<i64> {
         .collect()
 }
 
+/// The right-padded token batch (`input_ids`, `attention_mask`, I64 `[batch, seq]`) of a
+/// forward fixture.
+pub fn token_batch(f: &SafetensorsFile) -> regmean_gpu::model::Batch {
+    let shape = &f.entry("input_ids").unwrap().shape;
+    regmean_gpu::model::Batch::Tokens {
+        ids: i64_tensor(f, "input_ids")
+            .iter()
+            .map(|&v| v as u32)
+            .collect(),
+        mask: i64_tensor(f, "attention_mask")
+            .iter()
+            .map(|&v| v as u8)
+            .collect(),
+        batch: shape[0],
+        seq: shape[1],
+    }
+}
+
 /// Every float tensor of `expected` matches the same tensor of the merged model directory
 /// `out` within `tol`; returns the worst relative error.
 pub fn assert_model_matches(out: &Path, expected: &Path, tol: f64) -> f64 {
