@@ -372,10 +372,13 @@ pub(super) fn merge_by_layer<B: Backend>(
                 let mut h = backend.upload(&x, x.len() / layer_sites[0].dim, layer_sites[0].dim)?;
                 drop(x);
                 let run = block_run(model_cfg, b);
-                let mut sink: Option<&mut dyn GramSink<B>> = Some(&mut acc);
-                block.forward(backend, &mut h, &run, 0, &mut sink)?;
-                if !plus_plus {
+                if plus_plus {
+                    // Only the Grams: the merged layer makes the next inputs.
+                    block.observe_sites(&mut acc, backend, &mut h, &run)?;
+                } else {
                     // The task's own layer makes its next inputs.
+                    let mut sink: Option<&mut dyn GramSink<B>> = Some(&mut acc);
+                    block.forward(backend, &mut h, &run, 0, &mut sink)?;
                     store.replace(b.id, backend.download_owned(h)?)?;
                 }
             }
