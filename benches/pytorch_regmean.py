@@ -2,7 +2,7 @@
 """PyTorch reference implementations of RegMean for benchmarking `regmean-gpu`.
 
 Usage:
-    python benches/pytorch_regmean.py --mode fusionbench|skilled --config CONFIG.yaml \
+    python benches/pytorch_regmean.py --mode fusionbench|skilled|fusionbench_pp --config CONFIG.yaml \
         --out OUT_DIR --device cpu|cuda [--threads N]
 
 Reads the same YAML config as `regmean-gpu merge` (paths relative to the config file) and
@@ -41,6 +41,17 @@ skilled
     concatenated [q;k;v] weights, and the solve done by ``torch.linalg.cholesky_ex`` +
     ``torch.cholesky_solve`` in float32 on the device (falling back to a float64 Cholesky and
     then ``torch.linalg.solve`` if the float32 factorisation fails).
+
+fusionbench_pp
+    FusionBench's RegMean++ (``RegMeanAlgorithmForCLIPPlusPlus``, CLIP only), its loop as it
+    is: every task model in memory at once; the embeddings (``embeddings.*``,
+    ``pre_layrnorm``) averaged and loaded into the base model, which computes every task's
+    first-layer inputs (whole batches in file order); then per encoder layer: hooks on its
+    nn.Linear modules keep the running-mean Grams while each task's own layer runs on that
+    task's inputs, the layer is merged (``torch.inverse(sum G'_i) @ sum(G'_i @ W_i^T)``, the
+    rest averaged), loaded into the base model's layer, and that merged layer makes every
+    task's next inputs. ``post_layernorm`` keeps the base value. Excluded names
+    (``re.match``) are matched against names relative to the layer, as FusionBench does.
 
 Only ``fusionbench_compat: true`` / ``shuffle: false`` semantics are implemented (the
 harness always writes such configs); other settings are refused or warned about.
@@ -83,8 +94,8 @@ def load_config(path):
     path = Path(path).resolve()
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    if cfg.get("merge_method", "regmean") != "regmean":
-        sys.exit(f"only merge_method: regmean is supported, found {cfg.get('merge_method')}")
+    if cfg.get("merge_method", "regmean") not in ("regmean", "regmean_plusplus", "regmean++"):
+        sys.exit(f"only merge_method: regmean or regmean_plusplus is supported, found {cfg.get('merge_method')}")
     root = path.parent
     params = dict(DEFAULT_PARAMS)
     params.update(cfg.get("parameters") or {})
@@ -304,6 +315,93 @@ def run_fusionbench(arch, models, params, ratio, device, timers, base_keys, also
 
 
 # --------------------------------------------------------------------------------------
+# FusionBench RegMean++ mode (CLIP)
+# --------------------------------------------------------------------------------------
+
+def vision_tower(model):
+    """transformers 4.x nests the tower under `vision_model`; 5.x makes it the model."""
+    return model.vision_model if hasattr(model, "vision_model") else model
+
+
+def encoder_layer_forward(layer, x):
+    try:
+        out = layer(x, attention_mask=None, causal_attention_mask=None)
+    except TypeError:  # transformers 5 dropped the causal mask argument
+        out = layer(x, attention_mask=None)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_fusionbench_pp(models, params, ratio, device, timers, base_dir):
+    regexes = params["exclude_param_names_regex"]
+    t = time.perf_counter()
+    tasks = [load_task("clip", m, d, params, device, timers) for m, d in models]
+    base = load_model("clip", base_dir, device)
+    sync(device)
+    timers["load_s"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    merged_tower = vision_tower(base)
+    with torch.no_grad():
+        # 1. embeddings and pre_layrnorm: the plain mean
+        for part in ("embeddings", "pre_layrnorm"):
+            target = dict(getattr(merged_tower, part).named_parameters())
+            states = [dict(getattr(vision_tower(m), part).named_parameters()) for m, _ in tasks]
+            for name, p in target.items():
+                p.copy_(torch.stack([s[name] for s in states]).mean(0))
+        # 1.1 first-layer inputs, from the merged embeddings
+        inputs = []
+        for _, batches in tasks:
+            xs = []
+            for b in batches:
+                e = merged_tower.embeddings(b["pixel_values"].to(device))
+                xs.append(merged_tower.pre_layrnorm(e))
+            inputs.append(xs)
+        merged_layers = merged_tower.encoder.layers
+        task_layers = [vision_tower(m).encoder.layers for m, _ in tasks]
+        for l, merged_layer in enumerate(merged_layers):
+            names = [n for n, _ in merged_layer.named_parameters() if not excluded(n, regexes)]
+            linear = {n for n, m in merged_layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            grams = []
+            for layers, xs in zip(task_layers, inputs):
+                layer = layers[l]
+                g, counts, handles = {}, {}, []
+                for mod_name, m in layer.named_modules():
+                    if mod_name in linear:
+                        def hook(module, inp, out, mod_name=mod_name):
+                            x = inp[0].detach().reshape(-1, inp[0].shape[-1])
+                            xtx = x.T @ x
+                            if mod_name not in g:
+                                g[mod_name], counts[mod_name] = xtx / x.shape[0], x.shape[0]
+                            else:
+                                g[mod_name] = (g[mod_name] * counts[mod_name] + xtx) / (counts[mod_name] + x.shape[0])
+                                counts[mod_name] += x.shape[0]
+                        handles.append(m.register_forward_hook(hook))
+                for x in xs:
+                    encoder_layer_forward(layer, x)
+                for h in handles:
+                    h.remove()
+                grams.append(g)
+            params_l = [dict(layers[l].named_parameters()) for layers in task_layers]
+            target = dict(merged_layer.named_parameters())
+            for name in names:
+                mod = name[:-len(".weight")] if name.endswith(".weight") else None
+                if mod in linear:
+                    gs = [reduce_non_diagonal_elements(g[mod], ratio) for g in grams]
+                    gw = [gp @ p[name].T for gp, p in zip(gs, params_l)]
+                    w = torch.inverse(sum(gs)) @ sum(gw)
+                    target[name].copy_(w.T)
+                else:
+                    target[name].copy_(torch.stack([p[name] for p in params_l]).mean(0))
+            if l + 1 < len(merged_layers):
+                inputs = [[encoder_layer_forward(merged_layer, x) for x in xs] for xs in inputs]
+    sync(device)
+    timers["forward_and_grams_s"] += time.perf_counter() - t
+    merged = {k: v.detach().cpu() for k, v in base.state_dict().items()}
+    del tasks
+    return merged
+
+
+# --------------------------------------------------------------------------------------
 # skilled mode
 # --------------------------------------------------------------------------------------
 
@@ -438,7 +536,7 @@ def run_skilled(arch, models, params, ratio, device, timers, base_keys):
 def main():
     t0 = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["fusionbench", "skilled"], required=True)
+    ap.add_argument("--mode", choices=["fusionbench", "skilled", "fusionbench_pp"], required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -469,7 +567,11 @@ def main():
     timers["load_s"] += time.perf_counter() - t
 
     merged64 = None
-    if args.mode == "skilled":
+    if args.mode == "fusionbench_pp":
+        if arch != "clip":
+            sys.exit("fusionbench_pp: FusionBench's RegMean++ exists for CLIP only")
+        merged = run_fusionbench_pp(models, params, ratio, device, timers, base_dir)
+    elif args.mode == "skilled":
         merged = run_skilled(arch, models, params, ratio, device, timers, base_keys)
     else:
         merged, merged64 = run_fusionbench(

@@ -159,24 +159,66 @@ fn merge_on_cuda_matches_the_cpu_engine() {
         ("clip_pool", "compat.yaml"),
         ("clip_pool", "default.yaml"),
     ] {
-        let mut cfg = MergeConfig::load(&fixtures().join(pool).join(config)).unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let cpu = tmp.path().join("cpu");
-        merge(&CpuBackend, &cfg, &cpu, &MergeOptions::default(), &Silent).unwrap();
-        for (precision, tol) in [(Precision::Float32, 1e-4), (Precision::Float16, 1e-2)] {
-            cfg.parameters.precision = precision;
-            let gpu = tmp.path().join(precision.name());
-            let backend = CudaBackend::new(dev.clone(), precision);
-            let opts = MergeOptions {
-                device: Some(dev.clone()),
-                ..MergeOptions::default()
-            };
-            let report = merge(&backend, &cfg, &gpu, &opts, &Silent).unwrap();
-            assert!(report.fallbacks.is_empty());
-            assert!(report.peak_device_bytes.is_some());
-            eprint!("{pool}/{config} {}: ", precision.name());
-            assert_model_matches(&gpu, &cpu.join("model.safetensors"), tol);
-        }
+        let cfg = MergeConfig::load(&fixtures().join(pool).join(config)).unwrap();
+        gpu_merges_match_the_cpu(&dev, cfg, &format!("{pool}/{config}"), |report| {
+            assert!(report.peak_device_bytes.is_some())
+        });
+    }
+}
+
+/// Merges `cfg` on the CPU, then on the GPU in float32 (≤ 1e-4) and float16 (≤ 1e-2), and
+/// compares; `check` looks at each GPU merge's report.
+fn gpu_merges_match_the_cpu(
+    dev: &std::sync::Arc<CudaDevice>,
+    mut cfg: MergeConfig,
+    label: &str,
+    check: impl Fn(&regmean_gpu::regmean::MergeReport),
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cpu = tmp.path().join("cpu");
+    merge(&CpuBackend, &cfg, &cpu, &MergeOptions::default(), &Silent).unwrap();
+    for (precision, tol) in [(Precision::Float32, 1e-4), (Precision::Float16, 1e-2)] {
+        cfg.parameters.precision = precision;
+        let gpu = tmp.path().join(precision.name());
+        let backend = CudaBackend::new(dev.clone(), precision);
+        let opts = MergeOptions {
+            device: Some(dev.clone()),
+            ..MergeOptions::default()
+        };
+        let report = merge(&backend, &cfg, &gpu, &opts, &Silent).unwrap();
+        assert!(report.fallbacks.is_empty());
+        check(&report);
+        eprint!("{label} {}: ", precision.name());
+        assert_model_matches(&gpu, &cpu.join("model.safetensors"), tol);
+    }
+}
+
+/// The layer-wise engine (RegMean++, and RegMean with `schedule: layer`) with its forward
+/// passes on the GPU against the same merge on the CPU.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
+fn layerwise_merge_on_cuda_matches_the_cpu_engine() {
+    if !gpu_or_skip("layerwise_merge_on_cuda_matches_the_cpu_engine") {
+        return;
+    }
+    let dev = CudaDevice::open(0).unwrap();
+    let layer = |path: &Path| {
+        let mut cfg = MergeConfig::load(path).unwrap();
+        cfg.parameters.schedule = regmean_gpu::config::Schedule::Layer;
+        cfg
+    };
+    let pp = |kind: &str, config: &str| fixtures().join("regmeanpp").join(kind).join(config);
+    for cfg in [
+        MergeConfig::load(&pp("clip", "compat.yaml")).unwrap(),
+        MergeConfig::load(&pp("gpt2", "compat.yaml")).unwrap(),
+        MergeConfig::load(&pp("gpt2", "default.yaml")).unwrap(),
+        layer(&fixtures().join("gpt2_pool/default.yaml")),
+        layer(&fixtures().join("clip_pool/compat.yaml")),
+    ] {
+        let label = format!("{:?}", cfg.merge_method);
+        gpu_merges_match_the_cpu(&dev, cfg, &label, |report| {
+            assert!(report.activation_cache.is_some(), "ran layer by layer")
+        });
     }
 }
 

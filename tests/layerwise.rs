@@ -224,3 +224,31 @@ fn regmeanpp_refuses_precomputed_grams_naming_the_config() {
     );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+#[test]
+fn regmeanpp_merge_evaluates_against_the_simple_average() {
+    let pool = common::Pool::of("eval/gpt2");
+    let text = std::fs::read_to_string(pool.path("merge_text.yaml"))
+        .unwrap()
+        .replace("merge_method: regmean", "merge_method: regmean_plusplus");
+    std::fs::write(pool.path("pp.yaml"), text).unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["merge", "-q", "--eval", "--compare-average"])
+        .arg(pool.path("pp.yaml"))
+        .arg(pool.path("merged"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("RegMean++") && stdout.contains("simple average"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("task_a") && stdout.contains("task_b"),
+        "{stdout}"
+    );
+}

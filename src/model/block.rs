@@ -124,6 +124,32 @@ impl<B: Backend> PreLnBlock<B> {
                 None => Ok(()),
             }
         };
+        let f = self.run_to_last_site(&mut observe, backend, h, run)?;
+        backend.add_assign(h, &self.fc2.apply(backend, &f)?)
+    }
+
+    /// Runs the block only as far as its last site (fc2's input), for the Grams alone: `h` is
+    /// left half-updated (after the attention's residual), and fc2 never runs.
+    pub fn observe_sites(
+        &self,
+        grams: &mut dyn GramSink<B>,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &BlockRun<'_>,
+    ) -> Result<()> {
+        let mut observe = |k: usize, x: &B::Tensor| grams.observe(k, x, run.mask);
+        self.run_to_last_site(&mut observe, backend, h, run)
+            .map(drop)
+    }
+
+    /// Everything up to fc2, each site input `k` (0..4) shown to `observe`: returns fc2's input.
+    fn run_to_last_site(
+        &self,
+        observe: &mut dyn FnMut(usize, &B::Tensor) -> Result<()>,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &BlockRun<'_>,
+    ) -> Result<B::Tensor> {
         let a = self.ln1.apply(backend, h, run.eps)?;
         observe(0, &a)?;
         let att = backend.attention(&self.qkv.apply(backend, &a)?, run.shape, run.mask)?;
@@ -134,6 +160,6 @@ impl<B: Backend> PreLnBlock<B> {
         observe(2, &m)?;
         let f = self.fc1.apply_act(backend, &m, run.act)?;
         observe(3, &f)?;
-        backend.add_assign(h, &self.fc2.apply(backend, &f)?)
+        Ok(f)
     }
 }

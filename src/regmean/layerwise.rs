@@ -162,8 +162,11 @@ struct CachedBatch {
     mask: Option<Vec<u8>>,
 }
 
+/// A task model. Its checkpoint is opened for each use and closed after: the pages of a
+/// memory map stay resident while it is open, and a layer-wise merge goes through every
+/// model at every layer.
 struct Task {
-    ckpt: Checkpoint,
+    dir: PathBuf,
     report: ModelReport,
     batches: Vec<CachedBatch>,
 }
@@ -259,7 +262,7 @@ pub(super) fn merge_by_layer<B: Backend>(
         .iter()
         .map(|entry| {
             Ok(Task {
-                ckpt: Checkpoint::open(&entry.model)?,
+                dir: entry.model.clone(),
                 report: ModelReport {
                     name: entry.display_name(),
                     examples: 0,
@@ -276,10 +279,9 @@ pub(super) fn merge_by_layer<B: Backend>(
             .filter(move |(n, _)| model_cfg.group_of(n) == g)
     };
     let mut merged = HostParams::default();
-    for (name, _) in in_group(ParamGroup::Embeddings) {
-        let mean = average(&tasks, name, k)?;
-        write_timed(&mut writer, &mut timings.writer_busy, name, &mean)?;
-        merged.tensors.insert(name.clone(), mean);
+    for (name, mean) in average(&tasks, in_group(ParamGroup::Embeddings), k)? {
+        write_timed(&mut writer, &mut timings.writer_busy, &name, &mean)?;
+        merged.tensors.insert(name, mean);
     }
     let merged_embeddings = if plus_plus {
         add_base_values(
@@ -298,7 +300,8 @@ pub(super) fn merge_by_layer<B: Backend>(
             .data
             .as_ref()
             .ok_or_else(|| Error::invalid(format!("{}: no `data`", task.report.name)))?;
-        let data = open_data(cfg, &task.ckpt, path)?;
+        let ckpt = Checkpoint::open(&task.dir)?;
+        let data = open_data(cfg, &ckpt, path)?;
         let (indices, warning) = select(data.len(), &params.sampling());
         if let Some(w) = warning {
             observer.event(Event::Warning(format!("{}: {w}", data.path().display())));
@@ -314,7 +317,7 @@ pub(super) fn merge_by_layer<B: Backend>(
         let embeddings = match &merged_embeddings {
             Some(e) => e,
             None => {
-                own = model_cfg.load_embeddings(backend, &task.ckpt)?;
+                own = model_cfg.load_embeddings(backend, &ckpt)?;
                 &own
             }
         };
@@ -371,7 +374,8 @@ pub(super) fn merge_by_layer<B: Backend>(
         let mut w_sum = gw_sum.clone();
         for task in &mut tasks {
             let t = Instant::now();
-            let block = model_cfg.load_block(backend, &task.ckpt, l)?;
+            let ckpt = Checkpoint::open(&task.dir)?;
+            let block = model_cfg.load_block(backend, &ckpt, l)?;
             timings.model_load += t.elapsed();
             let mut acc =
                 GramAccumulator::new(backend, layer_sites.to_vec(), params.fusionbench_compat)?;
@@ -380,10 +384,13 @@ pub(super) fn merge_by_layer<B: Backend>(
                 let mut h = backend.upload(&x, x.len() / layer_sites[0].dim, layer_sites[0].dim)?;
                 drop(x);
                 let run = block_run(model_cfg, b);
-                let mut sink: Option<&mut dyn GramSink<B>> = Some(&mut acc);
-                block.forward(backend, &mut h, &run, 0, &mut sink)?;
-                if !plus_plus {
+                if plus_plus {
+                    // Only the Grams: the merged layer makes the next inputs.
+                    block.observe_sites(&mut acc, backend, &mut h, &run)?;
+                } else {
                     // The task's own layer makes its next inputs.
+                    let mut sink: Option<&mut dyn GramSink<B>> = Some(&mut acc);
+                    block.forward(backend, &mut h, &run, 0, &mut sink)?;
                     store.replace(b.id, backend.download_owned(h)?)?;
                 }
             }
@@ -403,7 +410,7 @@ pub(super) fn merge_by_layer<B: Backend>(
                 .iter()
                 .zip(gw_sum.iter_mut().zip(w_sum.iter_mut()))
             {
-                let weights = linear_in_out(&task.ckpt, m)?;
+                let weights = linear_in_out(&ckpt, m)?;
                 add_weighted(gw, w, &reduced[si - 4 * l], &weights, m.in_dim, m.out_dim);
             }
             timings.sums += t.elapsed();
@@ -436,10 +443,9 @@ pub(super) fn merge_by_layer<B: Backend>(
             write_timed(&mut writer, &mut timings.writer_busy, &m.weight, &stored)?;
             merged.linear_in_out.insert(m.weight.clone(), w);
         }
-        for (name, _) in in_group(ParamGroup::Layer(l)) {
-            let mean = average(&tasks, name, k)?;
-            write_timed(&mut writer, &mut timings.writer_busy, name, &mean)?;
-            merged.tensors.insert(name.clone(), mean);
+        for (name, mean) in average(&tasks, in_group(ParamGroup::Layer(l)), k)? {
+            write_timed(&mut writer, &mut timings.writer_busy, &name, &mean)?;
+            merged.tensors.insert(name, mean);
         }
         timings.solve += t.elapsed();
         drop((gram_sum, gw_sum, w_sum));
@@ -472,13 +478,8 @@ pub(super) fn merge_by_layer<B: Backend>(
     drop(store);
 
     let t2 = Instant::now();
-    for (name, _) in in_group(ParamGroup::Final) {
-        write_timed(
-            &mut writer,
-            &mut timings.writer_busy,
-            name,
-            &average(&tasks, name, k)?,
-        )?;
+    for (name, mean) in average(&tasks, in_group(ParamGroup::Final), k)? {
+        write_timed(&mut writer, &mut timings.writer_busy, &name, &mean)?;
     }
     for (t, source) in &plan {
         match source {
@@ -552,14 +553,34 @@ fn block_run<'a>(model_cfg: &ModelConfig, b: &'a CachedBatch) -> BlockRun<'a> {
     }
 }
 
-/// The mean over the tasks of parameter `name`, summed in task order.
-fn average(tasks: &[Task], name: &str, k: f32) -> Result<Vec<f32>> {
-    let mut sum = tasks[0].ckpt.f32(name)?;
-    for t in &tasks[1..] {
-        add_assign(&mut sum, &t.ckpt.f32(name)?);
+/// The means over the tasks of the parameters `names`, summed in task order (each task's
+/// checkpoint opened once).
+fn average<'a>(
+    tasks: &[Task],
+    names: impl Iterator<Item = &'a (String, Vec<usize>)>,
+    k: f32,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let names: Vec<&String> = names.map(|(n, _)| n).collect();
+    let mut sums: Vec<Vec<f32>> = Vec::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let ckpt = Checkpoint::open(&t.dir)?;
+        for (j, name) in names.iter().enumerate() {
+            let v = ckpt.f32(name)?;
+            match i {
+                0 => sums.push(v),
+                _ => add_assign(&mut sums[j], &v),
+            }
+        }
     }
-    sum.iter_mut().for_each(|v| *v /= k);
-    Ok(sum)
+    Ok(names
+        .into_iter()
+        .cloned()
+        .zip(sums)
+        .map(|(n, mut sum)| {
+            sum.iter_mut().for_each(|v| *v /= k);
+            (n, sum)
+        })
+        .collect())
 }
 
 /// Adds the base model's values of the parameters of `group` that keep them, so that
