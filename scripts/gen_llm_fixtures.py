@@ -33,8 +33,10 @@ single-threaded CPU torch). It makes:
   ``lm_head`` left tied (the embeddings averaged), excluded parameters the base
   model's.
 * ``chat/``  a word-level tokenizer (``tokenizer.json``, its config and chat
-  template) with ``data.jsonl`` (``messages`` lines) and ``expected.json``: the
-  rendered texts and the ids ``apply_chat_template(..., tokenize=True)`` gives.
+  template) with ``data.jsonl`` (``messages`` lines), ``text.jsonl`` (``text``
+  lines) and ``expected.json``: the rendered texts, the ids
+  ``apply_chat_template(..., tokenize=True)`` gives, and the ids of the texts
+  (``tokenizer(text)``, its BOS added).
 * ``llama31_8b_config.json``  the config.json of Llama-3.1-8B (shapes only), for
   the memory plan.
 * ``MANIFEST.json``  library versions and what each directory holds.
@@ -378,7 +380,13 @@ def chat_fixture() -> None:
     with open(out / "data.jsonl", "w") as f:
         for c in conversations:
             f.write(json.dumps({"messages": c}) + "\n")
-    (out / "expected.json").write_text(json.dumps({"input_ids": ids, "text": texts}, indent=1))
+    plain = ["what is the merge of two models", "tell me more"]
+    with open(out / "text.jsonl", "w") as f:
+        for t in plain:
+            f.write(json.dumps({"text": t}) + "\n")
+    plain_ids = [fast(t)["input_ids"] for t in plain]
+    (out / "expected.json").write_text(json.dumps(
+        {"input_ids": ids, "text": texts, "text_input_ids": plain_ids}, indent=1))
 
 
 def main() -> None:

@@ -69,3 +69,15 @@ fn raise_exception_in_a_template_is_reported() {
     assert!(e.contains("unknown role tool"), "{e}");
     assert!(e.contains("failed to render at line"), "{e}");
 }
+
+#[test]
+fn text_lines_tokenise_as_the_tokenizer_with_its_special_tokens() {
+    let dir = chat_dir();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let want: Vec<Vec<u32>> = serde_json::from_value(expected["text_input_ids"].clone()).unwrap();
+    let Dataset::Tokens { sequences, .. } = open(&dir.join("text.jsonl"), &dir).unwrap() else {
+        panic!("text data is token data")
+    };
+    assert_eq!(sequences, want);
+}

@@ -117,3 +117,43 @@ fn output_takes_the_base_models_dtype_without_out_dtype() {
     let expected = fixtures().join("llm/qwen2_pool/expected/default_f64.safetensors");
     assert_model_matches(&out, &expected, 4e-3);
 }
+
+#[test]
+fn gram_files_give_the_same_merge_as_data() {
+    let pool = Pool::of("llm/llama_pool");
+    let mut yaml = std::fs::read_to_string(pool.path("default.yaml")).unwrap();
+    for task in ["task_a", "task_b", "task_c"] {
+        let grams = pool.path(&format!("{task}.grams.safetensors"));
+        let o = std::process::Command::new(common::bin())
+            .args(["grams", "--device", "cpu", "-q", "--model"])
+            .arg(pool.path(task))
+            .arg("--data")
+            .arg(pool.path(&format!("data/{task}.jsonl")))
+            .arg("--config")
+            .arg(pool.path("default.yaml"))
+            .arg("-o")
+            .arg(&grams)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        yaml = yaml.replace(
+            &format!("data: ./data/{task}.jsonl"),
+            &format!("grams: ./{task}.grams.safetensors"),
+        );
+    }
+    assert_eq!(yaml.matches("grams:").count(), 3, "{yaml}");
+    std::fs::write(pool.path("grams.yaml"), yaml).unwrap();
+    let (from_data, from_grams) = (pool.path("from_data"), pool.path("from_grams"));
+    for (config, out) in [("default.yaml", &from_data), ("grams.yaml", &from_grams)] {
+        let o = pool.merge(config, out, &["--device", "cpu", "-q"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let (a, b) = (
+        Checkpoint::open(&from_data).unwrap(),
+        Checkpoint::open(&from_grams).unwrap(),
+    );
+    for name in a.names() {
+        assert_eq!(a.bytes(name).unwrap(), b.bytes(name).unwrap(), "{name}");
+    }
+    assert!(a.contains("lm_head.weight"));
+}
