@@ -126,14 +126,18 @@ fn layer_schedule_equals_model_schedule() {
     }
 }
 
-/// Spill files next to the output, in a folder of their own.
+/// Spill files anywhere under `dir` (the output included).
 fn spill_files(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".activations-"))
-        .collect()
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if e.file_type().unwrap().is_dir() {
+            found.extend(spill_files(&e.path()));
+        } else if name.contains(".activations") {
+            found.push(e.path().display().to_string());
+        }
+    }
+    found
 }
 
 #[test]

@@ -249,7 +249,7 @@ pub(super) fn merge_by_layer<B: Backend>(
     let mut writer = ModelWriter::create(out_dir.path(), &planned, opts.out_shard_bytes)?;
 
     let cap = opts.max_memory.unwrap_or_else(default_max_memory);
-    let mut store = ActivationStore::new(cap, spill_path(out_dir.final_path()));
+    let mut store = ActivationStore::new(cap, out_dir.path().join(SPILL_FILE));
     let k = cfg.models.len() as f32;
     let mut timings = Timings::default();
     let mut peak_device = backend.memory_in_use();
@@ -615,15 +615,7 @@ fn add_base_values(
     Ok(())
 }
 
-/// The spill file of the activation caches: a hidden sibling of the output.
-fn spill_path(out: &std::path::Path) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "merged".into());
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    parent.join(format!(".{name}.activations-{}", std::process::id()))
-}
+/// The spill file of the activation caches, inside the staged output: a run killed with it
+/// leaves it in its partial output, which the next run into that output sweeps away; it is
+/// dropped before the output is committed.
+const SPILL_FILE: &str = ".activations.spill";
