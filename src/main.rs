@@ -487,7 +487,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             let out = StagedOutput::create_file(&a.out, a.force, &inputs)?;
             let t = std::time::Instant::now();
             let grams = with_backend!(&gpu, params.precision, |backend| {
-                regmean::gram::grams_to_file(&backend, &a.model, &a.data, &params, out, ui)?
+                regmean::stats::grams_to_file(&backend, &a.model, &a.data, &params, out, ui)?
             });
             ui.clear();
             ui.result(&format!(

@@ -122,7 +122,7 @@ fn merge_from_gram_files_is_bit_identical_to_merge_from_data() {
         let mut with_grams = cfg.clone();
         for (i, m) in with_grams.models.iter_mut().enumerate() {
             let path = tmp.path().join(format!("m{i}.grams.safetensors"));
-            regmean_gpu::regmean::gram::grams_to_file(
+            regmean_gpu::regmean::stats::grams_to_file(
                 &CpuBackend,
                 &m.model,
                 m.data.as_ref().unwrap(),

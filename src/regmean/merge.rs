@@ -129,47 +129,6 @@ struct RunningSums {
     count: usize,
 }
 
-/// Merges the models of `cfg` into `out`.
-pub fn merge<B: Backend>(
-    backend: &B,
-    cfg: &MergeConfig,
-    out: &Path,
-    opts: &MergeOptions,
-    observer: &dyn Observer,
-) -> Result<MergeReport> {
-    let mut watched = Vec::new();
-    merge_watched(backend, cfg, out, opts, observer, &mut watched).map_err(|e| {
-        // An input that changed under the run explains what failed after it (a model
-        // truncated before its turn no longer parses): the change is what the user is told.
-        watched
-            .iter()
-            .find_map(|stamp| stamp.check().err())
-            .unwrap_or(e)
-    })
-}
-
-/// [`merge`], recording in `watched` the stamp of every input file as it is first opened;
-/// all are checked again before the output is committed.
-fn merge_watched<B: Backend>(
-    backend: &B,
-    cfg: &MergeConfig,
-    out: &Path,
-    opts: &MergeOptions,
-    observer: &dyn Observer,
-    watched: &mut Vec<FileStamp>,
-) -> Result<MergeReport> {
-    let prepared = prepare(cfg, out, opts, observer, watched)?;
-    // Errors name the output path the user gave, not the hidden folder it is written in.
-    let staging = prepared.out_dir.path().to_path_buf();
-    match super::layerwise::choose_schedule(cfg, &prepared, opts, observer)? {
-        Schedule::Layer => {
-            super::layerwise::merge_by_layer(prepared, backend, cfg, opts, observer, watched)
-        }
-        _ => merge_by_model(backend, cfg, prepared, opts, observer, watched),
-    }
-    .map_err(|e| e.relocated(&staging, out))
-}
-
 /// What every schedule starts from: the base model and its architecture, the solve's
 /// options, and the output location, all checked (with every input) before any work.
 pub(super) struct Prepared {
@@ -184,7 +143,7 @@ pub(super) struct Prepared {
     pub out_dir: OutputDir,
 }
 
-fn prepare(
+pub(super) fn prepare(
     cfg: &MergeConfig,
     out: &Path,
     opts: &MergeOptions,
@@ -231,7 +190,7 @@ fn prepare(
 }
 
 /// The merge one model at a time (`schedule: model`).
-fn merge_by_model<B: Backend>(
+pub(super) fn merge_by_model<B: Backend>(
     backend: &B,
     cfg: &MergeConfig,
     prepared: Prepared,

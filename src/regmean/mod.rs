@@ -4,9 +4,11 @@ pub mod activations;
 pub mod gram;
 mod layerwise;
 pub mod merge;
+mod run;
 pub mod solve;
 pub mod stats;
 mod sums;
 
 pub use gram::{compute_grams, GramAccumulator, ModelGrams, SiteGram};
-pub use merge::{merge, MergeOptions, MergeReport};
+pub use merge::{MergeOptions, MergeReport};
+pub use run::merge;

@@ -5,12 +5,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::gram::{ModelGrams, SiteGram};
-use crate::config::GramOptions;
+use super::gram::{compute_grams, ModelGrams, SiteGram};
+use crate::backend::Backend;
+use crate::config::{GramOptions, Parameters};
+use crate::data::{select, Dataset};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{write_file, OutTensor, TensorData};
-use crate::io::{Arch, Dtype, SafetensorsFile};
-use crate::model::Site;
+use crate::io::{Arch, Checkpoint, Dtype, SafetensorsFile};
+use crate::model::{ModelConfig, Site};
+use crate::progress::{Event, Observer};
 
 pub const FORMAT: &str = "regmean-gpu/grams-v1";
 
@@ -216,4 +219,52 @@ fn diff_options(file: &GramOptions, want: &GramOptions) -> String {
         .map(|(k, v)| format!("{k}: file {v}, merge {}", b[k]))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Computes one model's Grams over its data and writes them as a statistics file
+/// (`regmean-gpu grams`) into `out`, staged beforehand so that a bad output path fails
+/// before the forward passes, not after.
+pub fn grams_to_file<B: Backend>(
+    backend: &B,
+    model_dir: &Path,
+    data_path: &Path,
+    params: &Parameters,
+    out: crate::io::StagedOutput,
+    observer: &dyn Observer,
+) -> Result<ModelGrams> {
+    let ckpt = Checkpoint::open(model_dir)?;
+    let config = ModelConfig::from_checkpoint(&ckpt)?;
+    config.check_checkpoint(&ckpt)?;
+    let data_stamp = data_path
+        .is_file()
+        .then(|| crate::io::mapped::FileStamp::of(data_path))
+        .transpose()?;
+    let data = Dataset::open_for_model(data_path, &[model_dir], params.max_length)?;
+    let name = model_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let examples = select(data.len(), &params.sampling()).0.len();
+    observer.event(Event::ModelStart {
+        index: 0,
+        total: 1,
+        name: &name,
+        examples,
+    });
+    let grams = compute_grams(backend, &ckpt, &config, &data, params, observer)?;
+    // The fingerprint reads the whole model and checks it is unchanged; the data is checked
+    // here: neither may have changed while the Grams were computed.
+    let fingerprint = ckpt.fingerprint()?;
+    data_stamp.as_ref().map_or(Ok(()), |s| s.check())?;
+    let sites = config.sites();
+    let info = GramFileInfo {
+        arch: config.arch(),
+        fingerprint: &fingerprint,
+        options: &params.gram_options(),
+        sites: &sites,
+    };
+    write(out.path(), &grams, &info)?;
+    out.commit()?;
+    observer.event(Event::ModelDone { index: 0 });
+    Ok(grams)
 }
