@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{bin, Pool};
 
@@ -195,22 +195,6 @@ fn force_replaces_an_earlier_output_but_not_a_folder_of_other_files() {
     );
 }
 
-/// A merge whose writing is slowed down, so that a second one starts while it runs.
-fn spawn_merge(pool: &Pool, config: &str, out: &Path, extra: &[&str]) -> std::process::Child {
-    Command::new(bin())
-        .arg("merge")
-        .arg("-q")
-        .arg(pool.path(config))
-        .arg(out)
-        .args(["--out-shard-size", "20KB"])
-        .args(extra)
-        .env("REGMEAN_TEST_WRITE_DELAY_MS", "50")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 /// Waits until the merge `child` has staged its output under `parent`.
 fn wait_for_partial(parent: &Path, child: &mut std::process::Child) {
     let start = std::time::Instant::now();
@@ -247,7 +231,9 @@ fn of_two_merges_into_one_output_exactly_one_succeeds_and_its_files_are_intact()
             let o = pool.merge("compat.yaml", &out, &["-q", "--force"]);
             assert!(o.status.success());
         }
-        let mut a = spawn_merge(&pool, "compat.yaml", &out, extra);
+        // Its writing slowed down, so that the second merge starts while it runs.
+        let shards = [&["--out-shard-size", "20KB"][..], extra].concat();
+        let mut a = pool.spawn_slow_merge("compat.yaml", &out, &shards, 50);
         wait_for_partial(&pool.path("out"), &mut a);
         let b = Command::new(bin())
             .arg("merge")
