@@ -107,7 +107,7 @@ impl Error {
 /// Free and total memory of the current device, asked for only on the way to an
 /// out-of-memory error, and only when the driver library is loaded (cudarc panics otherwise).
 fn device_memory() -> Option<(u64, u64)> {
-    if !crate::backend::cuda::driver_loaded() {
+    if !crate::backend::cuda::fault::driver_loaded() {
         return None;
     }
     cudarc::driver::result::mem_get_info()
@@ -127,7 +127,7 @@ impl From<GpuError> for Error {
 impl From<cudarc::driver::DriverError> for Error {
     fn from(e: cudarc::driver::DriverError) -> Self {
         let mut gpu = GpuError::from_driver(e.0);
-        if crate::backend::cuda::driver_loaded() {
+        if crate::backend::cuda::fault::driver_loaded() {
             gpu.detail = e
                 .error_string()
                 .ok()

@@ -392,7 +392,7 @@ fn select_device(
 ) -> Result<Option<std::sync::Arc<cuda::CudaDevice>>> {
     let mut choice = device.parse::<DeviceChoice>()?;
     if regmean_gpu::model::llama_config::is_decoder_dir(model) {
-        let (cpu, notice) = regmean_gpu::model::llama_config::decoder_device(choice)?;
+        let (cpu, notice) = regmean_gpu::backend::cuda::decoder_device(choice)?;
         if let Some(n) = notice {
             ui.info(n);
         }

@@ -442,7 +442,7 @@ fn check_finalize(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
         if let Some(p) = poison {
             v[n - 3] = p;
         }
-        let got = crate::backend::cuda::solve::any_nonfinite(dev, &dev.upload(&v, "x")?)?;
+        let got = crate::backend::cuda::any_nonfinite(dev, &dev.upload(&v, "x")?)?;
         let pass = got == poison.is_some();
         out.push(Check {
             name: label.into(),
@@ -473,7 +473,7 @@ fn check_weights(dev: &CudaDevice, rng: &mut Rng) -> Result<Vec<Check>> {
             .collect();
         let stored = dev.upload(&bytes, "stored weight")?;
         for transposed in [false, true] {
-            let got = cuda::weights::stored_to_f32(dev, &dtype, &stored, rows, cols, transposed)?;
+            let got = cuda::stored_to_f32(dev, &dtype, &stored, rows, cols, transposed)?;
             let want = if transposed {
                 decode_f32_transposed(&dtype, &bytes, rows, cols)
             } else {

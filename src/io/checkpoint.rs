@@ -16,85 +16,12 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use super::arch::{Arch, DecoderFamily, SUPPORTED_DECODERS};
 use super::mapped::FileStamp;
 use super::safetensors::{Dtype, SafetensorsFile, TensorEntry};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::llama_config::{DecoderFamily, SUPPORTED_DECODERS};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    Gpt2,
-    ClipVision,
-    /// A decoder LLM of the Llama family (`model.layers.N...` names).
-    CausalLm(DecoderFamily),
-}
-
-impl Arch {
-    /// The name recorded in files (Gram statistics, fingerprints, reports).
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Gpt2 => "gpt2",
-            Arch::ClipVision => "clip_vision",
-            Arch::CausalLm(family) => family.name(),
-        }
-    }
-
-    /// The architecture as users name it, for messages.
-    pub fn title(self) -> &'static str {
-        match self {
-            Arch::Gpt2 => "GPT-2",
-            Arch::ClipVision => "CLIP vision",
-            Arch::CausalLm(family) => family.title(),
-        }
-    }
-
-    /// The canonical backbone name of a stored tensor name, or None when the tensor is not
-    /// part of the backbone (a classification head, a text tower).
-    fn canonical(self, stored: &str) -> Option<String> {
-        match self {
-            Arch::Gpt2 => {
-                let name = stored.strip_prefix("transformer.").unwrap_or(stored);
-                ["wte.", "wpe.", "h.", "ln_f."]
-                    .iter()
-                    .any(|p| name.starts_with(p))
-                    .then(|| name.to_string())
-            }
-            Arch::ClipVision => {
-                if stored.starts_with("vision_model.") {
-                    Some(stored.to_string())
-                } else if [
-                    "embeddings.",
-                    "encoder.",
-                    "pre_layrnorm.",
-                    "post_layernorm.",
-                ]
-                .iter()
-                .any(|p| stored.starts_with(p))
-                {
-                    Some(format!("vision_model.{stored}"))
-                } else {
-                    None
-                }
-            }
-            // `LlamaForCausalLM` names; a bare `LlamaModel`'s keys get the `model.` prefix,
-            // and other heads (`score`) are not backbone.
-            Arch::CausalLm(_) => {
-                if stored.starts_with("model.") || stored.starts_with("lm_head.") {
-                    Some(stored.to_string())
-                } else if ["embed_tokens.", "layers.", "norm."]
-                    .iter()
-                    .any(|p| stored.starts_with(p))
-                {
-                    Some(format!("model.{stored}"))
-                } else {
-                    None
-                }
-            }
-        }
-    }
-}
 
 /// A value [`Checkpoint::keep`] holds: a host decode, or a weight's copy on a GPU.
 type Kept = Arc<dyn Any + Send + Sync>;

@@ -89,20 +89,25 @@ pub(crate) struct BlockRun<'a> {
 }
 
 impl<B: Backend> PreLnBlock<B> {
-    /// `sites` are the block's four sites in order: qkv, attention output, fc1, fc2.
+    /// Block `l` of a model whose blocks have four sites each (`sites` lists every site of
+    /// the model, in order: qkv, attention output, fc1, fc2 per block), with the LayerNorms
+    /// `{prefix}{norms[0]}` before attention and `{prefix}{norms[1]}` before the MLP.
     pub fn load(
         backend: &B,
         src: &dyn ParamSource<B>,
         sites: &[Site],
-        ln1: &str,
-        ln2: &str,
+        l: usize,
+        prefix: &str,
+        norms: [&str; 2],
     ) -> Result<Self> {
+        let sites = &sites[4 * l..4 * l + 4];
         let d = sites[0].dim;
+        let norm = |leaf: &str| LayerNorm::load(backend, src, &format!("{prefix}{leaf}"), d);
         Ok(PreLnBlock {
-            ln1: LayerNorm::load(backend, src, ln1, d)?,
+            ln1: norm(norms[0])?,
             qkv: Linear::load_site(backend, src, &sites[0])?,
             attn_out: Linear::load_site(backend, src, &sites[1])?,
-            ln2: LayerNorm::load(backend, src, ln2, d)?,
+            ln2: norm(norms[1])?,
             fc1: Linear::load_site(backend, src, &sites[2])?,
             fc2: Linear::load_site(backend, src, &sites[3])?,
         })

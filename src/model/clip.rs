@@ -128,20 +128,27 @@ pub(crate) fn load_encoder<B: Backend>(
     prefix: &str,
     sites: &[Site],
 ) -> Result<Vec<PreLnBlock<B>>> {
-    sites
-        .chunks(4)
-        .enumerate()
-        .map(|(l, layer)| {
-            let pre = format!("{prefix}encoder.layers.{l}");
-            PreLnBlock::load(
-                backend,
-                ckpt,
-                layer,
-                &format!("{pre}.layer_norm1"),
-                &format!("{pre}.layer_norm2"),
-            )
-        })
+    (0..sites.len() / 4)
+        .map(|l| load_encoder_layer(backend, ckpt, prefix, sites, l))
         .collect()
+}
+
+/// Layer `l` of a CLIP encoder under `prefix`.
+fn load_encoder_layer<B: Backend>(
+    backend: &B,
+    src: &dyn ParamSource<B>,
+    prefix: &str,
+    sites: &[Site],
+    l: usize,
+) -> Result<PreLnBlock<B>> {
+    let (p, norms) = encoder_layer_names(prefix, l);
+    PreLnBlock::load(backend, src, sites, l, &p, norms)
+}
+
+/// The name prefix of layer `l` of a CLIP encoder under `prefix`, and its LayerNorms' leaves.
+fn encoder_layer_names(prefix: &str, l: usize) -> (String, [&'static str; 2]) {
+    let p = format!("{prefix}encoder.layers.{l}.");
+    (p, ["layer_norm1", "layer_norm2"])
 }
 
 /// The four sites of every layer of a CLIP encoder (vision or text) under `prefix`: q, k and
@@ -184,6 +191,11 @@ pub(crate) fn encoder_sites(prefix: &str, layers: usize, d: usize, f: usize) -> 
 }
 
 impl ClipVisionConfig {
+    /// The name prefix of encoder layer `l` and the leaf names of its two LayerNorms.
+    pub(crate) fn block_names(&self, l: usize) -> (String, [&'static str; 2]) {
+        encoder_layer_names(PREFIX, l)
+    }
+
     /// How an encoder layer runs on `batch` images: no mask, `quick_gelu`.
     pub(crate) fn block_run(&self, batch: usize) -> BlockRun<'static> {
         BlockRun {

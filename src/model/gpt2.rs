@@ -5,8 +5,7 @@ use std::path::Path;
 
 use super::block::{BlockRun, LayerNorm, PreLnBlock};
 use super::{
-    field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, ModelConfig,
-    ParamSource, Site,
+    field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, ParamSource, Site,
 };
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
@@ -148,6 +147,11 @@ impl<B: Backend> Gpt2Embeddings<B> {
 }
 
 impl Gpt2Config {
+    /// The name prefix of block `l` and the leaf names of its two LayerNorms.
+    pub(crate) fn block_names(&self, l: usize) -> (String, [&'static str; 2]) {
+        (format!("h.{l}."), ["ln_1", "ln_2"])
+    }
+
     /// How a block runs on `batch` sequences of `seq` tokens: causal attention, padded keys
     /// masked out by `mask`.
     pub(crate) fn block_run<'a>(
@@ -180,9 +184,12 @@ pub struct Gpt2<B: Backend> {
 
 impl<B: Backend> Gpt2<B> {
     pub fn load(backend: &B, ckpt: &Checkpoint, config: Gpt2Config) -> Result<Self> {
-        let model = ModelConfig::Gpt2(config.clone());
+        let sites = config.sites();
         let blocks = (0..config.n_layer)
-            .map(|l| model.load_block(backend, ckpt, l))
+            .map(|l| {
+                let (prefix, norms) = config.block_names(l);
+                PreLnBlock::load(backend, ckpt, &sites, l, &prefix, norms)
+            })
             .collect::<Result<_>>()?;
         Ok(Gpt2 {
             embeddings: Gpt2Embeddings::load(backend, ckpt, &config)?,

@@ -7,63 +7,10 @@ use std::path::Path;
 
 use super::{field_f32, field_usize};
 use crate::error::{Error, Result};
-
-/// The decoder families, as their `model_type` names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DecoderFamily {
-    Llama,
-    Mistral,
-    Qwen2,
-    Qwen3,
-}
-
-/// What `--device` and error messages list.
-pub const SUPPORTED_DECODERS: &str = "llama, mistral, qwen2, qwen3";
+pub use crate::io::arch::{DecoderFamily, SUPPORTED_DECODERS};
 
 /// RoPE types the forward pass implements.
 pub const SUPPORTED_ROPE: &str = "default, llama3";
-
-impl DecoderFamily {
-    pub fn from_model_type(t: &str) -> Option<Self> {
-        match t {
-            "llama" => Some(DecoderFamily::Llama),
-            "mistral" => Some(DecoderFamily::Mistral),
-            "qwen2" => Some(DecoderFamily::Qwen2),
-            "qwen3" => Some(DecoderFamily::Qwen3),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DecoderFamily::Llama => "llama",
-            DecoderFamily::Mistral => "mistral",
-            DecoderFamily::Qwen2 => "qwen2",
-            DecoderFamily::Qwen3 => "qwen3",
-        }
-    }
-
-    /// The family as users name it, for messages.
-    pub fn title(self) -> &'static str {
-        match self {
-            DecoderFamily::Llama => "Llama",
-            DecoderFamily::Mistral => "Mistral",
-            DecoderFamily::Qwen2 => "Qwen2",
-            DecoderFamily::Qwen3 => "Qwen3",
-        }
-    }
-
-    /// The transformers class of a merged model.
-    pub fn causal_lm_class(self) -> &'static str {
-        match self {
-            DecoderFamily::Llama => "LlamaForCausalLM",
-            DecoderFamily::Mistral => "MistralForCausalLM",
-            DecoderFamily::Qwen2 => "Qwen2ForCausalLM",
-            DecoderFamily::Qwen3 => "Qwen3ForCausalLM",
-        }
-    }
-}
 
 /// Whether `dir` holds a decoder LLM (by its config.json's `model_type`; false when the
 /// file cannot be read, which the run itself then reports).
@@ -73,25 +20,6 @@ pub fn is_decoder_dir(dir: &Path) -> bool {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("model_type")?.as_str().map(str::to_string))
         .is_some_and(|t| DecoderFamily::from_model_type(&t).is_some())
-}
-
-/// The device a run on a decoder LLM uses: the CPU engine, the only one with their
-/// operations for now. `auto` picks it, with the notice returned; a GPU is refused.
-pub fn decoder_device(
-    choice: crate::backend::cuda::DeviceChoice,
-) -> Result<(crate::backend::cuda::DeviceChoice, Option<&'static str>)> {
-    use crate::backend::cuda::DeviceChoice;
-    match choice {
-        DeviceChoice::Cpu => Ok((DeviceChoice::Cpu, None)),
-        DeviceChoice::Auto => Ok((
-            DeviceChoice::Cpu,
-            Some("decoder LLMs run on the CPU engine for now: --device auto chose cpu"),
-        )),
-        DeviceChoice::Cuda(n) => Err(crate::backend::decoder_ops_unsupported(
-            &format!("cuda:{n}"),
-            "the decoder forward pass",
-        )),
-    }
 }
 
 /// `llama3` scaling of the inverse frequencies (Llama 3.1 / 3.2).

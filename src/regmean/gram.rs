@@ -4,8 +4,8 @@ use cudarc::driver::CudaSlice;
 
 use rayon::prelude::*;
 
+use crate::backend::cuda::any_nonfinite;
 use crate::backend::cuda::gram::mirror_scale;
-use crate::backend::cuda::solve::any_nonfinite;
 use crate::backend::cuda::CudaDevice;
 use crate::backend::{Backend, GramUpdate};
 use crate::config::Parameters;

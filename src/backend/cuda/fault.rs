@@ -12,8 +12,24 @@
 //! pass of a model, the sums, the solve) names it truthfully.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::sys::CUresult;
+
+/// Set once a probe found libcuda and kept it loaded: only then may the driver be asked
+/// about an error (cudarc panics when the library is missing).
+static DRIVER_LOADED: AtomicBool = AtomicBool::new(false);
+
+/// Records that libcuda is loaded for the rest of the process (the probe calls this).
+pub(crate) fn mark_driver_loaded() {
+    DRIVER_LOADED.store(true, Ordering::Release);
+}
+
+/// Whether a probe already found libcuda loaded: the driver may then be asked about an
+/// error (never waits for a probe under way, nor starts one).
+pub(crate) fn driver_loaded() -> bool {
+    DRIVER_LOADED.load(Ordering::Acquire)
+}
 
 /// What kind of failure a status is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

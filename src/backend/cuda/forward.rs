@@ -11,8 +11,10 @@ use cudarc::driver::{
 };
 use half::f16;
 
+use super::device::CudaDevice;
 use super::gram::{launch_gram, Activations};
-use super::{c_int, check_len, elementwise, mul, weights, CudaDevice};
+use super::launch::{c_int, check_len, elementwise, mul};
+use super::weights;
 use crate::backend::{Activation, AttentionShape, Backend, GramUpdate, Precision};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -47,7 +49,7 @@ impl CudaTensor {
 }
 
 /// An element type the forward kernels come in.
-trait Elem: super::staging::Plain + ValidAsZeroBits + Unpin + 'static {
+trait Elem: super::ring::Plain + ValidAsZeroBits + Unpin + 'static {
     const SUFFIX: &'static str;
     const CUDA_TYPE: bs::cudaDataType;
     fn view(t: &CudaTensor) -> Result<&CudaSlice<Self>>;

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
-use super::{c_int, check_len, elementwise, mul, CudaDevice};
+use super::device::CudaDevice;
+use super::launch::{c_int, check_len, elementwise, mul};
 use crate::error::{Error, Result};
 
 // Mirrors of the launch contract in kernels/gram.cu.

@@ -5,7 +5,9 @@
 use cudarc::cusolver::sys as cs;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 
-use super::{c_int, check_len, elementwise, mul, CudaDevice};
+use super::convert::{any_nonfinite, transpose};
+use super::device::CudaDevice;
+use super::launch::{c_int, check_len, elementwise, mul};
 use crate::error::{Error, Result};
 use crate::regmean::solve::{SolveOutcome, MIN_RCOND};
 
@@ -201,16 +203,6 @@ fn attempt(
     Ok(Ok(transpose(dev, &x_t, n_rhs, d)?))
 }
 
-/// Row-major `[rows, cols]` → `[cols, rows]`.
-pub(crate) fn transpose(
-    dev: &CudaDevice,
-    x: &CudaSlice<f32>,
-    rows: usize,
-    cols: usize,
-) -> Result<CudaSlice<f32>> {
-    super::weights::stored_to_f32(dev, &crate::io::Dtype::F32, x, rows, cols, true)
-}
-
 /// y += alpha·(f64)x over the first n elements.
 fn axpy_f64_from_f32(
     dev: &CudaDevice,
@@ -262,16 +254,4 @@ fn diagonal(dev: &CudaDevice, a: &CudaSlice<f64>, d: usize) -> Result<Vec<f64>> 
     // SAFETY: (const double*, double*, int) as pushed; a holds d·d values (checked), diag d.
     unsafe { b.launch(elementwise(d)) }?;
     dev.download(&diag)
-}
-
-pub(crate) fn any_nonfinite(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<bool> {
-    let mut flag = dev.zeros::<i32>(1, "flag")?;
-    let f = dev.function("finalize", "any_nonfinite_f32")?;
-    let n = x.len() as i64;
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(x).arg(&n).arg(&mut flag);
-    // SAFETY: (const float*, long long, int*) as pushed; x holds n values, flag one i32
-    // (zeroed, as the kernel requires).
-    unsafe { b.launch(elementwise(x.len())) }?;
-    Ok(dev.download(&flag)?[0] != 0)
 }

@@ -8,12 +8,13 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
-use super::solve::any_nonfinite;
-use super::{c_int, mul, CudaDevice};
+use super::convert::{any_nonfinite, stored_kernel, stored_to_f32};
+use super::device::CudaDevice;
+use super::launch::mul;
 use crate::error::{Error, Result};
-use crate::io::{Checkpoint, Dtype};
+use crate::io::Checkpoint;
 use crate::model::LinearModule;
 
 /// The key of a weight's device copy among a checkpoint's kept values.
@@ -103,65 +104,5 @@ pub fn linear_in_out(
             ),
         ));
     }
-    Ok(out)
-}
-
-/// The kernel that reads stored values of `dtype`, for the float types it reads.
-fn stored_kernel(dtype: &Dtype) -> Option<&'static str> {
-    match dtype {
-        Dtype::F32 => Some("stored_to_f32_f32"),
-        Dtype::F16 => Some("stored_to_f32_f16"),
-        Dtype::BF16 => Some("stored_to_f32_bf16"),
-        _ => None,
-    }
-}
-
-/// Stored `[rows, cols]` values of `dtype` (F32, F16 or BF16) → f32, transposed to
-/// `[cols, rows]` when asked; `stored` holds them as uploaded, in elements of any size (the
-/// raw bytes of a checkpoint, or f32).
-pub(crate) fn stored_to_f32<S: DeviceRepr>(
-    dev: &CudaDevice,
-    dtype: &Dtype,
-    stored: &CudaSlice<S>,
-    rows: usize,
-    cols: usize,
-    transposed: bool,
-) -> Result<CudaSlice<f32>> {
-    let n = mul("weight", rows, cols)?;
-    let (Some(kernel), Some(size)) = (stored_kernel(dtype), dtype.float_size()) else {
-        return Err(Error::invalid(format!(
-            "no kernel reads stored {} weights",
-            dtype.name()
-        )));
-    };
-    super::check_len(
-        "stored weight bytes",
-        mul("stored bytes", stored.len(), std::mem::size_of::<S>())?,
-        mul("weight bytes", n, size)?,
-    )?;
-    if n == 0 {
-        return dev.zeros(0, "linear weight (f32)");
-    }
-    // SAFETY: the kernel writes every one of the rows·cols elements (each tile covers its
-    // part of the matrix, the grid-stride loop every tile) before anything reads them.
-    let mut out = unsafe { dev.uninit::<f32>(n, "linear weight (f32)") }?;
-    let f = dev.function("weights", kernel)?;
-    let (r, c, t) = (
-        c_int("rows", rows)?,
-        c_int("cols", cols)?,
-        transposed as i32,
-    );
-    let tiles = rows.div_ceil(32) * cols.div_ceil(32);
-    let cfg = LaunchConfig {
-        grid_dim: (tiles.clamp(1, 65535) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut b = dev.stream().launch_builder(&f);
-    b.arg(stored).arg(&mut out).arg(&r).arg(&c).arg(&t);
-    // SAFETY: (const X*, float*, int, int, int) as pushed, X the stored type whose size was
-    // checked above against the bytes in `stored` (rows·cols values; device allocations are
-    // 256-byte aligned for any X); out holds rows·cols f32; 256 threads as the kernel needs.
-    unsafe { b.launch(cfg) }?;
     Ok(out)
 }
