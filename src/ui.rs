@@ -264,7 +264,7 @@ pub fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
                 count(r.fallbacks.len(), "layer")
             );
             for (name, how) in &r.fallbacks {
-                eprintln!("    {name}: {}", regmean::merge::describe(how));
+                eprintln!("    {name}: {}", regmean::describe(how));
             }
         }
         if ui.verbose > 0 {

@@ -16,11 +16,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::activations::ActivationStore;
+use super::card::ModelCard;
 use super::gram::{check_data, GramAccumulator};
-use super::merge::{
-    describe, open_data, output_plan, write_finite, write_sidecars, MergeOptions, MergeReport,
-    ModelCard, ModelReport, Prepared, Source, Timings,
-};
+use super::options::MergeOptions;
+use super::output::{output_plan, write_finite, write_sidecars, Source};
+use super::prepare::{open_data, Prepared};
+use super::report::{describe, MergeReport, ModelReport, Timings};
 use super::solve::solve_layer;
 use super::sums::{add_assign, add_weighted, reduce_into};
 use crate::backend::Backend;

@@ -1,14 +1,22 @@
 //! RegMean: Gram accumulation, statistics files, the per-layer solve and the streaming merge.
 
 pub mod activations;
+mod card;
 pub mod gram;
 mod layerwise;
-pub mod merge;
+mod merge;
+mod options;
+mod output;
+mod prefetch;
+mod prepare;
+pub mod report;
 mod run;
+mod running;
 pub mod solve;
 pub mod stats;
 mod sums;
 
 pub use gram::{compute_grams, GramAccumulator, ModelGrams, SiteGram};
-pub use merge::{MergeOptions, MergeReport};
+pub use options::MergeOptions;
+pub use report::{describe, MergeReport, ModelReport, Timings};
 pub use run::merge;

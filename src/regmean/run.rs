@@ -7,7 +7,10 @@
 use std::path::Path;
 
 use super::layerwise::{choose_schedule, merge_by_layer};
-use super::merge::{merge_by_model, prepare, MergeOptions, MergeReport};
+use super::merge::merge_by_model;
+use super::options::MergeOptions;
+use super::prepare::prepare;
+use super::report::MergeReport;
 use crate::backend::Backend;
 use crate::config::{MergeConfig, Schedule};
 use crate::error::Result;
