@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::{check, Check};
+use super::compare::{check, Check};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::{
     Activation, AttentionShape, Backend, CpuBackend, CudaBackend, GramUpdate, Precision,
