@@ -1,5 +1,28 @@
-//! The `regmean-gpu` command line.
+//! The `regmean-gpu` command line: the commands and their arguments; each command's work
+//! beyond a few lines lives in a file of its own beside this one.
 
+/// Runs `$body` with `$backend` bound to the backend `--device` chose: the CPU engine, or
+/// the CUDA one in the given precision. Evaluates to `$body`'s value.
+macro_rules! with_backend {
+    ($gpu:expr, $precision:expr, |$backend:ident| $body:expr) => {
+        match $gpu {
+            None => {
+                let $backend = CpuBackend;
+                $body
+            }
+            Some(dev) => {
+                let $backend = CudaBackend::new(dev.clone(), $precision);
+                $body
+            }
+        }
+    };
+}
+
+mod alloc;
+mod doctor;
+mod eval;
+mod inspect;
+mod report;
 mod ui;
 
 use std::path::{Path, PathBuf};
@@ -11,7 +34,7 @@ use regmean_gpu::backend::cuda::{self, DeviceChoice};
 use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
 use regmean_gpu::config::{MergeConfig, Parameters};
 use regmean_gpu::io::{Inputs, StagedOutput};
-use regmean_gpu::regmean::{self, MergeOptions, MergeReport};
+use regmean_gpu::regmean::{self, MergeOptions};
 use regmean_gpu::{Error, Result};
 use ui::Ui;
 
@@ -265,83 +288,8 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok((v * mult) as u64)
 }
 
-/// glibc serves large blocks with fresh `mmap`s and returns them on free, so every
-/// activation buffer of every batch was paid for again in page faults, page zeroing and,
-/// with several threads, TLB shoot-downs: an eighth of a CPU merge's time went to the kernel.
-/// Keeping freed memory in the process lets the next batch reuse it; the peak does not grow
-/// (the same buffers are live at the same time), but it is not given back until exit.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
-    // exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-/// The system allocator, with large blocks marked for transparent huge pages where the
-/// kernel leaves that to the program (`madvise` mode): a merge touches gigabytes of fresh
-/// heap, and with 4 KiB pages each page is a fault, a zeroing and, on a page first read as
-/// zero, a TLB shoot-down across the worker threads.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-struct HugePageAllocator;
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-impl HugePageAllocator {
-    const HUGE_PAGE: usize = 2 << 20;
-
-    fn advise(ptr: *mut u8, size: usize) {
-        if ptr.is_null() || size < 2 * Self::HUGE_PAGE {
-            return;
-        }
-        let start = (ptr as usize).next_multiple_of(Self::HUGE_PAGE);
-        let end = (ptr as usize + size) / Self::HUGE_PAGE * Self::HUGE_PAGE;
-        if end > start {
-            // SAFETY: the range lies inside the block just allocated; MADV_HUGEPAGE changes
-            // how pages are backed, never their contents. A failure only loses the hint.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-// SAFETY: every call is forwarded to the system allocator with its own arguments; `advise`
-// only adds a hint on the memory that allocator returned.
-unsafe impl std::alloc::GlobalAlloc for HugePageAllocator {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `alloc` is the system allocator's.
-        let ptr = unsafe { std::alloc::System.alloc(layout) };
-        Self::advise(ptr, layout.size());
-        ptr
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        let ptr = unsafe { std::alloc::System.alloc_zeroed(layout) };
-        Self::advise(ptr, layout.size());
-        ptr
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: `ptr` came from this allocator, that is from the system allocator.
-        unsafe { std::alloc::System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: as for `dealloc`.
-        let ptr = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
-        Self::advise(ptr, new_size);
-        ptr
-    }
-}
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[global_allocator]
-static ALLOCATOR: HugePageAllocator = HugePageAllocator;
-
 fn main() -> ExitCode {
-    keep_freed_memory();
+    alloc::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
@@ -364,23 +312,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Runs `$body` with `$backend` bound to the backend `--device` chose: the CPU engine, or
-/// the CUDA one in the given precision. Evaluates to `$body`'s value.
-macro_rules! with_backend {
-    ($gpu:expr, $precision:expr, |$backend:ident| $body:expr) => {
-        match $gpu {
-            None => {
-                let $backend = CpuBackend;
-                $body
-            }
-            Some(dev) => {
-                let $backend = CudaBackend::new(dev.clone(), $precision);
-                $body
-            }
-        }
-    };
 }
 
 /// The device `--device` names for a run on `model`; decoder LLMs run on the CPU engine
@@ -421,11 +352,11 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 max_memory: a.max_memory,
             };
             if let Some(path) = &a.report_json {
-                check_report_path(path, &cfg.inputs())?;
+                report::check_report_path(path, &cfg.inputs())?;
             }
             // The evaluation's inputs are checked before the merge, not after it.
             let evaluation = (a.eval || a.compare_average)
-                .then(|| eval_plan(&cfg, &a, ui))
+                .then(|| eval::eval_plan(&cfg, &a, ui))
                 .transpose()?;
             ui.clear();
             with_backend!(&gpu, cfg.parameters.precision, |backend| {
@@ -440,7 +371,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 let report = regmean::merge(&backend, &cfg, a.out(), &opts, ui)?;
                 ui.clear();
                 if let Some(path) = &a.report_json {
-                    write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
+                    report::write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
                 }
                 ui::print_summary(&report, a.out(), ui);
                 if regmean_gpu::profile::enabled() {
@@ -451,12 +382,12 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             if let Some((tasks, eval_opts)) = &evaluation {
                 // Evaluation in float32 on a GPU too: its predictions are transformers' own.
                 with_backend!(&gpu, Precision::Float32, |backend| {
-                    eval_after_merge(&backend, &opts, &cfg, &a, tasks, eval_opts, ui)
+                    eval::eval_after_merge(&backend, &opts, &cfg, &a, tasks, eval_opts, ui)
                 })?;
             }
             Ok(())
         }
-        Command::Eval(a) => eval_command(&a, ui),
+        Command::Eval(a) => eval::eval_command(&a, ui),
         Command::Grams(a) => {
             let gpu = select_device(&a.device.device, &a.model, ui)?;
             let mut params = match &a.config {
@@ -500,7 +431,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             ));
             Ok(())
         }
-        Command::Inspect { path } => inspect(&path),
+        Command::Inspect { path } => inspect::inspect(&path),
         Command::Demo { keep } => regmean_gpu::demo::run_demo(keep.as_deref(), ui),
         Command::Forward(a) => {
             let gpu = select_device(&a.device.device, &a.model, ui)?;
@@ -522,7 +453,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             Ok(())
         }
         Command::Synth(a) => regmean_gpu::demo::synth(&a, ui),
-        Command::Doctor { json, bench } => doctor(json, bench),
+        Command::Doctor { json, bench } => doctor::doctor(json, bench),
         Command::Compare {
             candidate,
             reference,
@@ -549,349 +480,4 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             Ok(())
         }
     }
-}
-
-fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
-    let gpu = select_device(&a.device.device, &a.model, ui)?;
-    with_backend!(&gpu, a.precision, |backend| eval_on(&backend, a, ui))
-}
-
-fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
-    use regmean_gpu::eval::{self, EvalOptions, EvalTask, ZeroShotTask};
-    let cfg = a.config.as_deref().map(MergeConfig::load).transpose()?;
-    let params = cfg
-        .as_ref()
-        .map(|c| c.parameters.clone())
-        .unwrap_or_default();
-    let tasks = match (&cfg, &a.data) {
-        (Some(cfg), _) => eval::tasks_from_config(cfg)?,
-        (None, Some(data)) => vec![EvalTask {
-            name: a.task.clone().unwrap_or_else(|| {
-                data.file_stem()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "task".into())
-            }),
-            data: data.clone(),
-            head: a.head.clone(),
-            zero_shot: a
-                .classes
-                .as_deref()
-                .map(ZeroShotTask::from_file)
-                .transpose()?,
-        }],
-        (None, None) => {
-            return Err(Error::invalid(
-                "give --config (a merge config with eval_data per model) or --data",
-            ))
-        }
-    };
-    if tasks.is_empty() {
-        return Err(Error::invalid(
-            "no model entry of the config has `eval_data`: nothing to evaluate",
-        ));
-    }
-    let opts = EvalOptions {
-        batch_size: a.batch_size.unwrap_or(params.batch_size).max(1),
-        max_length: a.max_length.unwrap_or(params.max_length).max(1),
-        base: a
-            .base
-            .clone()
-            .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
-    };
-    if regmean_gpu::model::llama_config::is_decoder_dir(&a.model) {
-        return causal_lm_eval(backend, a, &tasks, &opts, ui);
-    }
-    eval::check_tasks(&a.model, &tasks, &opts, ui)?;
-    ui.clear();
-    ui.info(&format!(
-        "evaluating {} on {}",
-        a.model.display(),
-        ui::count(tasks.len(), "task")
-    ));
-    let results = eval::evaluate(backend, &a.model, &tasks, &opts, ui)?;
-    ui.clear();
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&eval::to_json(&results)).expect("json")
-        );
-    } else {
-        print!("{}", eval::format_table(&[("accuracy (%)", &results)]));
-    }
-    Ok(())
-}
-
-/// `eval` of a decoder LLM: the mean next-token loss and perplexity per task.
-fn causal_lm_eval<B: Backend>(
-    backend: &B,
-    a: &EvalArgs,
-    tasks: &[regmean_gpu::eval::EvalTask],
-    opts: &regmean_gpu::eval::EvalOptions,
-    ui: &Ui,
-) -> Result<()> {
-    use regmean_gpu::eval::causal_lm;
-    ui.info(&format!(
-        "next-token loss of {} on {} task(s)",
-        a.model.display(),
-        tasks.len()
-    ));
-    let results = causal_lm::evaluate(backend, &a.model, tasks, opts)?;
-    if a.json {
-        let json = causal_lm::to_json(&results);
-        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
-    } else {
-        print!("{}", causal_lm::format_table(&results));
-    }
-    Ok(())
-}
-
-/// The tasks and options of `merge --eval`, each task's data checked.
-fn eval_plan(
-    cfg: &MergeConfig,
-    a: &MergeArgs,
-    ui: &Ui,
-) -> Result<(
-    Vec<regmean_gpu::eval::EvalTask>,
-    regmean_gpu::eval::EvalOptions,
-)> {
-    use regmean_gpu::eval::{self, EvalOptions};
-    let tasks = eval::tasks_from_config(cfg)?;
-    if tasks.is_empty() {
-        return Err(Error::invalid(format!(
-            "--eval: no model entry of {} has `eval_data`",
-            a.config.display()
-        )));
-    }
-    let opts = EvalOptions {
-        batch_size: cfg.parameters.batch_size,
-        max_length: cfg.parameters.max_length,
-        base: Some(cfg.base_model.clone()),
-    };
-    eval::check_tasks(&cfg.base_model, &tasks, &opts, ui)?;
-    Ok((tasks, opts))
-}
-
-/// `merge --eval [--compare-average]`: the merged model's accuracy per task, and optionally
-/// that of the simple average of the same models.
-fn eval_after_merge<B: Backend>(
-    backend: &B,
-    merge_opts: &MergeOptions,
-    cfg: &MergeConfig,
-    a: &MergeArgs,
-    tasks: &[regmean_gpu::eval::EvalTask],
-    opts: &regmean_gpu::eval::EvalOptions,
-    ui: &Ui,
-) -> Result<()> {
-    use regmean_gpu::config::MergeMethod;
-    use regmean_gpu::eval;
-    ui.info(&format!(
-        "evaluating the merged model on {}",
-        ui::count(tasks.len(), "task")
-    ));
-    let merged = eval::evaluate(backend, a.out(), tasks, opts, ui)?;
-    ui.clear();
-    let mut columns = vec![(cfg.merge_method.title(), merged)];
-    if a.compare_average && cfg.merge_method != MergeMethod::SimpleAverage {
-        let scratch = tempfile::Builder::new()
-            .prefix(".regmean-average-")
-            .tempdir_in(
-                a.out()
-                    .parent()
-                    .filter(|p| !p.as_os_str().is_empty())
-                    .unwrap_or(Path::new(".")),
-            )
-            .map_err(|e| Error::io(a.out(), e))?;
-        // Registered, so that an interrupt removes it too (and says so).
-        let _registered = regmean_gpu::io::pending::register_scratch(
-            scratch.path(),
-            "the scratch folder of the simple-average comparison",
-        );
-        let avg_dir = scratch.path().join("average");
-        let mut avg_cfg = cfg.clone();
-        avg_cfg.merge_method = MergeMethod::SimpleAverage;
-        ui.info("merging by simple averaging for comparison");
-        let avg_opts = MergeOptions {
-            device: merge_opts.device.clone(),
-            ..MergeOptions::default()
-        };
-        regmean::merge(backend, &avg_cfg, &avg_dir, &avg_opts, ui)?;
-        ui.clear();
-        ui.info("evaluating the simple average");
-        columns.push((
-            MergeMethod::SimpleAverage.title(),
-            eval::evaluate(backend, &avg_dir, tasks, opts, ui)?,
-        ));
-        ui.clear();
-    }
-    let view: Vec<(&str, &[eval::TaskAccuracy])> =
-        columns.iter().map(|(h, r)| (*h, r.as_slice())).collect();
-    print!("{}", eval::format_table(&view));
-    Ok(())
-}
-
-fn doctor(json: bool, bench: bool) -> Result<()> {
-    let say = |m: &str| {
-        if !json {
-            eprintln!("{m}");
-        }
-    };
-    let r = regmean_gpu::doctor::run(bench, &say)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("json"));
-    } else {
-        let p = &r.probe;
-        let driver = p.driver_version.as_deref().unwrap_or(if p.libcuda_present {
-            "unknown"
-        } else {
-            "libcuda.so not found"
-        });
-        let nvcc = if r.nvcc.is_empty() {
-            "no nvcc at build time"
-        } else {
-            r.nvcc
-        };
-        println!("CUDA bindings:     {}", r.cuda_bindings);
-        println!("driver:            {driver}");
-        println!("devices:           {}", p.devices);
-        if r.kernels_embedded {
-            println!(
-                "kernels embedded:  yes ({}; {nvcc})",
-                r.kernel_architectures.join(", ")
-            );
-        } else {
-            println!("kernels embedded:  no ({nvcc})");
-        }
-        println!(
-            "cuBLAS / cuSOLVER: {} / {}",
-            found(p.cublas_present),
-            found(p.cusolver_present)
-        );
-        if let Some(dev) = &r.device {
-            println!(
-                "GPU:               {dev} ({})",
-                r.compute_capability.as_deref().unwrap_or("?")
-            );
-        }
-        for lib in &r.libraries {
-            println!("loaded:            {lib}");
-        }
-        match &r.unavailable_reason {
-            Some(why) => println!("cuda available:    no: {why}"),
-            None => {
-                let passed = r.checks.iter().filter(|c| c.pass).count();
-                println!(
-                    "cuda available:    yes; {passed} of {} kernel checks passed",
-                    r.checks.len()
-                )
-            }
-        }
-        if bench && r.bench.is_empty() {
-            println!(
-                "benchmark:         not run: {}",
-                r.unavailable_reason
-                    .as_deref()
-                    .unwrap_or("there is no GPU to benchmark")
-            );
-        }
-    }
-    if r.cuda_available && !r.all_passed {
-        return Err(Error::Numerical(
-            "some kernel checks failed (see above)".into(),
-        ));
-    }
-    Ok(())
-}
-
-fn found(present: bool) -> &'static str {
-    if present {
-        "found"
-    } else {
-        "not found"
-    }
-}
-
-/// `--report-json FILE` may replace an earlier report, never an input or another file.
-fn check_report_path(path: &Path, inputs: &Inputs) -> Result<()> {
-    inputs.check_output(path)?;
-    if std::fs::symlink_metadata(path).is_ok() {
-        let earlier = std::fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        if !earlier.is_some_and(|v| v.is_object()) {
-            return Err(Error::file(
-                path,
-                "--report-json: exists and is not an earlier JSON report; choose another path",
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn write_report_json(
-    path: &Path,
-    inputs: &Inputs,
-    r: &MergeReport,
-    total: std::time::Duration,
-) -> Result<()> {
-    let json = serde_json::json!({
-        "arch": r.arch.name(),
-        "method": r.method,
-        "phases_s": {
-            "forward_and_grams": r.timings.grams.as_secs_f64(),
-            "of_which_model_load": r.timings.model_load.as_secs_f64(),
-            "of_which_sums": r.timings.sums.as_secs_f64(),
-            "solve": r.timings.solve.as_secs_f64(),
-            "write": r.timings.write.as_secs_f64(),
-            "writer_busy": r.timings.writer_busy.as_secs_f64(),
-        },
-        "tensor_bytes": r.tensor_bytes,
-        "total_s": total.as_secs_f64(),
-        "peak_rss_bytes": regmean_gpu::peak_rss_bytes(),
-        "peak_device_bytes": r.peak_device_bytes,
-        "layers_solved": r.layers_solved,
-        "schedule": format!("{:?}", r.schedule).to_lowercase(),
-        "activation_cache_bytes": r.activation_cache.map(|c| serde_json::json!({"in_memory": c.in_memory_bytes, "spilled": c.spilled_bytes})),
-        "fallbacks": r.fallbacks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
-        "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "examples": m.examples, "rows": m.rows})).collect::<Vec<_>>(),
-    });
-    check_report_path(path, inputs)?;
-    let out = StagedOutput::create_file(path, true, inputs)?;
-    std::fs::write(
-        out.path(),
-        serde_json::to_string_pretty(&json).expect("json"),
-    )
-    .map_err(|e| Error::io(path, e))?;
-    out.commit()
-}
-
-fn inspect(path: &Path) -> Result<()> {
-    use regmean_gpu::io::{Checkpoint, SafetensorsFile};
-    use std::fmt::Write as _;
-    let mut text = String::new();
-    if path.is_dir() {
-        let ckpt = Checkpoint::open(path)?;
-        let _ = writeln!(
-            text,
-            "{}: {} checkpoint, backbone tensors (canonical names):",
-            path.display(),
-            ckpt.arch().title()
-        );
-        for name in ckpt.names() {
-            let e = ckpt.entry(name)?;
-            let _ = writeln!(text, "  {name:<60} {:<5} {:?}", e.dtype.name(), e.shape);
-        }
-    } else {
-        let f = SafetensorsFile::open(path)?;
-        let mut meta: Vec<_> = f.metadata().iter().collect();
-        meta.sort();
-        for (k, v) in meta {
-            let _ = writeln!(text, "{k}: {v}");
-        }
-        for (name, e) in f.tensors() {
-            let _ = writeln!(text, "  {name:<60} {:<5} {:?}", e.dtype.name(), e.shape);
-        }
-    }
-    // A closed pipe (`inspect ... | head`) is not an error worth reporting.
-    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
-    Ok(())
 }

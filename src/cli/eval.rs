@@ -1,0 +1,190 @@
+//! `eval`, and `merge --eval` / `--compare-average`: the evaluation's inputs checked before
+//! the merge, then every task evaluated on the merged model (and on the simple average).
+
+use std::path::Path;
+
+use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend};
+use regmean_gpu::config::MergeConfig;
+use regmean_gpu::regmean::{self, MergeOptions};
+use regmean_gpu::{Error, Result};
+
+use crate::ui::{self, Ui};
+use crate::{select_device, EvalArgs, MergeArgs};
+
+pub fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
+    let gpu = select_device(&a.device.device, &a.model, ui)?;
+    with_backend!(&gpu, a.precision, |backend| eval_on(&backend, a, ui))
+}
+
+pub fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
+    use regmean_gpu::eval::{self, EvalOptions, EvalTask, ZeroShotTask};
+    let cfg = a.config.as_deref().map(MergeConfig::load).transpose()?;
+    let params = cfg
+        .as_ref()
+        .map(|c| c.parameters.clone())
+        .unwrap_or_default();
+    let tasks = match (&cfg, &a.data) {
+        (Some(cfg), _) => eval::tasks_from_config(cfg)?,
+        (None, Some(data)) => vec![EvalTask {
+            name: a.task.clone().unwrap_or_else(|| {
+                data.file_stem()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "task".into())
+            }),
+            data: data.clone(),
+            head: a.head.clone(),
+            zero_shot: a
+                .classes
+                .as_deref()
+                .map(ZeroShotTask::from_file)
+                .transpose()?,
+        }],
+        (None, None) => {
+            return Err(Error::invalid(
+                "give --config (a merge config with eval_data per model) or --data",
+            ))
+        }
+    };
+    if tasks.is_empty() {
+        return Err(Error::invalid(
+            "no model entry of the config has `eval_data`: nothing to evaluate",
+        ));
+    }
+    let opts = EvalOptions {
+        batch_size: a.batch_size.unwrap_or(params.batch_size).max(1),
+        max_length: a.max_length.unwrap_or(params.max_length).max(1),
+        base: a
+            .base
+            .clone()
+            .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
+    };
+    if regmean_gpu::model::llama_config::is_decoder_dir(&a.model) {
+        return causal_lm_eval(backend, a, &tasks, &opts, ui);
+    }
+    eval::check_tasks(&a.model, &tasks, &opts, ui)?;
+    ui.clear();
+    ui.info(&format!(
+        "evaluating {} on {}",
+        a.model.display(),
+        ui::count(tasks.len(), "task")
+    ));
+    let results = eval::evaluate(backend, &a.model, &tasks, &opts, ui)?;
+    ui.clear();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&eval::to_json(&results)).expect("json")
+        );
+    } else {
+        print!("{}", eval::format_table(&[("accuracy (%)", &results)]));
+    }
+    Ok(())
+}
+
+/// `eval` of a decoder LLM: the mean next-token loss and perplexity per task.
+pub fn causal_lm_eval<B: Backend>(
+    backend: &B,
+    a: &EvalArgs,
+    tasks: &[regmean_gpu::eval::EvalTask],
+    opts: &regmean_gpu::eval::EvalOptions,
+    ui: &Ui,
+) -> Result<()> {
+    use regmean_gpu::eval::causal_lm;
+    ui.info(&format!(
+        "next-token loss of {} on {} task(s)",
+        a.model.display(),
+        tasks.len()
+    ));
+    let results = causal_lm::evaluate(backend, &a.model, tasks, opts)?;
+    if a.json {
+        let json = causal_lm::to_json(&results);
+        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+    } else {
+        print!("{}", causal_lm::format_table(&results));
+    }
+    Ok(())
+}
+
+/// The tasks and options of `merge --eval`, each task's data checked.
+pub fn eval_plan(
+    cfg: &MergeConfig,
+    a: &MergeArgs,
+    ui: &Ui,
+) -> Result<(
+    Vec<regmean_gpu::eval::EvalTask>,
+    regmean_gpu::eval::EvalOptions,
+)> {
+    use regmean_gpu::eval::{self, EvalOptions};
+    let tasks = eval::tasks_from_config(cfg)?;
+    if tasks.is_empty() {
+        return Err(Error::invalid(format!(
+            "--eval: no model entry of {} has `eval_data`",
+            a.config.display()
+        )));
+    }
+    let opts = EvalOptions {
+        batch_size: cfg.parameters.batch_size,
+        max_length: cfg.parameters.max_length,
+        base: Some(cfg.base_model.clone()),
+    };
+    eval::check_tasks(&cfg.base_model, &tasks, &opts, ui)?;
+    Ok((tasks, opts))
+}
+
+/// `merge --eval [--compare-average]`: the merged model's accuracy per task, and optionally
+/// that of the simple average of the same models.
+pub fn eval_after_merge<B: Backend>(
+    backend: &B,
+    merge_opts: &MergeOptions,
+    cfg: &MergeConfig,
+    a: &MergeArgs,
+    tasks: &[regmean_gpu::eval::EvalTask],
+    opts: &regmean_gpu::eval::EvalOptions,
+    ui: &Ui,
+) -> Result<()> {
+    use regmean_gpu::config::MergeMethod;
+    use regmean_gpu::eval;
+    ui.info(&format!(
+        "evaluating the merged model on {}",
+        ui::count(tasks.len(), "task")
+    ));
+    let merged = eval::evaluate(backend, a.out(), tasks, opts, ui)?;
+    ui.clear();
+    let mut columns = vec![(cfg.merge_method.title(), merged)];
+    if a.compare_average && cfg.merge_method != MergeMethod::SimpleAverage {
+        let scratch = tempfile::Builder::new()
+            .prefix(".regmean-average-")
+            .tempdir_in(
+                a.out()
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new(".")),
+            )
+            .map_err(|e| Error::io(a.out(), e))?;
+        // Registered, so that an interrupt removes it too (and says so).
+        let _registered = regmean_gpu::io::pending::register_scratch(
+            scratch.path(),
+            "the scratch folder of the simple-average comparison",
+        );
+        let avg_dir = scratch.path().join("average");
+        let mut avg_cfg = cfg.clone();
+        avg_cfg.merge_method = MergeMethod::SimpleAverage;
+        ui.info("merging by simple averaging for comparison");
+        let avg_opts = MergeOptions {
+            device: merge_opts.device.clone(),
+            ..MergeOptions::default()
+        };
+        regmean::merge(backend, &avg_cfg, &avg_dir, &avg_opts, ui)?;
+        ui.clear();
+        ui.info("evaluating the simple average");
+        columns.push((
+            MergeMethod::SimpleAverage.title(),
+            eval::evaluate(backend, &avg_dir, tasks, opts, ui)?,
+        ));
+        ui.clear();
+    }
+    let view: Vec<(&str, &[eval::TaskAccuracy])> =
+        columns.iter().map(|(h, r)| (*h, r.as_slice())).collect();
+    print!("{}", eval::format_table(&view));
+    Ok(())
+}
