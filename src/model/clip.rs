@@ -5,9 +5,7 @@
 use std::path::Path;
 
 use super::block::{BlockRun, LayerNorm, PreLnBlock};
-use super::{
-    field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, LinearModule, ParamSource, Site,
-};
+use super::{field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, ParamSource, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -154,38 +152,14 @@ fn encoder_layer_names(prefix: &str, l: usize) -> (String, [&'static str; 2]) {
 /// The four sites of every layer of a CLIP encoder (vision or text) under `prefix`: q, k and
 /// v share one input, then out_proj, fc1 and fc2.
 pub(crate) fn encoder_sites(prefix: &str, layers: usize, d: usize, f: usize) -> Vec<Site> {
-    let lin = |name: String, din, dout| LinearModule {
-        weight: format!("{name}.weight"),
-        transposed: true,
-        in_dim: din,
-        out_dim: dout,
-    };
     let mut sites = Vec::with_capacity(4 * layers);
     for l in 0..layers {
         let p = format!("{prefix}encoder.layers.{l}");
-        sites.push(Site {
-            name: format!("{p}.self_attn.qkv"),
-            dim: d,
-            modules: ["q_proj", "k_proj", "v_proj"]
-                .iter()
-                .map(|m| lin(format!("{p}.self_attn.{m}"), d, d))
-                .collect(),
-        });
-        sites.push(Site {
-            name: format!("{p}.self_attn.out_proj"),
-            dim: d,
-            modules: vec![lin(format!("{p}.self_attn.out_proj"), d, d)],
-        });
-        sites.push(Site {
-            name: format!("{p}.mlp.fc1"),
-            dim: d,
-            modules: vec![lin(format!("{p}.mlp.fc1"), d, f)],
-        });
-        sites.push(Site {
-            name: format!("{p}.mlp.fc2"),
-            dim: f,
-            modules: vec![lin(format!("{p}.mlp.fc2"), f, d)],
-        });
+        let qkv = ["q_proj", "k_proj", "v_proj"].map(|m| (format!("{p}.self_attn.{m}"), d));
+        sites.push(Site::nn_linears(format!("{p}.self_attn.qkv"), d, &qkv));
+        sites.push(Site::nn_linear(format!("{p}.self_attn.out_proj"), d, d));
+        sites.push(Site::nn_linear(format!("{p}.mlp.fc1"), d, f));
+        sites.push(Site::nn_linear(format!("{p}.mlp.fc2"), f, d));
     }
     sites
 }

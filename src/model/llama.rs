@@ -7,7 +7,7 @@
 //! (when not tied to the embeddings) reads the final norm's output.
 
 use super::llama_config::LlamaConfig;
-use super::{Batch, ForwardHooks, ForwardOutput, GramSink, LinearModule, Site};
+use super::{Batch, ForwardHooks, ForwardOutput, GramSink, Site};
 use crate::backend::{Backend, GqaShape};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -23,49 +23,19 @@ impl LlamaConfig {
     pub fn sites(&self) -> Vec<Site> {
         let (d, f) = (self.hidden_size, self.intermediate_size);
         let (qw, kw) = self.qkv_widths();
-        let lin = |name: String, din, dout| LinearModule {
-            weight: format!("{name}.weight"),
-            transposed: true,
-            in_dim: din,
-            out_dim: dout,
-        };
         let mut sites = Vec::with_capacity(SITES_PER_LAYER * self.num_hidden_layers + 1);
         for l in 0..self.num_hidden_layers {
             let p = self.layer(l);
-            sites.push(Site {
-                name: format!("{p}.self_attn.qkv"),
-                dim: d,
-                modules: vec![
-                    lin(format!("{p}.self_attn.q_proj"), d, qw),
-                    lin(format!("{p}.self_attn.k_proj"), d, kw),
-                    lin(format!("{p}.self_attn.v_proj"), d, kw),
-                ],
-            });
-            sites.push(Site {
-                name: format!("{p}.self_attn.o_proj"),
-                dim: qw,
-                modules: vec![lin(format!("{p}.self_attn.o_proj"), qw, d)],
-            });
-            sites.push(Site {
-                name: format!("{p}.mlp.gate_up"),
-                dim: d,
-                modules: vec![
-                    lin(format!("{p}.mlp.gate_proj"), d, f),
-                    lin(format!("{p}.mlp.up_proj"), d, f),
-                ],
-            });
-            sites.push(Site {
-                name: format!("{p}.mlp.down_proj"),
-                dim: f,
-                modules: vec![lin(format!("{p}.mlp.down_proj"), f, d)],
-            });
+            let qkv = [("q_proj", qw), ("k_proj", kw), ("v_proj", kw)]
+                .map(|(m, w)| (format!("{p}.self_attn.{m}"), w));
+            sites.push(Site::nn_linears(format!("{p}.self_attn.qkv"), d, &qkv));
+            sites.push(Site::nn_linear(format!("{p}.self_attn.o_proj"), qw, d));
+            let gate_up = ["gate_proj", "up_proj"].map(|m| (format!("{p}.mlp.{m}"), f));
+            sites.push(Site::nn_linears(format!("{p}.mlp.gate_up"), d, &gate_up));
+            sites.push(Site::nn_linear(format!("{p}.mlp.down_proj"), f, d));
         }
         if !self.tie_word_embeddings {
-            sites.push(Site {
-                name: "lm_head".into(),
-                dim: d,
-                modules: vec![lin("lm_head".into(), d, self.vocab_size)],
-            });
+            sites.push(Site::nn_linear("lm_head".into(), d, self.vocab_size));
         }
         sites
     }

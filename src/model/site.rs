@@ -27,7 +27,39 @@ pub struct Site {
     pub modules: Vec<LinearModule>,
 }
 
+impl LinearModule {
+    /// The `nn.Linear` named `name` (its weight `{name}.weight`, stored `[out, in]`).
+    pub fn nn_linear(name: &str, in_dim: usize, out_dim: usize) -> Self {
+        LinearModule {
+            weight: format!("{name}.weight"),
+            transposed: true,
+            in_dim,
+            out_dim,
+        }
+    }
+}
+
 impl Site {
+    /// A site named `name` whose input of `dim` feeds the `nn.Linear` layers `modules`
+    /// (name, output width).
+    pub fn nn_linears(name: String, dim: usize, modules: &[(String, usize)]) -> Self {
+        let modules = modules
+            .iter()
+            .map(|(m, out)| LinearModule::nn_linear(m, dim, *out))
+            .collect();
+        Site { name, dim, modules }
+    }
+
+    /// A site feeding one `nn.Linear` of its own name.
+    pub fn nn_linear(name: String, dim: usize, out_dim: usize) -> Self {
+        let module = LinearModule::nn_linear(&name, dim, out_dim);
+        Site {
+            name,
+            dim,
+            modules: vec![module],
+        }
+    }
+
     /// Every module a site feeds takes the site's input width.
     pub fn check_inputs(&self) -> Result<()> {
         match self.modules.iter().find(|m| m.in_dim != self.dim) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys as bs;
 use cudarc::driver::{
-    CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use half::f16;
 
@@ -172,6 +172,12 @@ impl CudaBackend {
         Ok(T::wrap(self.dev.zeros::<T>(n, what)?, rows, cols))
     }
 
+    /// The forward kernel `name` for T (kernels/forward.cu: `{name}_f32`, `{name}_f16`).
+    fn kernel<T: Elem>(&self, name: &str) -> Result<CudaFunction> {
+        self.dev
+            .function("forward", &format!("{name}_{}", T::SUFFIX))
+    }
+
     /// An op's output, left unset: every op below writes all of its output (cuBLAS with
     /// β = 0 does not read C), so zeroing it first would be a wasted pass.
     fn output<T: Elem>(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
@@ -291,9 +297,7 @@ impl CudaBackend {
             Some(Activation::GeluNew) => 1,
             Some(Activation::QuickGelu) => 2,
         };
-        let f = self
-            .dev
-            .function("forward", &format!("bias_act_{}", T::SUFFIX))?;
+        let f = self.kernel::<T>("bias_act")?;
         if let Some(bias) = bias {
             check_len("bias", T::view(bias)?.len(), y.cols)?;
         }
@@ -339,11 +343,25 @@ impl CudaBackend {
         })
     }
 
-    fn check_norm(x: &CudaTensor, gamma: &CudaTensor, beta: &CudaTensor) -> Result<()> {
+    /// A LayerNorm's output for `x` (gamma and beta checked to hold one value per column),
+    /// with the launch of its kernel: the configuration, rows and d; none when x has no rows.
+    #[allow(clippy::type_complexity)]
+    fn norm_output<T: Elem>(
+        &self,
+        x: &CudaTensor,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+    ) -> Result<(CudaTensor, Option<(LaunchConfig, i32, i32)>)> {
         if gamma.rows * gamma.cols != x.cols || beta.rows * beta.cols != x.cols {
             return Err(Error::Backend("layer_norm: parameter size".into()));
         }
-        Ok(())
+        let out = self.output::<T>(x.rows, x.cols, "layer_norm output")?;
+        if x.rows == 0 {
+            return Ok((out, None));
+        }
+        let cfg = self.norm_launch(x.rows, x.cols)?;
+        let (rows, d) = (c_int("rows", x.rows)?, c_int("d", x.cols)?);
+        Ok((out, Some((cfg, rows, d))))
     }
 
     fn layer_norm_t<T: Elem>(
@@ -353,24 +371,14 @@ impl CudaBackend {
         beta: &CudaTensor,
         eps: f32,
     ) -> Result<CudaTensor> {
-        Self::check_norm(x, gamma, beta)?;
-        let mut out = self.output::<T>(x.rows, x.cols, "layer_norm output")?;
-        if x.rows == 0 {
+        let (mut out, launch) = self.norm_output::<T>(x, gamma, beta)?;
+        let Some((cfg, rows, d)) = launch else {
             return Ok(out);
-        }
-        let cfg = self.norm_launch(x.rows, x.cols)?;
-        let (rows, d) = (c_int("rows", x.rows)?, c_int("d", x.cols)?);
-        let f = self
-            .dev
-            .function("forward", &format!("layer_norm_{}", T::SUFFIX))?;
+        };
+        let f = self.kernel::<T>("layer_norm")?;
         let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(T::view(x)?)
-            .arg(T::view(gamma)?)
-            .arg(T::view(beta)?)
-            .arg(T::view_mut(&mut out)?)
-            .arg(&rows)
-            .arg(&d)
-            .arg(&eps);
+        b.arg(T::view(x)?).arg(T::view(gamma)?).arg(T::view(beta)?);
+        b.arg(T::view_mut(&mut out)?).arg(&rows).arg(&d).arg(&eps);
         // SAFETY: (const T*, const T*, const T*, T*, int, int, float) as pushed; x and out
         // hold rows·d, gamma and beta d elements (checked); d·4 bytes of dynamic shared
         // memory as the kernel's contract asks.
@@ -386,28 +394,18 @@ impl CudaBackend {
         beta: &CudaTensor,
         eps: f32,
     ) -> Result<CudaTensor> {
-        Self::check_norm(h, gamma, beta)?;
         if (h.rows, h.cols) != (y.rows, y.cols) {
             return Err(Error::Backend("add_layer_norm: shapes differ".into()));
         }
-        let mut out = self.output::<T>(h.rows, h.cols, "layer_norm output")?;
-        if h.rows == 0 {
+        let (mut out, launch) = self.norm_output::<T>(h, gamma, beta)?;
+        let Some((cfg, rows, d)) = launch else {
             return Ok(out);
-        }
-        let cfg = self.norm_launch(h.rows, h.cols)?;
-        let (rows, d) = (c_int("rows", h.rows)?, c_int("d", h.cols)?);
-        let f = self
-            .dev
-            .function("forward", &format!("add_layer_norm_{}", T::SUFFIX))?;
+        };
+        let f = self.kernel::<T>("add_layer_norm")?;
         let mut b = self.dev.stream().launch_builder(&f);
-        b.arg(T::view_mut(h)?)
-            .arg(T::view(y)?)
-            .arg(T::view(gamma)?)
-            .arg(T::view(beta)?)
-            .arg(T::view_mut(&mut out)?)
-            .arg(&rows)
-            .arg(&d)
-            .arg(&eps);
+        b.arg(T::view_mut(h)?).arg(T::view(y)?);
+        b.arg(T::view(gamma)?).arg(T::view(beta)?);
+        b.arg(T::view_mut(&mut out)?).arg(&rows).arg(&d).arg(&eps);
         // SAFETY: (T*, const T*, const T*, const T*, T*, int, int, float) as pushed; h, y
         // and out hold rows·d, gamma and beta d elements (checked); d·4 bytes of dynamic
         // shared memory as the contract asks.
@@ -420,9 +418,7 @@ impl CudaBackend {
             return Err(Error::Backend("add_assign: shapes differ".into()));
         }
         let n = mul("add", x.rows, x.cols)?;
-        let f = self
-            .dev
-            .function("forward", &format!("add_{}", T::SUFFIX))?;
+        let f = self.kernel::<T>("add")?;
         let ni = n as i64;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(T::view_mut(x)?).arg(T::view(y)?).arg(&ni);
@@ -484,9 +480,7 @@ impl CudaBackend {
         let causal = s.causal as i32;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let null: u64 = 0;
-        let f = self
-            .dev
-            .function("forward", &format!("attention_{}", T::SUFFIX))?;
+        let f = self.kernel::<T>("attention")?;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(T::view(qkv)?).arg(T::view_mut(&mut out)?);
         match &mask {
@@ -529,9 +523,7 @@ impl CudaBackend {
         }
         let ids_dev = self.dev.upload(ids, "token ids")?;
         let (rows, seqi, di) = (ids.len() as i64, c_int("seq", seq)?, c_int("d", d)?);
-        let f = self
-            .dev
-            .function("forward", &format!("embed_tokens_{}", T::SUFFIX))?;
+        let f = self.kernel::<T>("embed_tokens")?;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(T::view(wte)?)
             .arg(T::view(wpe)?)
@@ -576,9 +568,7 @@ impl CudaBackend {
             c_int("tokens", tokens)?,
             c_int("d", d)?,
         );
-        let f = self
-            .dev
-            .function("forward", &format!("clip_tokens_{}", T::SUFFIX))?;
+        let f = self.kernel::<T>("clip_tokens")?;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(T::view(patches)?)
             .arg(T::view(class)?)
@@ -623,9 +613,7 @@ impl CudaBackend {
             })?;
         let (bi, ci) = (c_int("batch", batch)?, c_int("channels", channels)?);
         let (si, pi) = (c_int("image_size", size)?, c_int("patch_size", patch)?);
-        let f = self
-            .dev
-            .function("forward", &format!("im2col_{}", T::SUFFIX))?;
+        let f = self.kernel::<T>("im2col")?;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(&pix)
             .arg(T::view_mut(&mut out)?)
@@ -694,9 +682,7 @@ impl CudaBackend {
             .collect::<Result<_>>()?;
         let idx = self.dev.upload(&idx, "row indices")?;
         let (n, cols) = (c_int("rows", rows.len())?, c_int("cols", x.cols)?);
-        let f = self
-            .dev
-            .function("forward", &format!("gather_rows_{}", T::SUFFIX))?;
+        let f = self.kernel::<T>("gather_rows")?;
         let mut b = self.dev.stream().launch_builder(&f);
         b.arg(T::view(x)?)
             .arg(&idx)
