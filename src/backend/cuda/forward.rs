@@ -12,7 +12,7 @@ use cudarc::driver::{
 use half::f16;
 
 use super::device::CudaDevice;
-use super::gram::{launch_gram, Activations};
+use super::gram::{launch_gram, running_mean_step, Activations};
 use super::launch::{c_int, check_len, elementwise, mul};
 use super::weights;
 use crate::backend::{Activation, AttentionShape, Backend, GramUpdate, Precision};
@@ -743,19 +743,7 @@ impl CudaBackend {
                 }
                 let mut batch = self.dev.zeros::<f32>(d * d, "Gram batch buffer")?;
                 launch_gram(&self.dev, &act, x.rows, d, d, None, &mut batch)?;
-                let (seen_f, total_f) = (seen as f32, (seen + x.rows as u64) as f32);
-                let f = self.dev.function("finalize", "gram_running_mean")?;
-                let di = c_int("d", d)?;
-                let mut b = self.dev.stream().launch_builder(&f);
-                b.arg(acc_buf)
-                    .arg(&batch)
-                    .arg(&di)
-                    .arg(&seen_f)
-                    .arg(&total_f);
-                // SAFETY: (float*, const float*, int, float, float) as pushed; acc and
-                // batch hold d·d f32 values (acc's shape checked above).
-                unsafe { b.launch(elementwise(d * d)) }?;
-                Ok(())
+                running_mean_step(&self.dev, acc_buf, &batch, d, seen, x.rows)
             }
         }
     }

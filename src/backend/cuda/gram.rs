@@ -108,18 +108,7 @@ impl DeviceGram {
                 }
                 self.dev.stream().memset_zeros(batch)?;
                 launch_gram(&self.dev, x, rows, ldx, self.d, None, batch)?;
-                let (seen, total) = (self.rows as f32, (self.rows + rows as u64) as f32);
-                let f = self.dev.function("finalize", "gram_running_mean")?;
-                let d = c_int("d", self.d)?;
-                let mut b = self.dev.stream().launch_builder(&f);
-                b.arg(&mut self.acc)
-                    .arg(&*batch)
-                    .arg(&d)
-                    .arg(&seen)
-                    .arg(&total);
-                // SAFETY: (float*, const float*, int, float, float) as pushed; acc and batch
-                // were allocated with d·d f32 values; the kernel touches only those.
-                unsafe { b.launch(elementwise(self.d * self.d)) }?;
+                running_mean_step(&self.dev, &mut self.acc, batch, self.d, self.rows, rows)?;
                 self.rows += rows as u64;
             }
         }
@@ -189,6 +178,30 @@ fn check_activations(
             )));
         }
     }
+    Ok(())
+}
+
+/// FusionBench's f32 running mean over `[d, d]` buffers: acc = (acc·seen + batch) /
+/// (seen + rows), where `batch` holds the XᵀX of the `rows` new rows.
+pub(crate) fn running_mean_step(
+    dev: &CudaDevice,
+    acc: &mut CudaSlice<f32>,
+    batch: &CudaSlice<f32>,
+    d: usize,
+    seen: u64,
+    rows: usize,
+) -> Result<()> {
+    let n = mul("Gram", d, d)?;
+    check_len("running mean accumulator", acc.len(), n)?;
+    check_len("running mean batch", batch.len(), n)?;
+    let (seen_f, total_f) = (seen as f32, (seen + rows as u64) as f32);
+    let f = dev.function("finalize", "gram_running_mean")?;
+    let di = c_int("d", d)?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(acc).arg(batch).arg(&di).arg(&seen_f).arg(&total_f);
+    // SAFETY: (float*, const float*, int, float, float) as pushed; acc and batch hold d·d
+    // f32 values (checked above); the kernel touches only those.
+    unsafe { b.launch(elementwise(n)) }?;
     Ok(())
 }
 
