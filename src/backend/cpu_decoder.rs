@@ -5,16 +5,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::cpu::{exp_vectorisable, CpuTensor};
-use crate::error::{Error, Result};
-
-fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::Backend(what()))
-    }
-}
+use super::cpu_math::exp_vectorisable;
+use super::cpu_tensor::{check, CpuTensor};
+use crate::error::Result;
 
 /// `v·rsqrt(mean(v²) + eps)·w` over one group, in place.
 #[inline]
