@@ -1,6 +1,6 @@
 //! Element-wise math of the CPU engine, written so that its loops vectorise: `exp` without
-//! a libm call, the sigmoid-gated activations, the softmax's exponentials, and the AVX2 + FMA
-//! dispatch they run under.
+//! a libm call, the sigmoid-gated activations, the softmax's exponentials, LayerNorm's row
+//! statistics, and the AVX2 + FMA dispatch they run under.
 
 /// `exp(x)` for the activations and the softmax, written so that a loop of it vectorises:
 /// glibc's `expf` is one call per element, which was a quarter of a CPU merge's time.
@@ -92,6 +92,38 @@ pub(super) fn softmax_exp(row: &mut [f32], max: f32) {
     }
 }
 
+/// Σ f(v) over `row` in f64, in eight independent partial sums: one running f64 sum is a
+/// chain of dependent adds (four cycles each) that no compiler may reorder, eight of them
+/// fill two vector registers.
+#[inline(always)]
+fn sum_f64(row: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f64; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    let tail: f64 = tail.iter().map(|&v| f(v as f64)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// LayerNorm of one row into `out`: mean and biased variance in f64 (two passes), then
+/// `(x − mean)·rstd·gamma + beta`, the normalised value rounded to f32 before the affine
+/// part, as torch's f32 kernel applies it.
+#[inline(always)]
+pub(super) fn layer_norm_row(out: &mut [f32], row: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    let d = row.len() as f64;
+    let mean = sum_f64(row, |v| v) / d;
+    let var = sum_f64(row, |v| (v - mean) * (v - mean)) / d;
+    let rstd = 1.0 / (var + eps as f64).sqrt();
+    for ((o, &x), (&g, &b)) in out.iter_mut().zip(row).zip(gamma.iter().zip(beta)) {
+        *o = ((x as f64 - mean) * rstd) as f32 * g + b;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +149,29 @@ mod tests {
             below > 0.0 && below < 1e-34 && below.is_normal(),
             "{below:e}"
         );
+    }
+
+    #[test]
+    fn layer_norm_row_matches_f64_definition_with_a_ragged_tail() {
+        // 8 lanes of partial sums plus a tail of 3: every element must count once.
+        let d = 19;
+        let row: Vec<f32> = (0..d)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0 + 1.5)
+            .collect();
+        let gamma: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 * 0.1).collect();
+        let beta: Vec<f32> = (0..d).map(|i| i as f32 * -0.05).collect();
+        let mut out = vec![0.0f32; d];
+        layer_norm_row(&mut out, &row, &gamma, &beta, 1e-5);
+        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+        let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+        for i in 0..d {
+            let want =
+                (row[i] as f64 - mean) / (var + 1e-5).sqrt() * gamma[i] as f64 + beta[i] as f64;
+            assert!(
+                (out[i] as f64 - want).abs() < 1e-6,
+                "{i}: {} vs {want}",
+                out[i]
+            );
+        }
     }
 }
