@@ -4,16 +4,26 @@
 //!
 //! - CPU (always): the lower-triangle Gram of `CpuBackend` against a full faer GEMM XᵀX, the
 //!   activation kernels, and the f64 per-layer solve.
+//! - forward (always): one ViT-B/32 task model's forward pass and Grams over 32 images (the
+//!   work of one clip8-small model, synthesised once under target/bench-kernels/) against
+//!   its GEMM-bound floor, its FLOPs at the measured peak. With `REGMEAN_PROFILE=1` it also
+//!   prints where that time went, per CPU kernel.
 //! - GPU (where CUDA is usable; otherwise SKIPPED with the reason): `doctor --bench`'s table,
 //!   the fp16 Gram kernel against `cublasGemmEx` XᵀX and the cuSOLVER solve.
 //!
 //! Timings are the median of several runs after one warm-up run.
 
+use std::path::Path;
 use std::time::Instant;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use regmean_gpu::backend::{Activation, Backend, CpuBackend, CpuTensor, GramUpdate};
+use regmean_gpu::config::Parameters;
+use regmean_gpu::data::Dataset;
+use regmean_gpu::io::Checkpoint;
+use regmean_gpu::model::ModelConfig;
+use regmean_gpu::progress::{Event, Observer, Silent};
 use regmean_gpu::regmean::solve::solve_layer;
 
 fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -54,10 +64,8 @@ fn full_gram(x: &[f32], rows: usize, d: usize, out: &mut [f32]) {
     );
 }
 
-fn cpu() {
-    let threads = rayon::current_num_threads();
-    println!("CPU ({threads} threads; set RAYON_NUM_THREADS to change)");
-
+/// The f32 GEMM rate of this machine at the current thread count: a 2048³ faer GEMM, GFLOP/s.
+fn measured_peak() -> f64 {
     let n = 2048;
     let a = values(n * n, 1);
     let mut c = vec![0.0f32; n * n];
@@ -73,6 +81,14 @@ fn cpu() {
     });
     let peak = 2.0 * (n as f64).powi(3) / secs / 1e9;
     println!("  measured f32 peak (faer GEMM {n}³): {peak:.1} GFLOP/s");
+    peak
+}
+
+fn cpu() {
+    let threads = rayon::current_num_threads();
+    println!("CPU ({threads} threads; set RAYON_NUM_THREADS to change)");
+
+    let peak = measured_peak();
 
     // GF/s counted as a full XᵀX (2·rows·d²) for both, so the columns compare directly (the
     // triangle does half the work: up to 2× is the ideal); % of peak counts the FLOPs the
@@ -140,6 +156,95 @@ fn cpu() {
     }
 }
 
+/// What `synth` needs to say: nothing.
+struct Quiet;
+
+impl Observer for Quiet {
+    fn event(&self, _: Event<'_>) {}
+}
+
+impl regmean_gpu::demo::Say for Quiet {
+    fn say(&self, _: &str) {}
+}
+
+/// One clip8-small task model (ViT-B/32, random weights) and its 32 images, made once.
+fn vit_b32_pool() -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-kernels/vit-b32");
+    if !dir.join("merge.yaml").exists() {
+        // A pool left half-made by an interrupted run: this benchmark's own directory.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("remove the half-made pool");
+        }
+        std::fs::create_dir_all(dir.parent().expect("parent")).expect("target/bench-kernels");
+        let args = regmean_gpu::demo::SynthArgs {
+            arch: "clip".into(),
+            layers: None,
+            models: 1,
+            examples: 32,
+            min_len: 16,
+            max_len: 128,
+            seed: 0,
+            out: dir.clone(),
+        };
+        regmean_gpu::demo::synth(&args, &Quiet).expect("synth");
+    }
+    dir
+}
+
+/// Forward + Grams of one ViT-B/32 over one batch of 32 images, as a compat-mode merge runs
+/// it (clip8-small: 8 of these, then G'W and the solve), against its FLOPs at the peak.
+fn forward() {
+    let threads = rayon::current_num_threads();
+    println!("forward + Grams, CPU ({threads} threads)");
+    let peak = measured_peak();
+    let dir = vit_b32_pool();
+    let ckpt = Checkpoint::open(dir.join("task_0")).expect("checkpoint");
+    let config = ModelConfig::from_checkpoint(&ckpt).expect("config");
+    let data = Dataset::open(&dir.join("data/task_0.safetensors")).expect("pixels");
+    let params = Parameters {
+        num_regmean_examples: 32,
+        batch_size: 32,
+        fusionbench_compat: true,
+        shuffle: false,
+        ..Parameters::default()
+    };
+    let ModelConfig::Clip(c) = &config else {
+        panic!("synth --arch clip made {config:?}")
+    };
+    // FLOPs: the GEMMs of the forward pass (patch embedding, q|k|v, attention's two
+    // products, out_proj, fc1, fc2) and the lower triangles of the four Grams per layer.
+    let (d, f, l) = (
+        c.hidden_size as f64,
+        c.intermediate_size as f64,
+        c.num_hidden_layers as f64,
+    );
+    let (images, tokens) = (32.0, (c.num_patches() + 1) as f64);
+    let rows = images * tokens;
+    let patch_in = (c.num_channels * c.patch_size * c.patch_size) as f64;
+    let forward_flops = 2.0 * images * c.num_patches() as f64 * patch_in * d
+        + l * (2.0 * rows * d * (3.0 * d + d + 2.0 * f) + 4.0 * images * tokens * tokens * d);
+    let gram_flops = l * rows * (3.0 * d * (d + 1.0) + f * (f + 1.0));
+    let secs = median_secs(3, || {
+        regmean_gpu::regmean::compute_grams(&CpuBackend, &ckpt, &config, &data, &params, &Silent)
+            .expect("forward + Grams");
+    });
+    let floor = (forward_flops + gram_flops) / peak / 1e9;
+    println!(
+        "  ViT-B/32, 32 images ({rows} rows): {secs:.2} s for {:.0} GFLOP forward + {:.0} GFLOP Grams; \
+         floor at the peak {floor:.2} s: {:.2}× the floor, {:.1} GFLOP/s",
+        forward_flops / 1e9,
+        gram_flops / 1e9,
+        secs / floor,
+        (forward_flops + gram_flops) / secs / 1e9
+    );
+    if regmean_gpu::profile::enabled() {
+        println!("  where the time went, summed over the 4 runs:");
+        for line in regmean_gpu::profile::report().lines() {
+            println!("    {line}");
+        }
+    }
+}
+
 fn gpu() {
     println!("GPU");
     let say = |line: &str| println!("{line}");
@@ -159,12 +264,28 @@ fn gpu() {
     }
 }
 
+/// The binary's allocator setting (`keep_freed_memory` in main.rs): freed blocks stay in the
+/// process, so each batch reuses the last one's buffers. Without it this benchmark would time
+/// page faults and zeroing that a merge does not pay.
+fn keep_freed_memory_as_the_binary_does() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    keep_freed_memory_as_the_binary_does();
     // `cargo bench` passes `--bench`; a name filter selects one part.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wants = |part: &str| filter.as_deref().is_none_or(|f| part.contains(f));
     if wants("cpu") {
         cpu();
+    }
+    if wants("forward") {
+        forward();
     }
     if wants("gpu") {
         gpu();

@@ -6,26 +6,14 @@ use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use super::cpu_math::{
+    gelu_new_gate, layer_norm_row, quick_gelu_gate, sigmoid_gated, softmax_exp, with_avx2,
+};
+use super::cpu_tensor::check;
+pub use super::cpu_tensor::CpuTensor;
 use super::{Activation, AttentionShape, Backend, GqaShape, GramUpdate};
 use crate::error::{Error, Result};
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct CpuTensor {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
-}
-
-impl CpuTensor {
-    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols, "CpuTensor data length");
-        CpuTensor { rows, cols, data }
-    }
-
-    fn view(&self) -> MatRef<'_, f32> {
-        MatRef::from_row_major_slice(&self.data, self.rows, self.cols)
-    }
-}
+use crate::profile::span;
 
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
@@ -34,106 +22,9 @@ fn par() -> Par {
     Par::rayon(0)
 }
 
-fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::Backend(what()))
-    }
-}
-
 /// Elements per parallel task in element-wise loops: rayon's per-element splitting costs
 /// more than the work itself.
 const CHUNK: usize = 1 << 14;
-
-/// `exp(x)` for the activations and the softmax, written so that a loop of it vectorises:
-/// glibc's `expf` is one call per element, which was a quarter of a CPU merge's time.
-///
-/// Range reduction x = n·ln 2 + r with |r| ≤ ln 2 / 2, Cephes' degree-6 polynomial for e^r
-/// (relative error ≈ 2 ulp), and 2ⁿ built in the exponent bits. Arguments below −80 are
-/// raised to −80: e⁻⁸⁰ ≈ 1.8e−35 is a normal float, and where `exp` is used (σ's denominator
-/// 1 + eˣ, softmax weights beside a weight of 1) the difference is below f32's resolution.
-/// Above ln(f32::MAX) ≈ 88.72 the result is +∞, as `expf` gives.
-#[inline(always)]
-pub(super) fn exp_vectorisable(x: f32) -> f32 {
-    // 1.5·2²³: adding it rounds to an integer, which lands in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let clamped = x.clamp(-80.0, 88.8);
-    let shifted = clamped * std::f32::consts::LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e_r = p * r * r + r + 1.0;
-    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
-    // 2ⁿ⁻¹·2, as n reaches 128 near the top of the range; past f32::MAX the product is +∞.
-    let two_n_1 = f32::from_bits(n_bits.wrapping_add(126) << 23);
-    if x > 88.8 {
-        f32::INFINITY
-    } else {
-        e_r * two_n_1 * 2.0
-    }
-}
-
-/// `x · σ(k·x)` over a slice: quick_gelu is k = 1.702, and gelu_new's
-/// 0.5·x·(1 + tanh(u)) is exactly x·σ(2u), which avoids both `tanh` and its cancellation.
-#[inline(always)]
-fn sigmoid_gated(values: &mut [f32], gate_arg: impl Fn(f32) -> f32) {
-    for v in values {
-        let x = *v;
-        *v = x / (1.0 + exp_vectorisable(-gate_arg(x)));
-    }
-}
-
-fn gelu_new_gate(x: f32) -> f32 {
-    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-    2.0 * SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-}
-
-fn quick_gelu_gate(x: f32) -> f32 {
-    1.702 * x
-}
-
-/// Runs `body` compiled for AVX2 + FMA where the CPU has them (8 lanes instead of SSE2's 4),
-/// else as built. The arithmetic is the same either way: Rust never contracts a·b + c.
-macro_rules! with_avx2 {
-    ($body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-                f()
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: the features were detected on this CPU just above.
-                unsafe { avx2(|| $body) }
-            } else {
-                $body
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            $body
-        }
-    }};
-}
-
-/// `e^(x − max)` in place, with masked scores (−∞) exactly 0.
-#[inline(always)]
-fn softmax_exp(row: &mut [f32], max: f32) {
-    for x in row {
-        let e = exp_vectorisable(*x - max);
-        *x = if *x == f32::NEG_INFINITY { 0.0 } else { e };
-    }
-}
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
@@ -182,18 +73,22 @@ impl Backend for CpuBackend {
         let mut out = vec![0.0f32; x.rows * w.cols];
         {
             let dst = MatMut::from_row_major_slice_mut(&mut out, x.rows, w.cols);
-            matmul(dst, Accum::Replace, x.view(), w.view(), 1.0, par());
+            span("cpu: linear GEMM", || {
+                matmul(dst, Accum::Replace, x.view(), w.view(), 1.0, par())
+            });
         }
         if let Some(b) = bias {
             check(b.data.len() == w.cols, || {
                 format!("linear: bias of {} for {} outputs", b.data.len(), w.cols)
             })?;
-            out.par_chunks_mut(w.cols * (CHUNK / w.cols).max(1))
-                .for_each(|rows| {
-                    for row in rows.chunks_mut(w.cols) {
-                        row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b);
-                    }
-                });
+            span("cpu: bias", || {
+                out.par_chunks_mut(w.cols * (CHUNK / w.cols).max(1))
+                    .for_each(|rows| {
+                        for row in rows.chunks_mut(w.cols) {
+                            row.iter_mut().zip(&b.data).for_each(|(o, b)| *o += b);
+                        }
+                    })
+            });
         }
         Ok(CpuTensor::new(out, x.rows, w.cols))
     }
@@ -210,16 +105,16 @@ impl Backend for CpuBackend {
             "layer_norm: parameter size".into()
         })?;
         let mut out = vec![0.0f32; x.data.len()];
-        out.par_chunks_mut(d)
-            .zip(x.data.par_chunks(d))
-            .for_each(|(o, row)| {
-                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-                let rstd = 1.0 / (var + eps as f64).sqrt();
-                for i in 0..d {
-                    o[i] = ((row[i] as f64 - mean) * rstd) as f32 * gamma.data[i] + beta.data[i];
-                }
-            });
+        span("cpu: layer norm", || {
+            let rows_per_task = d * (CHUNK / d.max(1)).max(1);
+            out.par_chunks_mut(rows_per_task)
+                .zip(x.data.par_chunks(rows_per_task))
+                .for_each(|(o, rows)| {
+                    with_avx2!(for (o, row) in o.chunks_mut(d).zip(rows.chunks(d)) {
+                        layer_norm_row(o, row, &gamma.data, &beta.data, eps)
+                    })
+                })
+        });
         Ok(CpuTensor::new(out, x.rows, x.cols))
     }
 
@@ -227,15 +122,17 @@ impl Backend for CpuBackend {
         check(x.rows == y.rows && x.cols == y.cols, || {
             "add_assign: shapes differ".into()
         })?;
-        x.data
-            .par_chunks_mut(CHUNK)
-            .zip(y.data.par_chunks(CHUNK))
-            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        span("cpu: residual add", || {
+            x.data
+                .par_chunks_mut(CHUNK)
+                .zip(y.data.par_chunks(CHUNK))
+                .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b))
+        });
         Ok(())
     }
 
     fn activate(&self, x: &mut CpuTensor, act: Activation) -> Result<()> {
-        match act {
+        span("cpu: activation", || match act {
             Activation::GeluNew => x
                 .data
                 .par_chunks_mut(CHUNK)
@@ -244,7 +141,7 @@ impl Backend for CpuBackend {
                 .data
                 .par_chunks_mut(CHUNK)
                 .for_each(|chunk| with_avx2!(sigmoid_gated(chunk, quick_gelu_gate))),
-        }
+        });
         Ok(())
     }
 
@@ -266,7 +163,7 @@ impl Backend for CpuBackend {
             head_dim: s.head_dim,
             causal: s.causal,
         };
-        attend(qkv, layout, key_mask)
+        span("cpu: attention", || attend(qkv, layout, key_mask))
     }
 
     fn gqa_attention(
@@ -290,7 +187,7 @@ impl Backend for CpuBackend {
             head_dim: s.head_dim,
             causal: true,
         };
-        attend(qkv, layout, key_mask)
+        span("cpu: attention", || attend(qkv, layout, key_mask))
     }
 
     fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
@@ -407,33 +304,37 @@ impl Backend for CpuBackend {
         // rows dropped): faer runs that layout at 116 GFLOP/s on a 2-core AVX2 machine
         // against 81 for the row-major X read as a transposed operand, and the copy costs a
         // small fraction of the product (rows·d against rows·d²).
-        let xt = match row_mask {
-            Some(mask) => {
-                check(mask.len() == x.rows, || "gram_update: mask length".into())?;
-                let mut real = Vec::with_capacity(x.data.len());
-                for (r, &m) in mask.iter().enumerate() {
-                    if m != 0 {
-                        real.extend_from_slice(&x.data[r * d..(r + 1) * d]);
+        let xt = span("cpu: Gram transpose", || -> Result<Vec<f32>> {
+            match row_mask {
+                Some(mask) => {
+                    check(mask.len() == x.rows, || "gram_update: mask length".into())?;
+                    let mut real = Vec::with_capacity(x.data.len());
+                    for (r, &m) in mask.iter().enumerate() {
+                        if m != 0 {
+                            real.extend_from_slice(&x.data[r * d..(r + 1) * d]);
+                        }
                     }
+                    Ok(crate::model::transpose(&real, real.len() / d.max(1), d))
                 }
-                crate::model::transpose(&real, real.len() / d.max(1), d)
+                None => Ok(crate::model::transpose(&x.data, x.rows, d)),
             }
-            None => crate::model::transpose(&x.data, x.rows, d),
-        };
+        })?;
         let n = xt.len() / d.max(1);
         let xt = MatRef::from_row_major_slice(&xt, d, n);
         let lower_gram = |dst: MatMut<'_, f32>, beta: Accum| {
-            triangular::matmul(
-                dst,
-                BlockStructure::TriangularLower,
-                beta,
-                xt,
-                BlockStructure::Rectangular,
-                xt.transpose(),
-                BlockStructure::Rectangular,
-                1.0,
-                par(),
-            )
+            span("cpu: Gram triangle GEMM", || {
+                triangular::matmul(
+                    dst,
+                    BlockStructure::TriangularLower,
+                    beta,
+                    xt,
+                    BlockStructure::Rectangular,
+                    xt.transpose(),
+                    BlockStructure::Rectangular,
+                    1.0,
+                    par(),
+                )
+            })
         };
         match update {
             GramUpdate::Sum => {
@@ -577,29 +478,6 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    #[test]
-    fn vectorisable_exp_is_within_3_ulp_of_f64() {
-        let mut worst = 0.0f64;
-        for i in 0..=400_000 {
-            let x = -80.0 + 168.72 * i as f32 / 400_000.0;
-            let want = (x as f64).exp();
-            let got = exp_vectorisable(x) as f64;
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(
-            worst < 3.0 * f32::EPSILON as f64,
-            "relative error {worst:e}"
-        );
-        assert_eq!(exp_vectorisable(89.0), f32::INFINITY);
-        assert_eq!(exp_vectorisable(f32::INFINITY), f32::INFINITY);
-        assert!(exp_vectorisable(f32::NAN).is_nan());
-        let below = exp_vectorisable(-200.0);
-        assert!(
-            below > 0.0 && below < 1e-34 && below.is_normal(),
-            "{below:e}"
-        );
     }
 
     #[test]

@@ -5,16 +5,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::cpu::{exp_vectorisable, CpuTensor};
-use crate::error::{Error, Result};
-
-fn check(cond: bool, what: impl FnOnce() -> String) -> Result<()> {
-    if cond {
-        Ok(())
-    } else {
-        Err(Error::Backend(what()))
-    }
-}
+use super::cpu_math::{exp_vectorisable, with_avx2};
+use super::cpu_tensor::{check, CpuTensor};
+use crate::error::Result;
 
 /// `v·rsqrt(mean(v²) + eps)·w` over one group, in place.
 #[inline]
@@ -121,9 +114,9 @@ pub fn silu_mul(gate_up: &CpuTensor) -> Result<CpuTensor> {
         .zip(gate_up.data.par_chunks(gate_up.cols.max(1)))
         .for_each(|(o, gu)| {
             let (gate, up) = gu.split_at(f);
-            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+            with_avx2!(for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
                 *o = g / (1.0 + exp_vectorisable(-g)) * u;
-            }
+            })
         });
     Ok(CpuTensor::new(out, gate_up.rows, f))
 }

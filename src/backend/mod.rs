@@ -4,6 +4,8 @@
 
 pub mod cpu;
 mod cpu_decoder;
+mod cpu_math;
+mod cpu_tensor;
 pub mod cuda;
 mod ops;
 
