@@ -1,19 +1,18 @@
 //! The `regmean-gpu` command line.
 
-mod ui;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use regmean_gpu::backend::cuda::{self, DeviceChoice};
-use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
+use regmean_gpu::backend::{Backend, Precision};
 use regmean_gpu::config::{MergeConfig, Parameters};
+use regmean_gpu::device::select_device;
 use regmean_gpu::io::{Inputs, StagedOutput};
-use regmean_gpu::regmean::{self, MergeOptions, MergeReport};
+use regmean_gpu::regmean::{self, MergeOptions};
+use regmean_gpu::ui::{self, Ui};
+use regmean_gpu::with_backend;
 use regmean_gpu::{Error, Result};
-use ui::Ui;
 
 #[derive(Parser)]
 #[command(name = "regmean-gpu", version, about = "Merge fine-tuned transformer checkpoints with RegMean", long_about = None)]
@@ -366,41 +365,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs `$body` with `$backend` bound to the backend `--device` chose: the CPU engine, or
-/// the CUDA one in the given precision. Evaluates to `$body`'s value.
-macro_rules! with_backend {
-    ($gpu:expr, $precision:expr, |$backend:ident| $body:expr) => {
-        match $gpu {
-            None => {
-                let $backend = CpuBackend;
-                $body
-            }
-            Some(dev) => {
-                let $backend = CudaBackend::new(dev.clone(), $precision);
-                $body
-            }
-        }
-    };
-}
-
-/// The device `--device` names for a run on `model`; decoder LLMs run on the CPU engine
-/// (`auto` says so, a GPU is refused).
-fn select_device(
-    device: &str,
-    model: &Path,
-    ui: &Ui,
-) -> Result<Option<std::sync::Arc<cuda::CudaDevice>>> {
-    let mut choice = device.parse::<DeviceChoice>()?;
-    if regmean_gpu::model::llama_config::is_decoder_dir(model) {
-        let (cpu, notice) = regmean_gpu::model::llama_config::decoder_device(choice)?;
-        if let Some(n) = notice {
-            ui.info(n);
-        }
-        choice = cpu;
-    }
-    cuda::select(choice)
-}
-
 fn run(command: Command, ui: &Ui) -> Result<()> {
     match command {
         Command::Merge(a) if a.plan => {
@@ -421,33 +385,20 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 max_memory: a.max_memory,
             };
             if let Some(path) = &a.report_json {
-                check_report_path(path, &cfg.inputs())?;
+                regmean::report::check_report_path(path, &cfg.inputs())?;
             }
             // The evaluation's inputs are checked before the merge, not after it.
             let evaluation = (a.eval || a.compare_average)
                 .then(|| eval_plan(&cfg, &a, ui))
                 .transpose()?;
             ui.clear();
-            with_backend!(&gpu, cfg.parameters.precision, |backend| {
-                ui.info(&format!(
-                    "merging {} ({}) into {} on {}",
-                    ui::count(cfg.models.len(), "model"),
-                    cfg.merge_method.title(),
-                    a.out().display(),
-                    backend.name()
-                ));
-                let started = std::time::Instant::now();
-                let report = regmean::merge(&backend, &cfg, a.out(), &opts, ui)?;
-                ui.clear();
-                if let Some(path) = &a.report_json {
-                    write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
-                }
-                ui::print_summary(&report, a.out(), ui);
-                if regmean_gpu::profile::enabled() {
-                    eprint!("{}", regmean_gpu::profile::report());
-                }
-                Ok::<(), Error>(())
-            })?;
+            let (report, _) =
+                regmean::merge_on_device(&cfg, a.out(), &opts, a.report_json.as_deref(), ui)?;
+            ui.clear();
+            ui::print_summary(&report, a.out(), ui);
+            if regmean_gpu::profile::enabled() {
+                eprint!("{}", regmean_gpu::profile::report());
+            }
             if let Some((tasks, eval_opts)) = &evaluation {
                 // Evaluation in float32 on a GPU too: its predictions are transformers' own.
                 with_backend!(&gpu, Precision::Float32, |backend| {
@@ -557,90 +508,27 @@ fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
 }
 
 fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
-    use regmean_gpu::eval::{self, EvalOptions, EvalTask, ZeroShotTask};
-    let cfg = a.config.as_deref().map(MergeConfig::load).transpose()?;
-    let params = cfg
-        .as_ref()
-        .map(|c| c.parameters.clone())
-        .unwrap_or_default();
-    let tasks = match (&cfg, &a.data) {
-        (Some(cfg), _) => eval::tasks_from_config(cfg)?,
-        (None, Some(data)) => vec![EvalTask {
-            name: a.task.clone().unwrap_or_else(|| {
-                data.file_stem()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "task".into())
-            }),
-            data: data.clone(),
-            head: a.head.clone(),
-            zero_shot: a
-                .classes
-                .as_deref()
-                .map(ZeroShotTask::from_file)
-                .transpose()?,
-        }],
-        (None, None) => {
-            return Err(Error::invalid(
-                "give --config (a merge config with eval_data per model) or --data",
-            ))
-        }
+    use regmean_gpu::eval::request::{run_eval, EvalRequest};
+    let req = EvalRequest {
+        model: a.model.clone(),
+        config: a.config.clone(),
+        data: a.data.clone(),
+        task: a.task.clone(),
+        head: a.head.clone(),
+        classes: a.classes.clone(),
+        base: a.base.clone(),
+        batch_size: a.batch_size,
+        max_length: a.max_length,
     };
-    if tasks.is_empty() {
-        return Err(Error::invalid(
-            "no model entry of the config has `eval_data`: nothing to evaluate",
-        ));
-    }
-    let opts = EvalOptions {
-        batch_size: a.batch_size.unwrap_or(params.batch_size).max(1),
-        max_length: a.max_length.unwrap_or(params.max_length).max(1),
-        base: a
-            .base
-            .clone()
-            .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
-    };
-    if regmean_gpu::model::llama_config::is_decoder_dir(&a.model) {
-        return causal_lm_eval(backend, a, &tasks, &opts, ui);
-    }
-    eval::check_tasks(&a.model, &tasks, &opts, ui)?;
-    ui.clear();
-    ui.info(&format!(
-        "evaluating {} on {}",
-        a.model.display(),
-        ui::count(tasks.len(), "task")
-    ));
-    let results = eval::evaluate(backend, &a.model, &tasks, &opts, ui)?;
+    let outcome = run_eval(backend, &req, ui)?;
     ui.clear();
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&eval::to_json(&results)).expect("json")
+            serde_json::to_string_pretty(&outcome.to_json()).expect("json")
         );
     } else {
-        print!("{}", eval::format_table(&[("accuracy (%)", &results)]));
-    }
-    Ok(())
-}
-
-/// `eval` of a decoder LLM: the mean next-token loss and perplexity per task.
-fn causal_lm_eval<B: Backend>(
-    backend: &B,
-    a: &EvalArgs,
-    tasks: &[regmean_gpu::eval::EvalTask],
-    opts: &regmean_gpu::eval::EvalOptions,
-    ui: &Ui,
-) -> Result<()> {
-    use regmean_gpu::eval::causal_lm;
-    ui.info(&format!(
-        "next-token loss of {} on {} task(s)",
-        a.model.display(),
-        tasks.len()
-    ));
-    let results = causal_lm::evaluate(backend, &a.model, tasks, opts)?;
-    if a.json {
-        let json = causal_lm::to_json(&results);
-        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
-    } else {
-        print!("{}", causal_lm::format_table(&results));
+        print!("{}", outcome.table());
     }
     Ok(())
 }
@@ -808,60 +696,6 @@ fn found(present: bool) -> &'static str {
     } else {
         "not found"
     }
-}
-
-/// `--report-json FILE` may replace an earlier report, never an input or another file.
-fn check_report_path(path: &Path, inputs: &Inputs) -> Result<()> {
-    inputs.check_output(path)?;
-    if std::fs::symlink_metadata(path).is_ok() {
-        let earlier = std::fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        if !earlier.is_some_and(|v| v.is_object()) {
-            return Err(Error::file(
-                path,
-                "--report-json: exists and is not an earlier JSON report; choose another path",
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn write_report_json(
-    path: &Path,
-    inputs: &Inputs,
-    r: &MergeReport,
-    total: std::time::Duration,
-) -> Result<()> {
-    let json = serde_json::json!({
-        "arch": r.arch.name(),
-        "method": r.method,
-        "phases_s": {
-            "forward_and_grams": r.timings.grams.as_secs_f64(),
-            "of_which_model_load": r.timings.model_load.as_secs_f64(),
-            "of_which_sums": r.timings.sums.as_secs_f64(),
-            "solve": r.timings.solve.as_secs_f64(),
-            "write": r.timings.write.as_secs_f64(),
-            "writer_busy": r.timings.writer_busy.as_secs_f64(),
-        },
-        "tensor_bytes": r.tensor_bytes,
-        "total_s": total.as_secs_f64(),
-        "peak_rss_bytes": regmean_gpu::peak_rss_bytes(),
-        "peak_device_bytes": r.peak_device_bytes,
-        "layers_solved": r.layers_solved,
-        "schedule": format!("{:?}", r.schedule).to_lowercase(),
-        "activation_cache_bytes": r.activation_cache.map(|c| serde_json::json!({"in_memory": c.in_memory_bytes, "spilled": c.spilled_bytes})),
-        "fallbacks": r.fallbacks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
-        "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "examples": m.examples, "rows": m.rows})).collect::<Vec<_>>(),
-    });
-    check_report_path(path, inputs)?;
-    let out = StagedOutput::create_file(path, true, inputs)?;
-    std::fs::write(
-        out.path(),
-        serde_json::to_string_pretty(&json).expect("json"),
-    )
-    .map_err(|e| Error::io(path, e))?;
-    out.commit()
 }
 
 fn inspect(path: &Path) -> Result<()> {

@@ -27,7 +27,7 @@ use crate::io::writer::{copy_sidecars, ModelWriter, PlannedTensor};
 use crate::io::OutputDir;
 use crate::io::{Arch, Checkpoint, Dtype};
 use crate::model::{take_linear_in_out, transpose, LinearModule, ModelConfig, Site};
-use crate::progress::{Event, Observer};
+use crate::progress::{stop_point, Event, Observer};
 
 pub struct MergeOptions {
     /// Solve on this GPU (Gram sums, G'W products and the Cholesky solve on the device).
@@ -281,6 +281,7 @@ pub(super) fn merge_by_model<B: Backend>(
                 ckpt.check_unchanged()?;
                 sums.count += 1;
                 observer.event(Event::ModelDone { index });
+                stop_point(observer)?;
                 reports.push(report);
             }
             Ok(())
@@ -349,6 +350,7 @@ pub(super) fn merge_by_model<B: Backend>(
                     how: &describe(&outcome),
                     seconds,
                 });
+                stop_point(observer)?;
                 if outcome.is_fallback() {
                     observer.event(Event::Warning(format!(
                         "{}: {}",

@@ -4,6 +4,7 @@ pub mod activations;
 pub mod gram;
 mod layerwise;
 pub mod merge;
+pub mod report;
 mod run;
 pub mod solve;
 pub mod stats;
@@ -11,4 +12,4 @@ mod sums;
 
 pub use gram::{compute_grams, GramAccumulator, ModelGrams, SiteGram};
 pub use merge::{MergeOptions, MergeReport};
-pub use run::merge;
+pub use run::{merge, merge_on_device};
