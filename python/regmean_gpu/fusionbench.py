@@ -37,7 +37,8 @@ from bidict import bidict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fusion_bench.dataset.clip_dataset import CLIPDataset
+# CLIPDataset, which FusionBench 0.2.33 uses, is this class under a deprecated name.
+from fusion_bench.dataset.image_dataset import ImageClassificationDataset
 from fusion_bench.method.regmean import clip_regmean as _fb_clip
 from fusion_bench.method.regmean import gpt2_regmean as _fb_gpt2
 from fusion_bench.method.regmean_plusplus import clip_regmean_plusplus as _fb_clip_pp
@@ -205,7 +206,7 @@ def _load_merged(model: nn.Module, merged: Dict[str, torch.Tensor]) -> None:
 
 
 class _ClipData:
-    """CLIP: the train dataset through FusionBench's CLIPDataset and CLIP processor."""
+    """CLIP: the train dataset through FusionBench's image dataset and CLIP processor."""
 
     def _loader_kwargs(self) -> Dict[str, Any]:
         kwargs = dict(self._param("dataloader_kwargs", {}) or {})
@@ -225,7 +226,7 @@ class _ClipData:
     def _write_data(self, name: str, dataset, folder: Path) -> Path:
         kwargs = self._loader_kwargs()
         kwargs.pop("batch_size")
-        examples = CLIPDataset(dataset, self.clip_processor)
+        examples = ImageClassificationDataset(dataset, self.clip_processor)
         subset = torch.utils.data.Subset(examples, self._indices(len(examples)))
         loader = torch.utils.data.DataLoader(subset, batch_size=self._batch_size(), shuffle=False, **kwargs)
         pixels = torch.cat([images for images, _labels in loader]).float().contiguous()
