@@ -43,6 +43,11 @@ pub enum Error {
     /// classified in one place: `backend/cuda/fault.rs`.
     #[error("{0}")]
     Gpu(Box<GpuError>),
+
+    /// The caller asked the run to stop (see `progress::Observer::stop_requested`); its
+    /// partial output is removed like that of any failed run.
+    #[error("interrupted: nothing was written")]
+    Interrupted,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -17,6 +17,7 @@ pub mod compare;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod doctor;
 pub mod error;
 pub mod eval;
@@ -27,6 +28,7 @@ pub mod model;
 pub mod profile;
 pub mod progress;
 pub mod regmean;
+pub mod ui;
 
 pub use error::{Error, Result};
 

@@ -1,5 +1,7 @@
 //! Progress events of long work, so the library stays silent and the CLI decides how to show
-//! them (bars, lines, nothing).
+//! them (bars, lines, nothing), and whether the caller asks it to stop.
+
+use crate::error::{Error, Result};
 
 #[derive(Clone, Debug)]
 pub enum Event<'a> {
@@ -66,6 +68,23 @@ pub enum Event<'a> {
 
 pub trait Observer {
     fn event(&self, e: Event<'_>);
+
+    /// Whether the caller wants the run to stop. Long work asks between batches, models and
+    /// layers (see [`stop_point`]) and then ends with [`Error::Interrupted`], its partial
+    /// output removed as after any error. Used where the process lives on after the
+    /// interrupt (the Python package); the command line never asks: its signal handler
+    /// removes the partial outputs and exits.
+    fn stop_requested(&self) -> bool {
+        false
+    }
+}
+
+/// `Err(Error::Interrupted)` once `observer` asks the run to stop.
+pub fn stop_point(observer: &dyn Observer) -> Result<()> {
+    if observer.stop_requested() {
+        return Err(Error::Interrupted);
+    }
+    Ok(())
 }
 
 /// Ignores everything.

@@ -282,7 +282,7 @@ fn clip_text_tower_and_zero_shot_heads_match_transformers() {
         let model = regmean_gpu::model::Model::load(&CpuBackend, &base_ckpt).unwrap();
         let pixels = Dataset::open(&dir.join(format!("{task}.pixels.safetensors"))).unwrap();
         let logits = zs
-            .logits(&CpuBackend, &model, &pixels, &head, 4, &mut |_| {})
+            .logits(&CpuBackend, &model, &pixels, &head, 4, &mut |_| Ok(()))
             .unwrap();
         let e = rel_err(&logits, &tensor(&expected, &format!("{task}.logits_base")));
         assert!(e <= 1e-4, "{task} logits {e}");

@@ -3,13 +3,15 @@
 
 use std::path::Path;
 
-use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend};
+use regmean_gpu::backend::Backend;
 use regmean_gpu::config::MergeConfig;
+use regmean_gpu::device::select_device;
 use regmean_gpu::regmean::{self, MergeOptions};
+use regmean_gpu::ui::{self, Ui};
+use regmean_gpu::with_backend;
 use regmean_gpu::{Error, Result};
 
-use crate::ui::{self, Ui};
-use crate::{select_device, EvalArgs, MergeArgs};
+use crate::{EvalArgs, MergeArgs};
 
 pub fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
     let gpu = select_device(&a.device.device, &a.model, ui)?;
@@ -17,90 +19,27 @@ pub fn eval_command(a: &EvalArgs, ui: &Ui) -> Result<()> {
 }
 
 pub fn eval_on<B: Backend>(backend: &B, a: &EvalArgs, ui: &Ui) -> Result<()> {
-    use regmean_gpu::eval::{self, EvalOptions, EvalTask, ZeroShotTask};
-    let cfg = a.config.as_deref().map(MergeConfig::load).transpose()?;
-    let params = cfg
-        .as_ref()
-        .map(|c| c.parameters.clone())
-        .unwrap_or_default();
-    let tasks = match (&cfg, &a.data) {
-        (Some(cfg), _) => eval::tasks_from_config(cfg)?,
-        (None, Some(data)) => vec![EvalTask {
-            name: a.task.clone().unwrap_or_else(|| {
-                data.file_stem()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "task".into())
-            }),
-            data: data.clone(),
-            head: a.head.clone(),
-            zero_shot: a
-                .classes
-                .as_deref()
-                .map(ZeroShotTask::from_file)
-                .transpose()?,
-        }],
-        (None, None) => {
-            return Err(Error::invalid(
-                "give --config (a merge config with eval_data per model) or --data",
-            ))
-        }
+    use regmean_gpu::eval::request::{run_eval, EvalRequest};
+    let req = EvalRequest {
+        model: a.model.clone(),
+        config: a.config.clone(),
+        data: a.data.clone(),
+        task: a.task.clone(),
+        head: a.head.clone(),
+        classes: a.classes.clone(),
+        base: a.base.clone(),
+        batch_size: a.batch_size,
+        max_length: a.max_length,
     };
-    if tasks.is_empty() {
-        return Err(Error::invalid(
-            "no model entry of the config has `eval_data`: nothing to evaluate",
-        ));
-    }
-    let opts = EvalOptions {
-        batch_size: a.batch_size.unwrap_or(params.batch_size).max(1),
-        max_length: a.max_length.unwrap_or(params.max_length).max(1),
-        base: a
-            .base
-            .clone()
-            .or_else(|| cfg.as_ref().map(|c| c.base_model.clone())),
-    };
-    if regmean_gpu::model::llama_config::is_decoder_dir(&a.model) {
-        return causal_lm_eval(backend, a, &tasks, &opts, ui);
-    }
-    eval::check_tasks(&a.model, &tasks, &opts, ui)?;
-    ui.clear();
-    ui.info(&format!(
-        "evaluating {} on {}",
-        a.model.display(),
-        ui::count(tasks.len(), "task")
-    ));
-    let results = eval::evaluate(backend, &a.model, &tasks, &opts, ui)?;
+    let outcome = run_eval(backend, &req, ui)?;
     ui.clear();
     if a.json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&eval::to_json(&results)).expect("json")
+            serde_json::to_string_pretty(&outcome.to_json()).expect("json")
         );
     } else {
-        print!("{}", eval::format_table(&[("accuracy (%)", &results)]));
-    }
-    Ok(())
-}
-
-/// `eval` of a decoder LLM: the mean next-token loss and perplexity per task.
-pub fn causal_lm_eval<B: Backend>(
-    backend: &B,
-    a: &EvalArgs,
-    tasks: &[regmean_gpu::eval::EvalTask],
-    opts: &regmean_gpu::eval::EvalOptions,
-    ui: &Ui,
-) -> Result<()> {
-    use regmean_gpu::eval::causal_lm;
-    ui.info(&format!(
-        "next-token loss of {} on {} task(s)",
-        a.model.display(),
-        tasks.len()
-    ));
-    let results = causal_lm::evaluate(backend, &a.model, tasks, opts)?;
-    if a.json {
-        let json = causal_lm::to_json(&results);
-        println!("{}", serde_json::to_string_pretty(&json).expect("json"));
-    } else {
-        print!("{}", causal_lm::format_table(&results));
+        print!("{}", outcome.table());
     }
     Ok(())
 }

@@ -1,42 +1,24 @@
 //! The `regmean-gpu` command line: the commands and their arguments; each command's work
 //! beyond a few lines lives in a file of its own beside this one.
 
-/// Runs `$body` with `$backend` bound to the backend `--device` chose: the CPU engine, or
-/// the CUDA one in the given precision. Evaluates to `$body`'s value.
-macro_rules! with_backend {
-    ($gpu:expr, $precision:expr, |$backend:ident| $body:expr) => {
-        match $gpu {
-            None => {
-                let $backend = CpuBackend;
-                $body
-            }
-            Some(dev) => {
-                let $backend = CudaBackend::new(dev.clone(), $precision);
-                $body
-            }
-        }
-    };
-}
-
 mod alloc;
 mod doctor;
 mod eval;
 mod inspect;
-mod report;
-mod ui;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use regmean_gpu::backend::cuda::{self, DeviceChoice};
-use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
+use regmean_gpu::backend::Precision;
 use regmean_gpu::config::{MergeConfig, Parameters};
+use regmean_gpu::device::select_device;
 use regmean_gpu::io::{Inputs, StagedOutput};
 use regmean_gpu::regmean::{self, MergeOptions};
+use regmean_gpu::ui::{self, Ui};
+use regmean_gpu::with_backend;
 use regmean_gpu::{Error, Result};
-use ui::Ui;
 
 #[derive(Parser)]
 #[command(name = "regmean-gpu", version, about = "Merge fine-tuned transformer checkpoints with RegMean", long_about = None)]
@@ -314,24 +296,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// The device `--device` names for a run on `model`; decoder LLMs run on the CPU engine
-/// (`auto` says so, a GPU is refused).
-fn select_device(
-    device: &str,
-    model: &Path,
-    ui: &Ui,
-) -> Result<Option<std::sync::Arc<cuda::CudaDevice>>> {
-    let mut choice = device.parse::<DeviceChoice>()?;
-    if regmean_gpu::model::llama_config::is_decoder_dir(model) {
-        let (cpu, notice) = regmean_gpu::backend::cuda::decoder_device(choice)?;
-        if let Some(n) = notice {
-            ui.info(n);
-        }
-        choice = cpu;
-    }
-    cuda::select(choice)
-}
-
 fn run(command: Command, ui: &Ui) -> Result<()> {
     match command {
         Command::Merge(a) if a.plan => {
@@ -352,33 +316,20 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 max_memory: a.max_memory,
             };
             if let Some(path) = &a.report_json {
-                report::check_report_path(path, &cfg.inputs())?;
+                regmean::report::check_report_path(path, &cfg.inputs())?;
             }
             // The evaluation's inputs are checked before the merge, not after it.
             let evaluation = (a.eval || a.compare_average)
                 .then(|| eval::eval_plan(&cfg, &a, ui))
                 .transpose()?;
             ui.clear();
-            with_backend!(&gpu, cfg.parameters.precision, |backend| {
-                ui.info(&format!(
-                    "merging {} ({}) into {} on {}",
-                    ui::count(cfg.models.len(), "model"),
-                    cfg.merge_method.title(),
-                    a.out().display(),
-                    backend.name()
-                ));
-                let started = std::time::Instant::now();
-                let report = regmean::merge(&backend, &cfg, a.out(), &opts, ui)?;
-                ui.clear();
-                if let Some(path) = &a.report_json {
-                    report::write_report_json(path, &cfg.inputs(), &report, started.elapsed())?;
-                }
-                ui::print_summary(&report, a.out(), ui);
-                if regmean_gpu::profile::enabled() {
-                    eprint!("{}", regmean_gpu::profile::report());
-                }
-                Ok::<(), Error>(())
-            })?;
+            let (report, _) =
+                regmean::merge_on_device(&cfg, a.out(), &opts, a.report_json.as_deref(), ui)?;
+            ui.clear();
+            ui::print_summary(&report, a.out(), ui);
+            if regmean_gpu::profile::enabled() {
+                eprint!("{}", regmean_gpu::profile::report());
+            }
             if let Some((tasks, eval_opts)) = &evaluation {
                 // Evaluation in float32 on a GPU too: its predictions are transformers' own.
                 with_backend!(&gpu, Precision::Float32, |backend| {

@@ -4,6 +4,7 @@
 //! text tower from class names and templates.
 
 pub mod causal_lm;
+pub mod request;
 
 use std::path::{Path, PathBuf};
 
@@ -161,8 +162,10 @@ impl TaskProgress<'_> {
         });
     }
 
-    fn examples(&self, done: usize) {
+    /// `done` examples are through; `Err(Interrupted)` when the caller asked to stop.
+    fn examples(&self, done: usize) -> Result<()> {
         self.observer.event(Event::Examples { done });
+        crate::progress::stop_point(self.observer)
     }
 }
 
@@ -332,8 +335,7 @@ fn eval_gpt2<B: Backend>(
                 }
             }
             done += chunk.len();
-            progress.examples(done);
-            Ok(())
+            progress.examples(done)
         },
     )?;
     Ok(finish(task, labels, logits, num_labels))
@@ -458,7 +460,7 @@ impl<B: Backend> ZeroShot<B> {
         data: &crate::data::Dataset,
         head: &[f32],
         batch_size: usize,
-        done: &mut dyn FnMut(usize),
+        done: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<Vec<f32>> {
         let p = self.text.config.projection_dim;
         let classes = head.len() / p;
@@ -492,8 +494,7 @@ impl<B: Backend> ZeroShot<B> {
                 }
             }
             seen += chunk.len();
-            done(seen);
-            Ok(())
+            done(seen)
         })?;
         Ok(logits)
     }

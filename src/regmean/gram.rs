@@ -13,7 +13,7 @@ use crate::data::{make_batch, select, Dataset, TextPadding};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 use crate::model::{Batch, ForwardHooks, GramSink, Model, ModelConfig, Site};
-use crate::progress::{Event, Observer};
+use crate::progress::{stop_point, Event, Observer};
 
 /// The normalised Gram matrix of one site: G = Σ XᵀX / rows, full `[dim, dim]`, f32.
 #[derive(Clone, Debug, PartialEq)]
@@ -282,6 +282,7 @@ pub fn accumulate_grams<'b, B: Backend>(
                 })?;
                 done += n;
                 observer.event(Event::Examples { done });
+                stop_point(observer)?;
             }
             Ok(acc)
         };

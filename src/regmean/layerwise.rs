@@ -35,7 +35,7 @@ use crate::model::{
     linear_in_out, transpose, Batch, BlockRun, GramSink, HostParams, LinearModule, ModelConfig,
     ParamGroup, Site, LAYERWISE_DECODERS,
 };
-use crate::progress::{Event, Observer};
+use crate::progress::{stop_point, Event, Observer};
 
 /// The memory a merge needs under each schedule, estimated before it starts (bytes).
 #[derive(Clone, Copy, Debug)]
@@ -343,7 +343,7 @@ pub(super) fn merge_by_layer<B: Backend>(
                 });
                 done += chunk.len();
                 observer.event(Event::Examples { done });
-                Ok(())
+                stop_point(observer)
             },
         )?;
         task.report.examples = indices.len();
@@ -374,6 +374,7 @@ pub(super) fn merge_by_layer<B: Backend>(
             .collect();
         let mut w_sum = gw_sum.clone();
         for task in &mut tasks {
+            stop_point(observer)?;
             let t = Instant::now();
             let ckpt = Checkpoint::open(&task.dir)?;
             let block = model_cfg.load_block(backend, &ckpt, l)?;
@@ -431,6 +432,7 @@ pub(super) fn merge_by_layer<B: Backend>(
                 how: &how,
                 seconds: t_layer.elapsed().as_secs_f64(),
             });
+            stop_point(observer)?;
             if outcome.is_fallback() {
                 observer.event(Event::Warning(format!("{}: {how}", m.weight)));
                 fallbacks.push((m.weight.clone(), outcome));

@@ -28,7 +28,7 @@ use crate::io::mapped::FileStamp;
 use crate::io::writer::{ModelWriter, PlannedTensor};
 use crate::io::Checkpoint;
 use crate::model::{ModelConfig, Site};
-use crate::progress::{Event, Observer};
+use crate::progress::{stop_point, Event, Observer};
 
 /// The merge one model at a time (`schedule: model`).
 pub(super) fn merge_by_model<B: Backend>(
@@ -122,6 +122,7 @@ pub(super) fn merge_by_model<B: Backend>(
                 ckpt.check_unchanged()?;
                 sums.count += 1;
                 observer.event(Event::ModelDone { index });
+                stop_point(observer)?;
                 reports.push(report);
             }
             Ok(())
@@ -190,6 +191,7 @@ pub(super) fn merge_by_model<B: Backend>(
                     how: &describe(&outcome),
                     seconds,
                 });
+                stop_point(observer)?;
                 if outcome.is_fallback() {
                     observer.event(Event::Warning(format!(
                         "{}: {}",

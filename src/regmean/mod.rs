@@ -19,4 +19,4 @@ mod sums;
 pub use gram::{compute_grams, GramAccumulator, ModelGrams, SiteGram};
 pub use options::MergeOptions;
 pub use report::{describe, MergeReport, ModelReport, Timings};
-pub use run::merge;
+pub use run::{merge, merge_on_device};

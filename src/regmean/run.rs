@@ -15,7 +15,7 @@ use crate::backend::Backend;
 use crate::config::{MergeConfig, Schedule};
 use crate::error::Result;
 use crate::io::mapped::FileStamp;
-use crate::progress::Observer;
+use crate::progress::{Event, Observer};
 
 /// Merges the models of `cfg` into `out`.
 pub fn merge<B: Backend>(
@@ -33,6 +33,36 @@ pub fn merge<B: Backend>(
             .iter()
             .find_map(|stamp| stamp.check().err())
             .unwrap_or(e)
+    })
+}
+
+/// A merge as the `merge` command and the Python package run it: on the device that
+/// `opts.device` holds (the CPU engine when none), in the config's precision, announced in a
+/// note; returns the report and its JSON form, which is also written to `report_json` when
+/// given (check that path with `report::check_report_path` before, to fail early).
+pub fn merge_on_device(
+    cfg: &MergeConfig,
+    out: &Path,
+    opts: &MergeOptions,
+    report_json: Option<&Path>,
+    observer: &dyn Observer,
+) -> Result<(MergeReport, serde_json::Value)> {
+    crate::with_backend!(&opts.device, cfg.parameters.precision, |backend| {
+        let models = cfg.models.len();
+        observer.event(Event::Note(format!(
+            "merging {models} model{} ({}) into {} on {}",
+            if models == 1 { "" } else { "s" },
+            cfg.merge_method.title(),
+            out.display(),
+            backend.name()
+        )));
+        let started = std::time::Instant::now();
+        let report = merge(&backend, cfg, out, opts, observer)?;
+        let json = super::report::report_json(&report, started.elapsed());
+        if let Some(path) = report_json {
+            super::report::write_report_json(path, &cfg.inputs(), &json)?;
+        }
+        Ok((report, json))
     })
 }
 

@@ -28,5 +28,5 @@ pub use convert::any_nonfinite;
 pub(crate) use convert::stored_to_f32;
 pub use device::{select, CudaDevice};
 pub(crate) use launch::{c_int, check_len, elementwise};
-pub use probe::{decoder_device, kernels, kernels_embedded, probe, DeviceChoice, Probe};
+pub use probe::{kernels, kernels_embedded, probe, DeviceChoice, Probe};
 pub use ring::{Plain, STAGED_AHEAD};

@@ -150,19 +150,3 @@ fn probe_now() -> Probe {
     };
     p
 }
-
-/// The device a run on a decoder LLM uses: the CPU engine, the only one with their
-/// operations for now. `auto` picks it, with the notice returned; a GPU is refused.
-pub fn decoder_device(choice: DeviceChoice) -> Result<(DeviceChoice, Option<&'static str>)> {
-    match choice {
-        DeviceChoice::Cpu => Ok((DeviceChoice::Cpu, None)),
-        DeviceChoice::Auto => Ok((
-            DeviceChoice::Cpu,
-            Some("decoder LLMs run on the CPU engine for now: --device auto chose cpu"),
-        )),
-        DeviceChoice::Cuda(n) => Err(crate::backend::decoder_ops_unsupported(
-            &format!("cuda:{n}"),
-            "the decoder forward pass",
-        )),
-    }
-}

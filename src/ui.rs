@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use regmean_gpu::progress::{Event, Observer};
-use regmean_gpu::regmean::{self, MergeReport};
+use crate::progress::{Event, Observer};
+use crate::regmean::{self, MergeReport};
 
 pub struct Ui {
     pub quiet: bool,
@@ -182,7 +182,7 @@ impl Observer for Ui {
     }
 }
 
-impl regmean_gpu::demo::Say for Ui {
+impl crate::demo::Say for Ui {
     fn say(&self, msg: &str) {
         self.info(msg);
     }
@@ -231,7 +231,7 @@ pub fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
         eprintln!(
             "\n  forward + Grams {:.2}s · {solve} · peak memory {}",
             t.grams.as_secs_f64(),
-            regmean_gpu::peak_rss_bytes().map_or("n/a".into(), human_bytes)
+            crate::peak_rss_bytes().map_or("n/a".into(), human_bytes)
         );
         // The writer runs alongside the solve: its own time is not a phase of the merge.
         eprintln!(

@@ -1,0 +1,257 @@
+"""The FusionBench drop-in classes against FusionBench 0.2.33's own classes, both driven by
+the same model pool object on the repository's tiny pools (compat mode: <= 1e-4 relative
+per tensor). Everything that needs torch, transformers and fusion-bench is in this module.
+
+FusionBench's data loaders shuffle without a seed; here they take the examples in dataset
+order (its module's `DataLoader` is patched), and the drop-in is given `shuffle=False`, so
+both merge the same examples. Its zero-shot and classifier heads, which only turn the
+forward passes into logits nobody reads, are left out of FusionBench's runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("fusion_bench")
+
+import lightning as L  # noqa: E402
+from bidict import bidict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import CLIPVisionModel, GPT2ForSequenceClassification, GPT2Model  # noqa: E402
+
+from fusion_bench.method.regmean import clip_regmean as fb_clip  # noqa: E402
+from fusion_bench.method.regmean import gpt2_regmean as fb_gpt2  # noqa: E402
+from fusion_bench.method.regmean_plusplus import clip_regmean_plusplus as fb_clip_pp  # noqa: E402
+from fusion_bench.method.regmean_plusplus.regmean_plusplus import RegMeanAlgorithmPlusPlus  # noqa: E402
+from fusion_bench.modelpool import BaseModelPool  # noqa: E402
+
+import regmean_gpu  # noqa: E402
+from regmean_gpu import fusionbench as ours  # noqa: E402
+from conftest import FIXTURES  # noqa: E402
+
+TASKS = ["task_a", "task_b", "task_c"]
+TOLERANCE = 1e-4
+
+
+class FixturePool(BaseModelPool):
+    """A pool of in-memory models and datasets; every load is a fresh copy, so that one
+    run's merged model (FusionBench merges into the loaded pretrained model) cannot change
+    what the next run reads."""
+
+    def __init__(self, models, datasets):
+        super().__init__(models)
+        self._fixture_datasets = datasets
+
+    def load_model(self, name, *args, **kwargs):
+        return copy.deepcopy(super().load_model(name, *args, **kwargs))
+
+    def load_train_dataset(self, name, *args, **kwargs):
+        return self._fixture_datasets[name]
+
+
+def unshuffled(*args, shuffle=False, **kwargs):
+    return torch.utils.data.DataLoader(*args, shuffle=False, **kwargs)
+
+
+def cpu_fabric():
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    fabric.launch()
+    return fabric
+
+
+def rel_errors(got: dict, expected: dict) -> dict:
+    assert sorted(got) == sorted(expected)
+    errors = {}
+    for name, e in expected.items():
+        g = got[name].double()
+        e = e.double()
+        assert g.shape == e.shape, name
+        errors[name] = float((g - e).abs().max() / e.abs().max().clamp_min(1e-30))
+    return errors
+
+
+def state(module) -> dict:
+    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------
+# CLIP
+# ----------------------------------------------------------------------------------------
+
+
+def clip_pool() -> FixturePool:
+    root = FIXTURES / "clip_pool"
+    load = lambda d: CLIPVisionModel.from_pretrained(root / d, dtype=torch.float32).eval()
+    models = {"_pretrained_": load("base")}
+    models.update({t: load(t) for t in TASKS})
+    pixels = {t: load_file(str(root / "data" / f"{t}.safetensors"))["pixel_values"] for t in TASKS}
+    # (image, label) pairs, as FusionBench's image datasets give them; the "images" are
+    # pixel values already, so the CLIP processor is the identity.
+    datasets = {t: [(x, 0) for x in pixels[t]] for t in TASKS}
+    return FixturePool(models, datasets)
+
+
+CLIP_ARGS = dict(
+    num_regmean_examples=8,
+    exclude_param_names_regex=[],
+    reduce_non_diagonal_ratio=0.95,
+    weight_transpose=True,
+    dataloader_kwargs={"batch_size": 4, "num_workers": 0},
+)
+
+
+class FusionBenchClip(fb_clip.RegMeanAlgorithmForCLIP):
+    def on_regmean_start(self):
+        pass
+
+    def compute_logits(self, module, batch, task):
+        images, _ = batch
+        return module(images)[1]
+
+
+class FusionBenchClipPlusPlus(fb_clip_pp.RegMeanAlgorithmForCLIPPlusPlus):
+    # FusionBench 0.2.33 declares this mapping as a plain dict, which its own constructor
+    # cannot use: merged into the parent's bidict, as its fixture script does.
+    _config_mapping = bidict(RegMeanAlgorithmPlusPlus._config_mapping)
+    _config_mapping.update(fb_clip_pp.RegMeanAlgorithmForCLIPPlusPlus._config_mapping)
+
+    def on_regmean_start(self):
+        pass
+
+
+def run_fusionbench(algorithm, pool):
+    algorithm._clip_processor = lambda image: image
+    algorithm.fabric = cpu_fabric()
+    return algorithm.run(pool)
+
+
+def run_ours(algorithm, pool):
+    algorithm._clip_processor = lambda image: image
+    return algorithm.run(pool)
+
+
+@pytest.mark.parametrize(
+    "fusionbench_class, our_class, module",
+    [
+        (FusionBenchClip, ours.RegMeanAlgorithmForCLIP, fb_clip),
+        (FusionBenchClipPlusPlus, ours.RegMeanAlgorithmForCLIPPlusPlus, fb_clip_pp),
+    ],
+    ids=["regmean", "regmean_plusplus"],
+)
+def test_clip_drop_in_merges_as_fusionbench(fusionbench_class, our_class, module, monkeypatch):
+    monkeypatch.setattr(module, "DataLoader", unshuffled)
+    pool = clip_pool()
+    expected = state(run_fusionbench(fusionbench_class(**CLIP_ARGS), pool))
+    merged = run_ours(our_class(**CLIP_ARGS, shuffle=False, device="cpu", quiet=True), pool)
+    assert isinstance(merged, CLIPVisionModel)
+    errors = rel_errors(state(merged), expected)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{worst}: {errors[worst]:.2e}"
+    # The merge did something: it is not the pretrained model.
+    base = state(pool.load_model("_pretrained_"))
+    assert any((state(merged)[k] - base[k]).abs().max() > 1e-3 for k in base)
+
+
+def test_the_drop_in_reports_and_honours_the_number_of_examples(monkeypatch):
+    pool = clip_pool()
+    algorithm = ours.RegMeanAlgorithmForCLIP(**{**CLIP_ARGS, "num_regmean_examples": 5}, shuffle=False,
+                                             device="cpu", quiet=True)
+    run_ours(algorithm, pool)
+    # FusionBench draws whole batches until at least 5 examples were seen: 2 batches of 4.
+    assert [m["examples"] for m in algorithm.regmean_gpu_report["models"]] == [8, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"weight_transpose": False}, "weight_transpose"),
+        ({"dataloader_kwargs": {"batch_size": 4, "drop_last": True}}, "drop_last"),
+        ({"num_regmean_examples": 0}, "num_regmean_examples"),
+    ],
+)
+def test_arguments_that_cannot_be_honoured_are_refused(bad, message):
+    algorithm = ours.RegMeanAlgorithmForCLIP(**{**CLIP_ARGS, **bad}, device="cpu", quiet=True)
+    with pytest.raises(ValueError, match=message):
+        run_ours(algorithm, clip_pool())
+
+
+# ----------------------------------------------------------------------------------------
+# GPT-2
+# ----------------------------------------------------------------------------------------
+
+
+def gpt2_pool(max_length: int = 24) -> FixturePool:
+    root = FIXTURES / "gpt2_pool"
+    models = {"_pretrained_": GPT2Model.from_pretrained(root / "base", dtype=torch.float32).eval()}
+    datasets = {}
+    for t in TASKS:
+        full = GPT2ForSequenceClassification.from_pretrained(root / t, dtype=torch.float32)
+        models[t] = full.transformer.eval()
+        pad = full.config.pad_token_id
+        rows = []
+        for line in (root / "data" / f"{t}.jsonl").read_text().splitlines():
+            ids = json.loads(line)["input_ids"][:max_length]
+            rows.append({
+                # FusionBench's tokenised GLUE sets: padded to max_length, with the mask.
+                "input_ids": torch.tensor(ids + [pad] * (max_length - len(ids))),
+                "attention_mask": torch.tensor([1] * len(ids) + [0] * (max_length - len(ids))),
+            })
+        datasets[t] = rows
+    return FixturePool(models, datasets)
+
+
+class FusionBenchGpt2(fb_gpt2.RegMeanAlgorithmForGPT2):
+    def on_regmean_start(self):
+        pass
+
+    def compute_logits(self, module, batch, task):
+        return module(batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+GPT2_ARGS = dict(
+    num_regmean_examples=10,
+    exclude_param_names_regex=[],
+    reduce_non_diagonal_ratio=0.6,
+    weight_transpose=False,
+    cache_dir="unused",
+    batch_size=4,
+    num_workers=0,
+)
+
+
+@pytest.mark.parametrize("exclude", [[], [r".*ln_.*", r"h\.1\.mlp\..*"]], ids=["all", "exclude"])
+def test_gpt2_drop_in_merges_as_fusionbench(exclude, monkeypatch):
+    monkeypatch.setattr(fb_gpt2, "DataLoader", unshuffled)
+    pool = gpt2_pool()
+    args = {**GPT2_ARGS, "exclude_param_names_regex": exclude}
+    fusionbench = FusionBenchGpt2(**args)
+    fusionbench.fabric = cpu_fabric()
+    expected = state(fusionbench.run(pool))
+    merged = ours.RegMeanAlgorithmForGPT2(**args, shuffle=False, device="cpu", quiet=True).run(pool)
+    assert isinstance(merged, GPT2Model)
+    errors = rel_errors(state(merged), expected)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{worst}: {errors[worst]:.2e}"
+    if exclude:
+        base = state(pool.load_model("_pretrained_"))
+        assert torch.equal(state(merged)["ln_f.weight"], base["ln_f.weight"])
+
+
+def test_gpt2_examples_of_different_lengths_are_refused():
+    pool = gpt2_pool()
+    pool._fixture_datasets["task_b"] = [
+        {k: v[:20] for k, v in row.items()} for row in pool._fixture_datasets["task_b"]
+    ]
+    with pytest.raises(ValueError, match="regmean-gpu pads every task to one max_length"):
+        ours.RegMeanAlgorithmForGPT2(**GPT2_ARGS, shuffle=False, device="cpu", quiet=True).run(pool)
+
+
+def test_engine_errors_surface_as_regmean_errors():
+    pool = gpt2_pool()
+    args = {**GPT2_ARGS, "reduce_non_diagonal_ratio": 1.5}
+    with pytest.raises(regmean_gpu.RegMeanError, match="reduce_non_diagonal_ratio"):
+        ours.RegMeanAlgorithmForGPT2(**args, shuffle=False, device="cpu", quiet=True).run(pool)
