@@ -149,6 +149,34 @@ constexpr int F16_ROW_BYTES = GRAM_TILE_F16 * 2;                 // 256: one k-r
 constexpr int F16_PANEL_BYTES = GRAM_KSTEP_F16 * F16_ROW_BYTES;  // 8 KiB
 constexpr int F16_STAGE_BYTES = 2 * F16_PANEL_BYTES;             // both panels
 
+// The multi-stage cp.async pipeline both Gram kernels run over their k-steps: the first
+// GRAM_STAGES − 1 panels staged ahead, then per step a wait for the oldest panel, one
+// barrier, the refill of the buffer read in the previous step, and `compute(step)` on this
+// step's buffer. The buffer refilled was last read in the previous iteration, which every
+// thread has finished: one barrier per k-step is enough.
+template <bool VEC, class Prefetch, class Stage, class Compute>
+__device__ __forceinline__ void gram_pipeline(Prefetch& rows_next, int nsteps, Stage& stage,
+                                              Compute&& compute) {
+#pragma unroll
+    for (int s = 0; s < GRAM_STAGES - 1; ++s) {
+        if (VEC) rows_next.fetch(s);
+        if (s < nsteps) stage(s);
+        if (VEC) cp_async_commit();
+    }
+    if (VEC) rows_next.fetch(GRAM_STAGES - 1);
+
+    for (int step = 0; step < nsteps; ++step) {
+        if (VEC) cp_async_wait<GRAM_STAGES - 2>();
+        __syncthreads();
+        if (step + GRAM_STAGES - 1 < nsteps) stage(step + GRAM_STAGES - 1);
+        if (VEC) {
+            cp_async_commit();
+            rows_next.fetch(step + GRAM_STAGES);
+        }
+        compute(step);
+    }
+}
+
 // Byte offset of the 16-byte chunk `c` (8 halves) of k-row `k` inside a panel.
 __device__ __forceinline__ unsigned f16_swz(int k, int c) {
     return (unsigned)(k * F16_ROW_BYTES + ((c ^ (k & 7)) << 4));
@@ -249,25 +277,7 @@ __device__ __forceinline__ void gram_f16_tile(const __half* X, long long ldx, in
         if (!diag) f16_stage_panel<VEC>(buf + F16_PANEL_BYTES, X, ldx, d, mask, k0, end, colB, take);
     };
 
-#pragma unroll
-    for (int s = 0; s < GRAM_STAGES - 1; ++s) {
-        if (VEC) rows_next.fetch(s);
-        if (s < nsteps) stage(s);
-        if (VEC) cp_async_commit();
-    }
-    if (VEC) rows_next.fetch(GRAM_STAGES - 1);
-
-    for (int step = 0; step < nsteps; ++step) {
-        if (VEC) cp_async_wait<GRAM_STAGES - 2>();
-        __syncthreads();
-        // The buffer refilled here was last read in the previous iteration, which every
-        // thread has finished: one barrier per k-step is enough.
-        if (step + GRAM_STAGES - 1 < nsteps) stage(step + GRAM_STAGES - 1);
-        if (VEC) {
-            cp_async_commit();
-            rows_next.fetch(step + GRAM_STAGES);
-        }
-
+    gram_pipeline<VEC>(rows_next, nsteps, stage, [&](int step) {
         const unsigned baseA = smem_addr(smem[step % GRAM_STAGES]);
         const unsigned baseB = diag ? baseA : baseA + F16_PANEL_BYTES;
 #pragma unroll
@@ -286,7 +296,7 @@ __device__ __forceinline__ void gram_f16_tile(const __half* X, long long ldx, in
 #pragma unroll
                 for (int j = 0; j < 4; ++j) mma_16816(acc[i][j], a[i], b[j][0], b[j][1]);
         }
-    }
+    });
 
     // Accumulator layout of m16n8: c0,c1 at (row g, columns 2t, 2t+1), c2,c3 at row g + 8.
     const int g = lane >> 2, tq = lane & 3;
@@ -381,23 +391,7 @@ __device__ __forceinline__ void gram_f32_tile(const float* X, long long ldx, int
         if (!diag) f32_stage_panel<VEC>(buf + F32_PANEL_BYTES, X, ldx, d, mask, k0, end, colB, take);
     };
 
-#pragma unroll
-    for (int s = 0; s < GRAM_STAGES - 1; ++s) {
-        if (VEC) rows_next.fetch(s);
-        if (s < nsteps) stage(s);
-        if (VEC) cp_async_commit();
-    }
-    if (VEC) rows_next.fetch(GRAM_STAGES - 1);
-
-    for (int step = 0; step < nsteps; ++step) {
-        if (VEC) cp_async_wait<GRAM_STAGES - 2>();
-        __syncthreads();
-        if (step + GRAM_STAGES - 1 < nsteps) stage(step + GRAM_STAGES - 1);
-        if (VEC) {
-            cp_async_commit();
-            rows_next.fetch(step + GRAM_STAGES);
-        }
-
+    gram_pipeline<VEC>(rows_next, nsteps, stage, [&](int step) {
         const unsigned char* pa = smem[step % GRAM_STAGES];
         const unsigned char* pb = diag ? pa : pa + F32_PANEL_BYTES;
 #pragma unroll
@@ -413,7 +407,7 @@ __device__ __forceinline__ void gram_f32_tile(const float* X, long long ldx, int
 #pragma unroll
                 for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
         }
-    }
+    });
 
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
