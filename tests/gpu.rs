@@ -607,3 +607,87 @@ fn merges_sharing_one_gpu_at_once_all_match_the_cpu_merge() {
         assert_model_matches(&out, &cpu[config].join("model.safetensors"), 1e-4);
     }
 }
+
+/// `n` values in [−1, 1], a fixed pseudo-random pattern (a Weyl sequence).
+fn patterned_rows(n: usize, seed: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
+fn the_accumulator_on_a_callers_stream_matches_the_cpu_accumulator() {
+    use regmean_gpu::regmean::accumulator::{
+        cuda_device_on_stream, Accumulator, AccumulatorDevice, HostRows, RowType,
+    };
+    if !gpu_or_skip("the_accumulator_on_a_callers_stream_matches_the_cpu_accumulator") {
+        return;
+    }
+    // The caller's own stream, made outside the accumulator.
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    let own = ctx.new_stream().unwrap();
+    // SAFETY: `own` is a live stream of device 0's primary context and outlives `dev`.
+    let dev = unsafe { cuda_device_on_stream(0, own.cu_stream()) }.unwrap();
+    let (dim, stride, rows) = (200, 208, 300);
+    let x = patterned_rows(rows * stride, 3);
+    let mask: Vec<u8> = (0..rows).map(|r| (r % 5 != 2) as u8).collect();
+    for dtype in [RowType::F32, RowType::F16, RowType::BF16] {
+        // The CPU reference sees the values the device sees (rounded to the type); the
+        // device buffer is kept alive (boxed) until the Gram is read back.
+        let (host_rows, device_rows): (Vec<f32>, Box<dyn std::any::Any>) = match dtype {
+            RowType::F32 => (x.clone(), Box::new(own.clone_htod(&x).unwrap())),
+            RowType::F16 => {
+                let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+                let w = h.iter().map(|v| v.to_f32()).collect();
+                (w, Box::new(own.clone_htod(&h).unwrap()))
+            }
+            RowType::BF16 => {
+                let b: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                let w = b.iter().map(|v| v.to_f32()).collect();
+                (w, Box::new(own.clone_htod(&b).unwrap()))
+            }
+        };
+        let ptr = device_ptr_of(device_rows.as_ref(), &own);
+        let dmask = own.clone_htod(&mask).unwrap();
+        let mptr = device_ptr_of(&dmask, &own);
+        let mut gpu = Accumulator::new(&AccumulatorDevice::Cuda(dev.clone()), dim, false).unwrap();
+        // SAFETY: both buffers hold what update_device reads (rows·stride values, rows
+        // bytes), live in device 0's context, were written on `own`, and outlive the sync
+        // in finish.
+        unsafe { gpu.update_device(ptr, dtype, rows, stride, Some(mptr)) }.unwrap();
+        let got = gpu.finish().unwrap();
+        let mut cpu = Accumulator::new(&AccumulatorDevice::Cpu, dim, false).unwrap();
+        cpu.update(HostRows::F32(&host_rows), rows, stride, Some(&mask))
+            .unwrap();
+        let want = cpu.finish().unwrap();
+        assert_eq!(got.rows, want.rows, "{dtype:?}");
+        // f16 rows go through the tensor cores (f32 accumulation in another order).
+        let e = rel_err(&got.gram, &want.gram);
+        assert!(e < 1e-5, "{dtype:?}: {e:.2e}");
+    }
+    // Host rows on the GPU accumulator: the same Gram.
+    let mut gpu = Accumulator::new(&AccumulatorDevice::Cuda(dev.clone()), dim, false).unwrap();
+    gpu.update(HostRows::F32(&x), rows, stride, Some(&mask))
+        .unwrap();
+    let mut cpu = Accumulator::new(&AccumulatorDevice::Cpu, dim, false).unwrap();
+    cpu.update(HostRows::F32(&x), rows, stride, Some(&mask))
+        .unwrap();
+    let e = rel_err(&gpu.finish().unwrap().gram, &cpu.finish().unwrap().gram);
+    assert!(e < 1e-5, "host rows: {e:.2e}");
+}
+
+/// The raw device pointer of a `CudaSlice` the test keeps alive.
+fn device_ptr_of(buffer: &dyn std::any::Any, stream: &cudarc::driver::CudaStream) -> u64 {
+    use cudarc::driver::{CudaSlice, DevicePtr};
+    macro_rules! try_type {
+        ($($t:ty),*) => {$(
+            if let Some(s) = buffer.downcast_ref::<CudaSlice<$t>>() {
+                let (p, _sync) = s.device_ptr(stream);
+                return p;
+            }
+        )*};
+    }
+    try_type!(f32, half::f16, half::bf16, u8);
+    panic!("not a device buffer of a known type")
+}

@@ -7,7 +7,8 @@ complete, and a failure raises :class:`RegMeanError` with the command line's one
 message. Ctrl-C stops the run at its next batch, model or layer, removes its partial
 output and raises ``KeyboardInterrupt``.
 
-``regmean_gpu.fusionbench`` holds drop-in replacements of FusionBench's RegMean classes.
+``GramAccumulator`` and ``solve`` take the caller's own tensors (DLPack) for the Grams of
+activations it computed and the per-layer closed form. ``regmean_gpu.fusionbench`` holds drop-in replacements of FusionBench's RegMean classes.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any, Mapping, Optional, Union
 
 from . import _native
 from ._native import RegMeanError
+from .accumulator import GramAccumulator, solve
 
-__all__ = ["merge", "eval", "RegMeanError", "__version__"]
+__all__ = ["merge", "eval", "GramAccumulator", "solve", "RegMeanError", "__version__"]
 __version__ = _native.__version__
 
 PathLike = Union[str, "os.PathLike[str]"]

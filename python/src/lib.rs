@@ -4,10 +4,16 @@
 //! the library's own entry points (`regmean::merge_on_device`, `eval::request::run_eval`)
 //! exactly as the command line does: the same guards, staged outputs and messages.
 //!
+//! `GramAccumulator` and `solve` (`accumulator.rs`, over DLPack tensors: `dlpack.rs`) bind
+//! the library's accumulator API for pipelines that compute their own activations.
+//!
 //! The work runs on a thread of its own while the calling thread waits without the GIL and
 //! looks at Python's signals every few milliseconds: a Ctrl-C asks the run to stop (it
 //! stops at its next batch, model or layer, and its partial output is removed), then the
 //! `KeyboardInterrupt` is raised.
+
+mod accumulator;
+mod dlpack;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,7 +32,7 @@ use regmean_gpu::ui::{self, Ui};
 use regmean_gpu::{with_backend, Error, Result};
 
 pyo3::create_exception!(
-    _native,
+    regmean_gpu,
     RegMeanError,
     PyException,
     "A regmean-gpu run failed; the message is the command line's one line."
@@ -85,7 +91,7 @@ fn interruptible<T: Send>(
     result.map_err(to_py)
 }
 
-fn to_py(e: Error) -> PyErr {
+pub(crate) fn to_py(e: Error) -> PyErr {
     match e {
         Error::Interrupted => pyo3::exceptions::PyKeyboardInterrupt::new_err(e.to_string()),
         e => RegMeanError::new_err(e.to_string()),
@@ -216,6 +222,8 @@ fn eval(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(eval, m)?)?;
+    m.add_function(wrap_pyfunction!(accumulator::solve, m)?)?;
+    m.add_class::<accumulator::PyGramAccumulator>()?;
     m.add("RegMeanError", m.py().get_type::<RegMeanError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

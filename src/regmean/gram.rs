@@ -86,6 +86,11 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
         })
     }
 
+    /// Rows counted so far, per site.
+    pub fn rows(&self) -> &[u64] {
+        &self.rows
+    }
+
     /// Normalises and symmetrises the accumulators where they are, on the GPU, when the
     /// backend keeps them there as f32 device buffers; gives the accumulator back otherwise.
     pub fn finish_on_device(

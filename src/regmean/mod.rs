@@ -1,5 +1,7 @@
-//! RegMean: Gram accumulation, statistics files, the per-layer solve and the streaming merge.
+//! RegMean: Gram accumulation (the merge's, and [`accumulator`] over a caller's own rows),
+//! statistics files, the per-layer solve and the streaming merge.
 
+pub mod accumulator;
 pub mod activations;
 mod card;
 pub mod gram;

@@ -1,6 +1,7 @@
-"""The FusionBench drop-in classes against FusionBench 0.2.33's own classes, both driven by
-the same model pool object on the repository's tiny pools (compat mode: <= 1e-4 relative
-per tensor). Everything that needs torch, transformers and fusion-bench is in this module.
+"""Everything that needs torch, transformers and fusion-bench: the FusionBench drop-in
+classes against FusionBench 0.2.33's own classes, both driven by the same model pool object
+on the repository's tiny pools (compat mode: <= 1e-4 relative per tensor), and
+`GramAccumulator` / `solve` on torch tensors against the merge's Gram files and float64.
 
 FusionBench's data loaders shuffle without a seed; here they take the examples in dataset
 order (its module's `DataLoader` is patched), and the drop-in is given `shuffle=False`, so
@@ -31,7 +32,7 @@ from fusion_bench.modelpool import BaseModelPool  # noqa: E402
 
 import regmean_gpu  # noqa: E402
 from regmean_gpu import fusionbench as ours  # noqa: E402
-from conftest import FIXTURES  # noqa: E402
+from conftest import FIXTURES, run_cli  # noqa: E402
 
 TASKS = ["task_a", "task_b", "task_c"]
 TOLERANCE = 1e-4
@@ -255,3 +256,133 @@ def test_engine_errors_surface_as_regmean_errors():
     args = {**GPT2_ARGS, "reduce_non_diagonal_ratio": 1.5}
     with pytest.raises(regmean_gpu.RegMeanError, match="reduce_non_diagonal_ratio"):
         ours.RegMeanAlgorithmForGPT2(**args, shuffle=False, device="cpu", quiet=True).run(pool)
+
+
+# ----------------------------------------------------------------------------------------
+# GramAccumulator and solve on torch tensors
+# ----------------------------------------------------------------------------------------
+
+GPT2_SITES = {"attn.c_attn": "h.{}.attn.c_attn", "attn.c_proj": "h.{}.attn.c_proj",
+              "mlp.c_fc": "h.{}.mlp.c_fc", "mlp.c_proj": "h.{}.mlp.c_proj"}
+
+
+def test_gram_accumulator_on_torch_tensors_equals_the_merges_grams(cli, tmp_path):
+    """The Grams of the CLI's `grams` file (its own forward pass) equal those a
+    GramAccumulator makes of transformers' activations for the same examples, padding rows
+    masked out (the default mode)."""
+    root = FIXTURES / "gpt2_pool"
+    grams_file = tmp_path / "task_a.grams.safetensors"
+    done = run_cli(cli, "grams", "-q", "--model", root / "task_a", "--data", root / "data" / "task_a.jsonl",
+                   "-o", grams_file, "--num-regmean-examples", 10, "--batch-size", 4, "--max-length", 24,
+                   "--no-shuffle", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    expected = load_file(str(grams_file))
+
+    full = GPT2ForSequenceClassification.from_pretrained(root / "task_a", dtype=torch.float32).eval()
+    model = full.transformer
+    pad = full.config.pad_token_id
+    accumulators, hooks = {}, []
+    current_mask = {}
+    for layer in range(model.config.n_layer):
+        for module_name, site in GPT2_SITES.items():
+            name = site.format(layer)
+            acc = accumulators[name] = regmean_gpu.GramAccumulator(model.config.n_embd if module_name != "mlp.c_proj"
+                                                                   else model.config.n_inner or 4 * model.config.n_embd)
+            module = model.get_submodule(f"h.{layer}.{module_name}")
+
+            def hook(_module, inputs, _output, acc=acc):
+                x = inputs[0].detach()
+                acc.update(x.reshape(-1, x.shape[-1]), mask=current_mask["rows"])
+
+            hooks.append(module.register_forward_hook(hook))
+    lines = [json.loads(l)["input_ids"] for l in (root / "data" / "task_a.jsonl").read_text().splitlines()][:10]
+    with torch.no_grad():
+        for start in range(0, len(lines), 4):
+            batch = lines[start:start + 4]
+            width = max(map(len, batch))
+            ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
+            mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+            current_mask["rows"] = mask.reshape(-1).bool()
+            model(ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    real_tokens = sum(map(len, lines))
+    assert sorted(accumulators) == sorted(expected)
+    for name, acc in accumulators.items():
+        assert acc.rows == real_tokens
+        got = torch.from_dlpack(acc.finish())
+        e = expected[name]
+        err = float((got.double() - e.double()).abs().max() / e.double().abs().max())
+        assert err <= TOLERANCE, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gram_accumulator_reads_strided_rows_and_masks_exactly(dtype):
+    torch.manual_seed(0)
+    wide = torch.randn(37, 20).to(dtype)
+    x = wide[:, 3:19]  # rows 20 apart: read in place
+    mask = torch.rand(37) > 0.3
+    acc = regmean_gpu.GramAccumulator(16)
+    acc.update(x[:30], mask=mask[:30])
+    acc.update(x[30:], mask=mask[30:])
+    kept = x[mask].double()
+    expected = kept.T @ kept / kept.shape[0]
+    assert acc.rows == int(mask.sum())
+    got = torch.from_dlpack(acc.finish()).double()
+    assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-6
+
+
+def test_gram_accumulator_fusionbench_mode_is_the_running_mean():
+    torch.manual_seed(1)
+    batches = [torch.randn(n, 8) for n in (5, 3, 7)]
+    acc = regmean_gpu.GramAccumulator(8, fusionbench_compat=True)
+    gram, rows = None, 0
+    for x in batches:
+        acc.update(x)
+        xtx = x.T @ x
+        gram = xtx / x.shape[0] if gram is None else (gram * rows + xtx) / (rows + x.shape[0])
+        rows += x.shape[0]
+    got = torch.from_dlpack(acc.finish())
+    assert float((got - gram).abs().max() / gram.abs().max()) <= 1e-6
+    with pytest.raises(regmean_gpu.RegMeanError, match="mask"):
+        acc2 = regmean_gpu.GramAccumulator(8, fusionbench_compat=True)
+        acc2.update(batches[0], mask=torch.ones(5, dtype=torch.bool))
+
+
+def test_gram_accumulator_refuses_what_it_cannot_read():
+    acc = regmean_gpu.GramAccumulator(4)
+    with pytest.raises(ValueError, match=r"\[rows, 4\]"):
+        acc.update(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="contiguous"):
+        acc.update(torch.zeros(4, 3).T)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        acc.update(torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="mask"):
+        acc.update(torch.zeros(3, 4), mask=torch.ones(2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="DLPack"):
+        acc.update([[0.0] * 4])
+    assert acc.rows == 0
+    with pytest.raises(regmean_gpu.RegMeanError, match="no rows were accumulated"):
+        regmean_gpu.GramAccumulator(4).finish()
+    acc.update(torch.ones(1, 4))
+    acc.finish()
+    with pytest.raises(RuntimeError, match="finished"):
+        acc.update(torch.zeros(1, 4))
+
+
+def test_solve_is_the_closed_form_in_float64():
+    torch.manual_seed(2)
+    d_in, d_out = 12, 5
+    grams = [(lambda a: a.T @ a / 40)(torch.randn(40, d_in)) for _ in range(3)]
+    weights = [torch.randn(d_in, d_out) for _ in range(3)]
+    gram_sum = sum(grams)
+    gw_sum = sum(g @ w for g, w in zip(grams, weights))
+    w_mean = sum(weights) / 3
+    merged, how = regmean_gpu.solve(gram_sum, gw_sum, w_mean)
+    got = torch.from_dlpack(merged)
+    expected = torch.linalg.solve(gram_sum.double(), gw_sum.double())
+    assert got.shape == (d_in, d_out)
+    assert float((got.double() - expected).abs().max() / expected.abs().max()) <= 1e-5
+    assert isinstance(how, str) and how
+    with pytest.raises(regmean_gpu.RegMeanError, match="symmetric"):
+        regmean_gpu.solve(gram_sum + torch.triu(torch.ones(d_in, d_in), 1), gw_sum, w_mean)
