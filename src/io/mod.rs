@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod guard;
+pub mod hub;
 pub mod mapped;
 pub mod output;
 pub mod pending;
