@@ -71,9 +71,28 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
+    /// Turn a FusionBench method YAML plus a model-pool YAML into a merge config
+    ConvertConfig(ConvertArgs),
     /// Write a synthetic pool of random-weight models of realistic size (for benchmarks)
     #[command(hide = true)]
     Synth(regmean_gpu::demo::SynthArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// FusionBench's method config (fusion_bench_config/method/regmean/clip_regmean.yaml, ...)
+    method: PathBuf,
+    /// FusionBench's model-pool config (fusion_bench_config/modelpool/...)
+    pool: PathBuf,
+    /// Write the merge config here (default: print it)
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Replace an existing output file (never an input of the run)
+    #[arg(long)]
+    force: bool,
+    /// Where each task's data is expected, relative to the merge config
+    #[arg(long, default_value = "./data")]
+    data_dir: String,
 }
 
 #[derive(Args)]
@@ -519,6 +538,26 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 )?
             });
             ui.result(&format!("wrote {}", a.out.display()));
+            Ok(())
+        }
+        Command::ConvertConfig(a) => {
+            let converted = regmean_gpu::convert::convert(&a.method, &a.pool, &a.data_dir)?;
+            for note in &converted.notes {
+                ui.info(&format!("note: {note}"));
+            }
+            match &a.out {
+                None => print!("{}", converted.yaml),
+                Some(out) => {
+                    let mut inputs = Inputs::new();
+                    inputs.add("the method config", &a.method);
+                    inputs.add("the model-pool config", &a.pool);
+                    let staged = StagedOutput::create_file(out, a.force, &inputs)?;
+                    std::fs::write(staged.path(), &converted.yaml)
+                        .map_err(|e| Error::io(out, e))?;
+                    staged.commit()?;
+                    ui.result(&format!("wrote {}", out.display()));
+                }
+            }
             Ok(())
         }
         Command::Synth(a) => regmean_gpu::demo::synth(&a, ui),
