@@ -246,6 +246,19 @@ impl MergeConfig {
 
     /// Parses and validates config text that was read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        Self::parse_resolving(text, path, crate::io::hub::resolve)
+    }
+
+    /// [`MergeConfig::parse`] that never downloads a hub id (the fuzzers' entry point).
+    pub fn parse_offline(text: &str, path: &Path) -> Result<Self> {
+        Self::parse_resolving(text, path, crate::io::hub::resolve_cached)
+    }
+
+    fn parse_resolving(
+        text: &str,
+        path: &Path,
+        hub: fn(&crate::io::hub::HubId) -> std::result::Result<crate::io::hub::Resolved, String>,
+    ) -> Result<Self> {
         let mut cfg: MergeConfig =
             serde_yaml::from_str(text).map_err(|e| Error::config(path, yaml_message(text, &e)))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -270,8 +283,7 @@ impl MergeConfig {
                 .then(|| p.to_str().and_then(crate::io::hub::HubId::parse))
                 .flatten();
             let Some(id) = id else { return Ok(local) };
-            let resolved = crate::io::hub::resolve(&id)
-                .map_err(|e| Error::config(path, format!("{key}: {e}")))?;
+            let resolved = hub(&id).map_err(|e| Error::config(path, format!("{key}: {e}")))?;
             let snapshot = resolved.snapshot.clone();
             hub_models.push(HubModel {
                 id: p.display().to_string(),

@@ -90,12 +90,21 @@ pub fn offline() -> bool {
 /// The id's snapshot in the cache, downloading it first when it is not there and downloads
 /// are allowed. The error is one line naming the id and the cache searched.
 pub fn resolve(id: &HubId) -> Result<Resolved, String> {
+    resolve_with(id, !offline())
+}
+
+/// [`resolve`] that never downloads, whatever `HF_HUB_OFFLINE` says (for the fuzzers).
+pub fn resolve_cached(id: &HubId) -> Result<Resolved, String> {
+    resolve_with(id, false)
+}
+
+fn resolve_with(id: &HubId, may_download: bool) -> Result<Resolved, String> {
     let cache = cache_dir();
     if let Some(found) = cached(&cache, id) {
         return Ok(found);
     }
     let repo_dir = cache.join(repo_folder(&id.repo));
-    if offline() {
+    if !may_download {
         return Err(format!(
             "hub id `{}` (revision {}) is not in the Hugging Face cache (searched {}) and HF_HUB_OFFLINE is set: download it once online, or give a local directory",
             id.repo,
