@@ -17,10 +17,12 @@ for l in sys.stdin:
         print(m["executable"])' "$name"
 }
 test_bin=$(executable test --release --no-run --test gpu gpu)
+capi_test_bin=$(executable test --release --no-run -p regmean-gpu-capi --test capi_gpu capi_gpu)
 bench_bin=$(executable bench --no-run --bench kernels kernels)
 rm -rf gpu-bundle && mkdir gpu-bundle
 cp target/release/regmean-gpu gpu-bundle/
 cp "$test_bin" gpu-bundle/gpu-tests
+cp "$capi_test_bin" gpu-bundle/capi-gpu-tests
 cp "$bench_bin" gpu-bundle/kernel-bench
 strip gpu-bundle/* 2>/dev/null || true
 du -sh gpu-bundle/*

@@ -46,6 +46,11 @@ gpu_tests() { # the GPU tests are #[ignore]d where cargo test runs; here they mu
   local log
   log=$(env REGMEAN_REPO="$PWD" REGMEAN_BIN="$(realpath "$bin")" REGMEAN_REQUIRE_GPU=1 \
     "$bundle/gpu-tests" --include-ignored --nocapture --test-threads=1 2>&1); local rc=$?
+  # The C ABI's CUDA test (capi/tests/capi_gpu.rs), where the bundle has it.
+  if [ -x "$bundle/capi-gpu-tests" ]; then
+    log+=$'\n'$(env REGMEAN_REQUIRE_GPU=1 "$bundle/capi-gpu-tests" --include-ignored \
+      --nocapture --test-threads=1 2>&1) || rc=1
+  fi
   echo "$log"
   [ $rc -eq 0 ] && ! grep -q SKIPPED <<< "$log" && ! grep -qE '[1-9][0-9]* ignored' <<< "$log"
 }

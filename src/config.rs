@@ -211,6 +211,18 @@ pub struct MergeConfig {
     /// The file this config was read from (its paths are relative to it).
     #[serde(skip)]
     pub path: PathBuf,
+    /// The models given as hub ids, resolved to snapshots of the Hugging Face cache.
+    #[serde(skip)]
+    pub hub_models: Vec<HubModel>,
+}
+
+/// A `base_model` or `model` given as a hub id (`org/name[@revision]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HubModel {
+    /// As written in the config.
+    pub id: String,
+    /// What it resolved to (the model directory, and the cache folder its files live in).
+    pub resolved: crate::io::hub::Resolved,
 }
 
 impl MergeConfig {
@@ -234,6 +246,19 @@ impl MergeConfig {
 
     /// Parses and validates config text that was read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        Self::parse_resolving(text, path, crate::io::hub::resolve)
+    }
+
+    /// [`MergeConfig::parse`] that never downloads a hub id (the fuzzers' entry point).
+    pub fn parse_offline(text: &str, path: &Path) -> Result<Self> {
+        Self::parse_resolving(text, path, crate::io::hub::resolve_cached)
+    }
+
+    fn parse_resolving(
+        text: &str,
+        path: &Path,
+        hub: fn(&crate::io::hub::HubId) -> std::result::Result<crate::io::hub::Resolved, String>,
+    ) -> Result<Self> {
         let mut cfg: MergeConfig =
             serde_yaml::from_str(text).map_err(|e| Error::config(path, yaml_message(text, &e)))?;
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -249,17 +274,60 @@ impl MergeConfig {
                 .filter(|c| !matches!(c, std::path::Component::CurDir))
                 .collect::<PathBuf>()
         };
-        cfg.base_model = resolve(&cfg.base_model);
-        for m in &mut cfg.models {
-            m.model = resolve(&m.model);
+        // A model may be a hub id; a local directory of the same name wins, as in
+        // transformers (here: relative to the config, like every path of it).
+        let mut hub_models = Vec::new();
+        let mut resolve_model = |p: &Path, key: &str| -> Result<PathBuf> {
+            let local = resolve(p);
+            let id = (!local.exists() && p.is_relative())
+                .then(|| p.to_str().and_then(crate::io::hub::HubId::parse))
+                .flatten();
+            let Some(id) = id else { return Ok(local) };
+            let resolved = hub(&id).map_err(|e| Error::config(path, format!("{key}: {e}")))?;
+            let snapshot = resolved.snapshot.clone();
+            hub_models.push(HubModel {
+                id: p.display().to_string(),
+                resolved,
+            });
+            Ok(snapshot)
+        };
+        cfg.base_model = resolve_model(&cfg.base_model.clone(), "base_model")?;
+        for (i, m) in cfg.models.iter_mut().enumerate() {
+            let written = m.model.clone();
+            m.model = resolve_model(&written, &format!("models[{i}].model"))?;
+            if m.name.is_none() && m.model != resolve(&written) {
+                // A snapshot folder is named by its commit: show the repository's name.
+                m.name = written
+                    .to_str()
+                    .and_then(crate::io::hub::HubId::parse)
+                    .and_then(|id| id.repo.split_once('/').map(|(_, n)| n.to_string()));
+            }
+
             m.data = m.data.as_deref().map(resolve);
             m.grams = m.grams.as_deref().map(resolve);
             m.eval_data = m.eval_data.as_deref().map(resolve);
             m.classes = m.classes.as_deref().map(resolve);
         }
         cfg.path = path.to_path_buf();
+        cfg.hub_models = hub_models;
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// A model directory's name for the model card: its hub id when it was given as one,
+    /// else its folder's name.
+    pub fn model_name(&self, model: &Path) -> String {
+        let hub = self
+            .hub_models
+            .iter()
+            .find(|h| h.resolved.snapshot == model);
+        match hub {
+            Some(h) => h.id.clone(),
+            None => model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| model.display().to_string()),
+        }
     }
 
     /// Everything a merge with this config reads, which no output may touch: the config
@@ -270,6 +338,14 @@ impl MergeConfig {
             inputs.add("the merge config", &self.path);
         }
         inputs.add("the base model", &self.base_model);
+        // A snapshot's files are links into the repository's blobs: the whole cache folder
+        // of the repository is an input.
+        for h in &self.hub_models {
+            inputs.add(
+                format!("the Hugging Face cache of `{}`", h.id),
+                &h.resolved.repo_dir,
+            );
+        }
         for (i, m) in self.models.iter().enumerate() {
             inputs.add(format!("the model of models[{i}]"), &m.model);
             let files = [

@@ -15,6 +15,7 @@
 pub mod backend;
 pub mod compare;
 pub mod config;
+pub mod convert;
 pub mod data;
 pub mod demo;
 pub mod device;

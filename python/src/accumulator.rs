@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use regmean_gpu::regmean::accumulator::{
     self, cuda_device_on_stream, Accumulator, AccumulatorDevice, HostRows, RowType,
 };
-use regmean_gpu::regmean::merge::describe;
+use regmean_gpu::regmean::describe;
 
 use crate::dlpack::{into_capsule, view, Elements, View, DEVICE_CPU, DEVICE_CUDA};
 use crate::to_py;

@@ -2,6 +2,7 @@
 //! beyond a few lines lives in a file of its own beside this one.
 
 mod alloc;
+mod convert;
 mod doctor;
 mod eval;
 mod inspect;
@@ -76,9 +77,28 @@ enum Command {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
+    /// Turn a FusionBench method YAML plus a model-pool YAML into a merge config
+    ConvertConfig(ConvertArgs),
     /// Write a synthetic pool of random-weight models of realistic size (for benchmarks)
     #[command(hide = true)]
     Synth(regmean_gpu::demo::SynthArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// FusionBench's method config (fusion_bench_config/method/regmean/clip_regmean.yaml, ...)
+    method: PathBuf,
+    /// FusionBench's model-pool config (fusion_bench_config/modelpool/...)
+    pool: PathBuf,
+    /// Write the merge config here (default: print it)
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Replace an existing output file (never an input of the run)
+    #[arg(long)]
+    force: bool,
+    /// Where each task's data is expected, relative to the merge config
+    #[arg(long, default_value = "./data")]
+    data_dir: String,
 }
 
 #[derive(Args)]
@@ -403,6 +423,7 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
             ui.result(&format!("wrote {}", a.out.display()));
             Ok(())
         }
+        Command::ConvertConfig(a) => convert::convert_command(&a, ui),
         Command::Synth(a) => regmean_gpu::demo::synth(&a, ui),
         Command::Doctor { json, bench } => doctor::doctor(json, bench),
         Command::Compare {

@@ -280,6 +280,9 @@ fn parse_lines(
                 Ok(ids)
             }
         })
+        .collect::<Vec<Result<_>>>()
+        // In line order: the error reported is the first bad line's, whichever thread met it.
+        .into_iter()
         .collect::<Result<Vec<_>>>()?;
     let labels = labels.into_iter().collect::<Option<Vec<_>>>();
     Ok(Labelled {

@@ -3,6 +3,7 @@
 pub mod arch;
 pub mod checkpoint;
 pub mod guard;
+pub mod hub;
 pub mod mapped;
 pub mod output;
 pub mod pending;

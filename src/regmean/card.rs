@@ -78,7 +78,7 @@ impl ModelCard<'_> {
                     });
                 format!(
                     "- `{}` ({})",
-                    card_name(&m.model),
+                    cfg.model_name(&m.model),
                     src.unwrap_or_else(|| "no data".into())
                 )
             })
@@ -98,7 +98,7 @@ impl ModelCard<'_> {
             "---\nlibrary_name: transformers\ntags:\n- merge\n- regmean\n---\n\n# Merged model\n\nMerged by regmean-gpu {version} with {method} from the base model `{base}` and:\n\n{models}\n\n## Parameters\n\n```yaml\n{params}out_dtype: {dtype}\n```\n",
             version = env!("CARGO_PKG_VERSION"),
             method = cfg.merge_method.title(),
-            base = card_name(&cfg.base_model),
+            base = cfg.model_name(&cfg.base_model),
             models = models.join("\n"),
             params = serde_yaml::to_string(&params).unwrap_or_default(),
             dtype = self.out_dtype.torch_name(),
