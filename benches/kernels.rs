@@ -2,6 +2,9 @@
 //! GFLOP/s (TFLOP/s on a GPU) and as a share of a peak this program measures itself with a
 //! large GEMM on the same device, so the numbers mean the same on any machine.
 //!
+//! - gemm (always): the CPU engine's packed AVX-512 GEMM against faer on the shapes of a
+//!   ViT-B/32 merge (linear layers, Gram triangles, G'·W) and 2048³, interleaved, with the
+//!   FMA peak of this machine (two 512-bit FMAs per cycle, timed with a register-only loop).
 //! - CPU (always): the lower-triangle Gram of `CpuBackend` against a full faer GEMM XᵀX, the
 //!   activation kernels, and the f64 per-layer solve.
 //! - forward (always): one ViT-B/32 task model's forward pass and Grams over 32 images (the
@@ -18,6 +21,7 @@ use std::time::Instant;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+use regmean_gpu::backend::cpu_gemm::{faer_gemm, gemm, Lhs, Part};
 use regmean_gpu::backend::{Activation, Backend, CpuBackend, CpuTensor, GramUpdate};
 use regmean_gpu::config::Parameters;
 use regmean_gpu::data::Dataset;
@@ -82,6 +86,108 @@ fn measured_peak() -> f64 {
     let peak = 2.0 * (n as f64).powi(3) / secs / 1e9;
     println!("  measured f32 peak (faer GEMM {n}³): {peak:.1} GFLOP/s");
     peak
+}
+
+/// The f32 FMA peak of this machine at the current thread count, GFLOP/s: each thread runs
+/// 16 independent chains of 512-bit FMAs (no memory traffic), as many as two FMA units with a
+/// 4-cycle latency need to stay busy. The ceiling no GEMM can pass.
+fn fma_peak() -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        fn chains(steps: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let mut acc = [_mm512_set1_ps(0.5); 16];
+            let (m, a) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+            for _ in 0..steps {
+                for x in acc.iter_mut() {
+                    *x = _mm512_fmadd_ps(*x, m, a);
+                }
+            }
+            acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+        }
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        let steps = 20_000_000;
+        let secs = median_secs(3, || {
+            // SAFETY: AVX-512F was detected above.
+            let s: f32 = (0..threads)
+                .into_par_iter()
+                .map(|_| unsafe { chains(steps) })
+                .sum();
+            std::hint::black_box(s);
+        });
+        return (threads * steps * 16 * 16 * 2) as f64 / secs / 1e9;
+    }
+    f64::NAN
+}
+
+fn gemm_bench() {
+    let threads = rayon::current_num_threads();
+    let peak = fma_peak();
+    println!("gemm: the packed AVX-512 GEMM against faer ({threads} threads), GFLOP/s; FMA peak {peak:.1}");
+    println!(
+        "  {:<40} {:>7} {:>7} {:>7} {:>7}",
+        "product [m, n, k]", "ours", "faer", "ratio", "% peak"
+    );
+    // (what, m, n, k, lhs transposed (a Gram), lower triangle)
+    let shapes: [(&str, usize, usize, usize, bool, bool); 9] = [
+        ("linear q|k|v", 1600, 2304, 768, false, false),
+        ("linear out_proj", 1600, 768, 768, false, false),
+        ("linear fc1", 1600, 3072, 768, false, false),
+        ("linear fc2", 1600, 768, 3072, false, false),
+        ("Gram 768 (1600 rows)", 768, 768, 1600, true, true),
+        ("Gram 3072 (1600 rows)", 3072, 3072, 1600, true, true),
+        ("G'W 768 -> 3072", 768, 3072, 768, false, false),
+        ("G'W 3072 -> 768", 3072, 768, 3072, false, false),
+        ("square 2048", 2048, 2048, 2048, false, false),
+    ];
+    for (what, m, n, k, transposed, lower) in shapes {
+        let a = values(m * k, 1);
+        let b = if transposed {
+            a.clone()
+        } else {
+            values(k * n, 2)
+        };
+        let lhs = if transposed {
+            Lhs::Transposed { data: &a, ld: m }
+        } else {
+            Lhs::RowMajor { data: &a, ld: k }
+        };
+        let part = if lower { Part::Lower } else { Part::Full };
+        let mut c = vec![0.0f32; m * n];
+        // Interleaved: ours, faer, ours, faer, … so that a change of load hits both.
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for round in 0..4 {
+            let t = Instant::now();
+            gemm((m, n, k), lhs, &b, n, &mut c, n, part, false);
+            let t_ours = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            faer_gemm((m, n, k), lhs, &b, n, &mut c, n, part, false);
+            let t_faer = t.elapsed().as_secs_f64();
+            if round > 0 {
+                ours.push(t_ours);
+                theirs.push(t_faer);
+            }
+        }
+        ours.sort_by(f64::total_cmp);
+        theirs.sort_by(f64::total_cmp);
+        // FLOPs done: a triangle is half the full product (plus its diagonal).
+        let flops = 2.0
+            * (m * n * k) as f64
+            * if lower {
+                0.5 * (1.0 + 1.0 / m as f64)
+            } else {
+                1.0
+            };
+        let (o, f) = (flops / ours[1] / 1e9, flops / theirs[1] / 1e9);
+        println!(
+            "  {:<40} {o:>7.1} {f:>7.1} {:>6.2}× {:>6.1}%",
+            format!("{what} [{m}, {n}, {k}]"),
+            o / f,
+            100.0 * o / peak
+        );
+    }
 }
 
 fn cpu() {
@@ -281,6 +387,9 @@ fn main() {
     // `cargo bench` passes `--bench`; a name filter selects one part.
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wants = |part: &str| filter.as_deref().is_none_or(|f| part.contains(f));
+    if wants("gemm") {
+        gemm_bench();
+    }
     if wants("cpu") {
         cpu();
     }

@@ -1,11 +1,12 @@
-//! The f32 CPU backend: faer GEMMs (multi-threaded through rayon), element-wise kernels
+//! The f32 CPU backend: the packed GEMM of cpu_gemm.rs (multi-threaded through rayon), faer
+//! for the small per-head attention products, element-wise kernels
 //! parallel over rows.
 
 use faer::linalg::matmul::matmul;
-use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+use super::cpu_gemm::{gemm, Lhs, Part};
 use super::cpu_math::{
     gelu_new_gate, layer_norm_row, quick_gelu_gate, sigmoid_gated, softmax_exp, with_avx2,
 };
@@ -17,10 +18,6 @@ use crate::profile::span;
 
 #[derive(Clone, Debug, Default)]
 pub struct CpuBackend;
-
-fn par() -> Par {
-    Par::rayon(0)
-}
 
 /// Elements per parallel task in element-wise loops: rayon's per-element splitting costs
 /// more than the work itself.
@@ -71,12 +68,21 @@ impl Backend for CpuBackend {
             )
         })?;
         let mut out = vec![0.0f32; x.rows * w.cols];
-        {
-            let dst = MatMut::from_row_major_slice_mut(&mut out, x.rows, w.cols);
-            span("cpu: linear GEMM", || {
-                matmul(dst, Accum::Replace, x.view(), w.view(), 1.0, par())
-            });
-        }
+        span("cpu: linear GEMM", || {
+            gemm(
+                (x.rows, w.cols, x.cols),
+                Lhs::RowMajor {
+                    data: &x.data,
+                    ld: x.cols,
+                },
+                &w.data,
+                w.cols,
+                &mut out,
+                w.cols,
+                Part::Full,
+                false,
+            )
+        });
         if let Some(b) = bias {
             check(b.data.len() == w.cols, || {
                 format!("linear: bias of {} for {} outputs", b.data.len(), w.cols)
@@ -300,58 +306,47 @@ impl Backend for CpuBackend {
         check(acc.rows == d && acc.cols == d, || {
             format!("gram_update: acc [{}, {}] for d {d}", acc.rows, acc.cols)
         })?;
-        // The Gram is formed as Xᵀ·X with Xᵀ stored row-major (transposed here, padding
-        // rows dropped): faer runs that layout at 116 GFLOP/s on a 2-core AVX2 machine
-        // against 81 for the row-major X read as a transposed operand, and the copy costs a
-        // small fraction of the product (rows·d against rows·d²).
-        let xt = span("cpu: Gram transpose", || -> Result<Vec<f32>> {
-            match row_mask {
-                Some(mask) => {
-                    check(mask.len() == x.rows, || "gram_update: mask length".into())?;
+        // Padding rows are dropped by a copy of the real rows (rows·d against the product's
+        // rows·d²); X itself is read as both operands of the packed GEMM, Xᵀ transposed.
+        let real: Option<Vec<f32>> = match row_mask {
+            Some(mask) => {
+                check(mask.len() == x.rows, || "gram_update: mask length".into())?;
+                Some(span("cpu: Gram row selection", || {
                     let mut real = Vec::with_capacity(x.data.len());
                     for (r, &m) in mask.iter().enumerate() {
                         if m != 0 {
                             real.extend_from_slice(&x.data[r * d..(r + 1) * d]);
                         }
                     }
-                    Ok(crate::model::transpose(&real, real.len() / d.max(1), d))
-                }
-                None => Ok(crate::model::transpose(&x.data, x.rows, d)),
+                    real
+                }))
             }
-        })?;
-        let n = xt.len() / d.max(1);
-        let xt = MatRef::from_row_major_slice(&xt, d, n);
-        let lower_gram = |dst: MatMut<'_, f32>, beta: Accum| {
+            None => None,
+        };
+        let rows = real.as_deref().unwrap_or(&x.data);
+        let n = rows.len() / d.max(1);
+        let lower_gram = |dst: &mut [f32], accumulate: bool| {
             span("cpu: Gram triangle GEMM", || {
-                triangular::matmul(
+                gemm(
+                    (d, d, n),
+                    Lhs::Transposed { data: rows, ld: d },
+                    rows,
+                    d,
                     dst,
-                    BlockStructure::TriangularLower,
-                    beta,
-                    xt,
-                    BlockStructure::Rectangular,
-                    xt.transpose(),
-                    BlockStructure::Rectangular,
-                    1.0,
-                    par(),
+                    d,
+                    Part::Lower,
+                    accumulate,
                 )
             })
         };
         match update {
-            GramUpdate::Sum => {
-                lower_gram(
-                    MatMut::from_row_major_slice_mut(&mut acc.data, d, d),
-                    Accum::Add,
-                );
-            }
+            GramUpdate::Sum => lower_gram(&mut acc.data, true),
             GramUpdate::RunningMean { seen: 0 } => {
                 if n == 0 {
                     return Ok(());
                 }
                 // FusionBench's (0·0 + XᵀX) / n is XᵀX / n exactly: no second buffer.
-                lower_gram(
-                    MatMut::from_row_major_slice_mut(&mut acc.data, d, d),
-                    Accum::Replace,
-                );
+                lower_gram(&mut acc.data, false);
                 let total_f = n as f32;
                 acc.data
                     .par_chunks_mut(d)
@@ -363,10 +358,7 @@ impl Backend for CpuBackend {
                     return Ok(());
                 }
                 let mut xtx = vec![0.0f32; d * d];
-                lower_gram(
-                    MatMut::from_row_major_slice_mut(&mut xtx, d, d),
-                    Accum::Replace,
-                );
+                lower_gram(&mut xtx, false);
                 // The same f32 operations in the same order as FusionBench's hook.
                 let (seen_f, total_f) = (seen as f32, (seen + n as u64) as f32);
                 acc.data

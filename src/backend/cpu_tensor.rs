@@ -1,8 +1,6 @@
 //! The CPU engine's tensor (a row-major f32 matrix in host memory) and its shape check, shared
 //! by the backend's kernel files.
 
-use faer::MatRef;
-
 use crate::error::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -16,10 +14,6 @@ impl CpuTensor {
     pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
         assert_eq!(data.len(), rows * cols, "CpuTensor data length");
         CpuTensor { rows, cols, data }
-    }
-
-    pub(super) fn view(&self) -> MatRef<'_, f32> {
-        MatRef::from_row_major_slice(&self.data, self.rows, self.cols)
     }
 }
 

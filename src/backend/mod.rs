@@ -4,6 +4,7 @@
 
 pub mod cpu;
 mod cpu_decoder;
+pub mod cpu_gemm;
 mod cpu_math;
 mod cpu_tensor;
 pub mod cuda;

@@ -1,9 +1,9 @@
 //! The host-side running sums of a RegMean solve: Σ G'ᵢ per site, Σ G'ᵢWᵢ and Σ Wᵢ per
 //! solved module, each model folded in as it comes (both schedules share these steps).
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
+
+use crate::backend::cpu_gemm::{gemm, Lhs, Part};
 
 /// G' = r·G off the diagonal, `diag_mult`·G on it (FusionBench's `reduce_non_diagonal`),
 /// in place in the `[d, d]` Gram `g`, and `sum += G'`. Returns G'.
@@ -35,13 +35,18 @@ pub(crate) fn add_weighted(
     d_in: usize,
     d_out: usize,
 ) {
-    matmul(
-        MatMut::from_row_major_slice_mut(gw_sum, d_in, d_out),
-        Accum::Add,
-        MatRef::from_row_major_slice(reduced, d_in, d_in),
-        MatRef::from_row_major_slice(weights, d_in, d_out),
-        1.0,
-        Par::rayon(0),
+    gemm(
+        (d_in, d_out, d_in),
+        Lhs::RowMajor {
+            data: reduced,
+            ld: d_in,
+        },
+        weights,
+        d_out,
+        gw_sum,
+        d_out,
+        Part::Full,
+        true,
     );
     add_assign(w_sum, weights);
 }

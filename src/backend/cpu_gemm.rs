@@ -1,0 +1,576 @@
+//! The CPU engine's f32 GEMM: a packed, cache-blocked AVX-512 kernel for the three products
+//! a merge spends its time in: the linear layers (X·W), the lower triangle of the Grams
+//! (XᵀX) and the solve's right-hand sides (G'·W). Where the CPU lacks AVX-512 it hands the
+//! same product to faer.
+//!
+//! Why our own: on a 2-core AVX-512 Xeon faer's f32 GEMM ran at 94 GFLOP/s per core for
+//! 2048³ and 53–60 for the Gram shapes, against the 172 GFLOP/s the FMA units give (two
+//! 512-bit FMAs per cycle), and those GEMMs are nine tenths of a CPU merge.
+//!
+//! The scheme is the classic one (Goto; BLIS). For each block of `KC` along k, all threads
+//! pack that block of B into `NR`-column micro-panels (`[k][NR]`, zero-padded), once, shared;
+//! then C is cut into row chunks, a few per thread, and each task packs its rows of A into
+//! `MR`-row micro-panels (`[k][MR]`, so the kernel broadcasts along them) and runs, per `NC`
+//! columns, every A micro-panel against every B micro-panel. The `MR × NR` = 12 × 32
+//! micro-kernel keeps 24 accumulators (two zmm per row) in registers, loads two vectors of B
+//! and broadcasts 12 values of A per step of k: 24 FMAs against 14 loads. An A micro-panel
+//! (12 × KC × 4 = 18 KB) stays in L1 while the block's B micro-panels (KC × NC × 4 = 768 KB)
+//! stream from L2. A Gram's upper tiles are skipped, and its diagonal tiles written below the
+//! diagonal only.
+
+use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+const MR: usize = 12;
+const NR: usize = 32;
+const KC: usize = 384;
+const NC: usize = 512;
+
+/// A GEMM operand A `[m, k]`: where its element (i, p) is in `data`.
+#[derive(Clone, Copy, Debug)]
+pub enum Lhs<'a> {
+    /// `data[i·ld + p]`: a row-major matrix (activations, a Gram).
+    RowMajor { data: &'a [f32], ld: usize },
+    /// `data[p·ld + i]`: the transpose of a row-major matrix (Xᵀ of a Gram XᵀX).
+    Transposed { data: &'a [f32], ld: usize },
+}
+
+/// Which part of C a product writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Full,
+    /// Only C[i][j] with j ≤ i (C square): a Gram's lower triangle, the rest untouched.
+    Lower,
+}
+
+/// `C = A·B` (`accumulate` false) or `C += A·B`, C `[m, n]` row-major with row stride `ldc`,
+/// B `[k, n]` row-major with row stride `ldb`, on up to `threads` rayon tasks.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    (m, n, k): (usize, usize, usize),
+    a: Lhs<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    part: Part,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        part == Part::Full || m == n,
+        "a lower triangle needs a square C"
+    );
+    assert!(ldb >= n && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    match a {
+        Lhs::RowMajor { data, ld } => {
+            assert!(ld >= k && (k == 0 || data.len() >= (m - 1) * ld + k))
+        }
+        Lhs::Transposed { data, ld } => {
+            assert!(ld >= m && (k == 0 || data.len() >= (k - 1) * ld + m))
+        }
+    }
+    assert!(k == 0 || b.len() >= (k - 1) * ldb + n);
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                let cols = if part == Part::Lower { i + 1 } else { n };
+                c[i * ldc..i * ldc + cols].fill(0.0);
+            }
+        }
+        return;
+    }
+    if !has_avx512() {
+        return faer_gemm((m, n, k), a, b, ldb, c, ldc, part, accumulate);
+    }
+    let chunks = row_chunks(m, part, rayon::current_num_threads());
+    // Each task gets its rows of C as one mutable slice: the chunks are contiguous from row 0.
+    let mut rest = &mut c[..(m - 1) * ldc + n];
+    let mut tasks = Vec::with_capacity(chunks.len());
+    for &(r0, r1) in &chunks {
+        let len = (r1 * ldc).min((m - 1) * ldc + n) - r0 * ldc;
+        let (mine, after) = std::mem::take(&mut rest).split_at_mut(len);
+        let packed_a = vec![0.0f32; (r1 - r0).div_ceil(MR) * MR * KC];
+        tasks.push((r0, r1, mine, packed_a));
+        rest = after;
+    }
+    // B is packed once per block of k, by all threads, and shared: packing it per task
+    // (its reads and writes are k·n each) cost as much as a fifth of a product at 2 threads.
+    let panels = n.div_ceil(NR);
+    let mut packed_b = vec![0.0f32; panels * NR * KC];
+    for pc in (0..k).step_by(KC) {
+        let kc = KC.min(k - pc);
+        packed_b[..panels * NR * kc]
+            .par_chunks_mut(NR * kc)
+            .enumerate()
+            .for_each(|(t, panel)| pack_b(b, ldb, pc, kc, t * NR, NR.min(n - t * NR), panel));
+        let packed_b = &packed_b[..panels * NR * kc];
+        tasks.par_iter_mut().for_each(|(r0, r1, rows, packed_a)| {
+            pack_a(a, *r0, *r1 - *r0, pc, kc, packed_a);
+            // SAFETY: the CPU has AVX-512F (checked above); every pointer the kernel is
+            // given is inside `packed_a`, `packed_b` or this task's rows of C, as `block`
+            // sizes them.
+            unsafe {
+                block(
+                    (*r0, *r1, n, kc),
+                    packed_a,
+                    packed_b,
+                    rows,
+                    ldc,
+                    part,
+                    accumulate || pc > 0,
+                )
+            }
+        });
+    }
+}
+
+/// Whether the packed kernel runs: AVX-512F detected, and `REGMEAN_CPU_GEMM` not `faer`
+/// (which hands every product to faer, to compare the two on one machine).
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static USE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *USE.get_or_init(|| {
+            std::env::var_os("REGMEAN_CPU_GEMM").is_none_or(|v| v != "faer")
+                && std::arch::is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Row ranges of C, one per task, multiples of `MR`, of about equal work: equal rows for a
+/// full product, equal triangle areas (boundaries at m·√(t/T)) for a lower one. Twice the
+/// threads, so that a core slowed by other work does not hold the whole product back.
+fn row_chunks(m: usize, part: Part, threads: usize) -> Vec<(usize, usize)> {
+    let tasks = if threads <= 1 { 1 } else { 2 * threads };
+    let tasks = tasks.min(m.div_ceil(MR)).max(1);
+    let mut bounds = vec![0usize];
+    for t in 1..tasks {
+        let f = t as f64 / tasks as f64;
+        let at = match part {
+            Part::Full => f * m as f64,
+            Part::Lower => f.sqrt() * m as f64,
+        };
+        let at = ((at / MR as f64).round() as usize * MR).min(m);
+        if at > *bounds.last().unwrap() {
+            bounds.push(at);
+        }
+    }
+    if *bounds.last().unwrap() < m {
+        bounds.push(m);
+    }
+    bounds.windows(2).map(|w| (w[0], w[1])).collect()
+}
+
+/// One block of k (`kc` deep) of rows `r0..r1` of C (`c` starts at row r0), from their
+/// packed A and all of B packed, single-threaded: per `NC` columns of B (which stay in L2),
+/// each A micro-panel (in L1) against each B micro-panel.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `c` must hold rows `r0..r1` of C with stride `ldc`;
+/// `packed_a` holds the rows' micro-panels and `packed_b` every column's, `kc` deep.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+unsafe fn block(
+    (r0, r1, n, kc): (usize, usize, usize, usize),
+    packed_a: &[f32],
+    packed_b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    part: Part,
+    add: bool,
+) {
+    let rows = r1 - r0;
+    let lower = part == Part::Lower;
+    // A lower triangle's rows r0..r1 need only the columns below r1.
+    let n_here = if lower { n.min(r1) } else { n };
+    for jc in (0..n_here).step_by(NC) {
+        let nc = NC.min(n_here - jc);
+        let block_b = &packed_b[jc * kc..(jc + nc.div_ceil(NR) * NR) * kc];
+        for (q, panel_a) in packed_a
+            .chunks_exact(MR * kc)
+            .take(rows.div_ceil(MR))
+            .enumerate()
+        {
+            let i0 = q * MR;
+            let mr = MR.min(rows - i0);
+            // Global row of this tile's first row, for the triangle.
+            let gi0 = r0 + i0;
+            for (t, panel_b) in block_b.chunks_exact(NR * kc).enumerate() {
+                let j0 = jc + t * NR;
+                let nr = NR.min(nc - t * NR);
+                if lower && j0 > gi0 + mr - 1 {
+                    break; // this and every later tile wholly above the diagonal
+                }
+                let cut = lower && j0 + nr - 1 > gi0;
+                let tile = c.as_mut_ptr().add(i0 * ldc + j0);
+                if mr == MR && nr == NR && !cut {
+                    kernel(kc, panel_a.as_ptr(), panel_b.as_ptr(), tile, ldc, add);
+                } else {
+                    let mut tmp = [0.0f32; MR * NR];
+                    kernel(
+                        kc,
+                        panel_a.as_ptr(),
+                        panel_b.as_ptr(),
+                        tmp.as_mut_ptr(),
+                        NR,
+                        false,
+                    );
+                    for i in 0..mr {
+                        let cols = if lower {
+                            nr.min((gi0 + i + 1).saturating_sub(j0))
+                        } else {
+                            nr
+                        };
+                        let dst = tile.add(i * ldc);
+                        for j in 0..cols {
+                            let v = tmp[i * NR + j];
+                            *dst.add(j) = if add { *dst.add(j) + v } else { v };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0+rows`, columns `pc..pc+kc` of A into `MR`-row micro-panels `[kc][MR]`, the
+/// rows past the end zero.
+fn pack_a(a: Lhs<'_>, r0: usize, rows: usize, pc: usize, kc: usize, out: &mut [f32]) {
+    for (q, panel) in out
+        .chunks_exact_mut(MR * kc)
+        .take(rows.div_ceil(MR))
+        .enumerate()
+    {
+        let i0 = r0 + q * MR;
+        let mr = MR.min(rows - q * MR);
+        match a {
+            Lhs::RowMajor { data, ld } => {
+                // A transpose, 16 columns at a time through a small tile: writing the panel
+                // element by element at a stride of MR is compiled into scatters, which cost
+                // a sixth of a linear layer's time.
+                let mut tile = [[0.0f32; 16]; MR];
+                for p0 in (0..kc).step_by(16) {
+                    let w = 16.min(kc - p0);
+                    for (i, t) in tile.iter_mut().enumerate().take(mr) {
+                        let at = (i0 + i) * ld + pc + p0;
+                        // A fixed length where it can be: a copy of `w` is a memmove call.
+                        if w == 16 {
+                            *t = data[at..at + 16].try_into().unwrap();
+                        } else {
+                            t[..w].copy_from_slice(&data[at..at + w]);
+                        }
+                    }
+                    for pp in 0..w {
+                        let dst = &mut panel[(p0 + pp) * MR..(p0 + pp + 1) * MR];
+                        for (i, d) in dst.iter_mut().enumerate() {
+                            *d = if i < mr { tile[i][pp] } else { 0.0 };
+                        }
+                    }
+                }
+            }
+            Lhs::Transposed { data, ld } => {
+                for p in 0..kc {
+                    let at = (pc + p) * ld + i0;
+                    let dst = &mut panel[p * MR..(p + 1) * MR];
+                    if mr == MR {
+                        let src: &[f32; MR] = data[at..at + MR].try_into().unwrap();
+                        dst.copy_from_slice(src);
+                    } else {
+                        dst[..mr].copy_from_slice(&data[at..at + mr]);
+                        dst[mr..].fill(0.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows `pc..pc+kc`, columns `j0..j0+nr` of B into one micro-panel `[kc][NR]`, the columns
+/// past `nr` zero.
+fn pack_b(b: &[f32], ldb: usize, pc: usize, kc: usize, j0: usize, nr: usize, panel: &mut [f32]) {
+    for p in 0..kc {
+        let at = (pc + p) * ldb + j0;
+        let dst = &mut panel[p * NR..(p + 1) * NR];
+        // A fixed length where it can be: a copy of `nr` is a memmove call.
+        if nr == NR {
+            let src: &[f32; NR] = b[at..at + NR].try_into().unwrap();
+            dst.copy_from_slice(src);
+        } else {
+            dst[..nr].copy_from_slice(&b[at..at + nr]);
+            dst[nr..].fill(0.0);
+        }
+    }
+}
+
+/// The 12 × 32 micro-kernel: `C (+)= Σ_p a[p][0..12] ⊗ b[p][0..32]` over `kc` steps.
+///
+/// # Safety
+/// AVX-512F; `a` holds `kc·MR` floats, `b` `kc·NR`, and `c` rows of `NR` floats at stride
+/// `ldc` for 12 rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    if add {
+        // C's tile is read only at the end, and is rarely in cache (C is larger than L2):
+        // fetching it now hides that latency behind the k loop.
+        for i in 0..MR {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.add(i * ldc + 16) as *const i8);
+        }
+    }
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let b0 = _mm512_loadu_ps(b);
+        let b1 = _mm512_loadu_ps(b.add(16));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*a.add(i));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+        a = a.add(MR);
+        b = b.add(NR);
+    }
+    for (i, row) in acc.iter().enumerate() {
+        let dst = c.add(i * ldc);
+        if add {
+            _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), row[0]));
+            _mm512_storeu_ps(
+                dst.add(16),
+                _mm512_add_ps(_mm512_loadu_ps(dst.add(16)), row[1]),
+            );
+        } else {
+            _mm512_storeu_ps(dst, row[0]);
+            _mm512_storeu_ps(dst.add(16), row[1]);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize, _: bool) {
+    unreachable!("the packed kernel runs only where AVX-512F was detected")
+}
+
+/// The same product through faer, for CPUs without AVX-512 (and the benchmark's baseline).
+#[allow(clippy::too_many_arguments)]
+pub fn faer_gemm(
+    (m, n, k): (usize, usize, usize),
+    a: Lhs<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    part: Part,
+    accumulate: bool,
+) {
+    let a = match a {
+        Lhs::RowMajor { data, ld } => {
+            MatRef::from_row_major_slice_with_stride(&data[..(m - 1) * ld + k], m, k, ld)
+        }
+        Lhs::Transposed { data, ld } => {
+            MatRef::from_row_major_slice_with_stride(&data[..(k - 1) * ld + m], k, m, ld)
+                .transpose()
+        }
+    };
+    let b = MatRef::from_row_major_slice_with_stride(&b[..(k - 1) * ldb + n], k, n, ldb);
+    let c_len = (m - 1) * ldc + n;
+    // C as the transpose of a column-major [n, m]: faer 0.24's
+    // `from_row_major_slice_with_stride_mut` swaps the two strides.
+    let dst =
+        MatMut::from_column_major_slice_with_stride_mut(&mut c[..c_len], n, m, ldc).transpose_mut();
+    let beta = if accumulate {
+        Accum::Add
+    } else {
+        Accum::Replace
+    };
+    match part {
+        Part::Full => matmul(dst, beta, a, b, 1.0, Par::rayon(0)),
+        Part::Lower => triangular::matmul(
+            dst,
+            BlockStructure::TriangularLower,
+            beta,
+            a,
+            BlockStructure::Rectangular,
+            b,
+            BlockStructure::Rectangular,
+            1.0,
+            Par::rayon(0),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Checks C against an f64 product, element by element: within `tol` of the largest
+    /// |C| where written, and exactly the old value where the part leaves C alone.
+    #[allow(clippy::too_many_arguments)]
+    fn check(
+        (m, n, k): (usize, usize, usize),
+        transposed: bool,
+        (lda, ldb, ldc): (usize, usize, usize),
+        part: Part,
+        accumulate: bool,
+        run: impl Fn(Lhs<'_>, &[f32], &mut [f32]),
+    ) {
+        let a = if transposed {
+            values(k * lda, 1)
+        } else {
+            values(m * lda, 1)
+        };
+        let b = values(k * ldb, 2);
+        let before = values(m * ldc, 3);
+        let mut c = before.clone();
+        let lhs = if transposed {
+            Lhs::Transposed { data: &a, ld: lda }
+        } else {
+            Lhs::RowMajor { data: &a, ld: lda }
+        };
+        run(lhs, &b, &mut c);
+        let at = |i: usize, p: usize| {
+            if transposed {
+                a[p * lda + i]
+            } else {
+                a[i * lda + p]
+            }
+        };
+        let mut worst = 0.0f64;
+        for i in 0..m {
+            for j in 0..ldc {
+                let old = before[i * ldc + j] as f64;
+                let got = c[i * ldc + j] as f64;
+                if j >= n || (part == Part::Lower && j > i) {
+                    assert_eq!(got, old, "({i}, {j}) outside the product changed");
+                    continue;
+                }
+                let mut want: f64 = (0..k)
+                    .map(|p| at(i, p) as f64 * b[p * ldb + j] as f64)
+                    .sum();
+                if accumulate {
+                    want += old;
+                }
+                worst = worst.max((got - want).abs());
+            }
+        }
+        // Entries are sums of k products of values in [-0.5, 0.5): f32 rounding of the
+        // partial sums grows as √k·ε; 1e-6·k bounds it with room and fails on any wrong term.
+        let tol = 1e-6 * (k as f64).max(1.0);
+        assert!(
+            worst <= tol,
+            "{m}x{n}x{k} {part:?} transposed={transposed}: error {worst:e} > {tol:e}"
+        );
+    }
+
+    fn shapes() -> Vec<(usize, usize, usize)> {
+        // Edges in every dimension: below a tile, between tiles, past KC and NC.
+        vec![
+            (1, 1, 1),
+            (5, 7, 3),
+            (12, 32, 16),
+            (13, 33, 17),
+            (40, 70, 400),
+            (97, 545, 385),
+            (200, 64, 800),
+        ]
+    }
+
+    #[test]
+    fn products_match_f64_in_every_layout_part_and_edge() {
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for (m, n, k) in shapes() {
+                    for transposed in [false, true] {
+                        for accumulate in [false, true] {
+                            let lds = (if transposed { m + 3 } else { k + 3 }, n + 5, n + 2);
+                            check(
+                                (m, n, k),
+                                transposed,
+                                lds,
+                                Part::Full,
+                                accumulate,
+                                |a, b, c| {
+                                    gemm((m, n, k), a, b, lds.1, c, lds.2, Part::Full, accumulate)
+                                },
+                            );
+                            let sq = (m, m, k);
+                            let lds = (if transposed { m + 1 } else { k + 1 }, m, m + 3);
+                            check(sq, transposed, lds, Part::Lower, accumulate, |a, b, c| {
+                                gemm(sq, a, b, lds.1, c, lds.2, Part::Lower, accumulate)
+                            });
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn faer_fallback_computes_the_same_products() {
+        for (m, n, k) in shapes() {
+            for transposed in [false, true] {
+                let lds = (if transposed { m } else { k }, n, n);
+                check((m, n, k), transposed, lds, Part::Full, true, |a, b, c| {
+                    faer_gemm((m, n, k), a, b, lds.1, c, lds.2, Part::Full, true)
+                });
+                let lds = (if transposed { m } else { k }, m, m);
+                check((m, m, k), transposed, lds, Part::Lower, false, |a, b, c| {
+                    faer_gemm((m, m, k), a, b, lds.1, c, lds.2, Part::Lower, false)
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_k_zeroes_or_keeps_c() {
+        let empty = |c: &mut [f32], accumulate| {
+            let none = Lhs::RowMajor { data: &[], ld: 0 };
+            gemm((2, 3, 0), none, &[], 3, c, 3, Part::Full, accumulate)
+        };
+        let mut c = vec![1.0f32; 6];
+        empty(&mut c, true);
+        assert_eq!(c, vec![1.0; 6]);
+        empty(&mut c, false);
+        assert_eq!(c, vec![0.0; 6]);
+    }
+
+    #[test]
+    fn lower_chunks_cover_the_rows_in_multiples_of_the_tile() {
+        for m in [1, 11, 12, 768, 3072, 1601] {
+            for part in [Part::Full, Part::Lower] {
+                let c = row_chunks(m, part, 2);
+                assert_eq!(c.first().unwrap().0, 0);
+                assert_eq!(c.last().unwrap().1, m);
+                for w in c.windows(2) {
+                    assert_eq!(w[0].1, w[1].0);
+                    assert_eq!(w[0].1 % MR, 0);
+                }
+            }
+        }
+    }
+}
