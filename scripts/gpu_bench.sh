@@ -10,8 +10,19 @@
 #                     engine against cuda on the W-CLIP8 models with 32 images each
 #   bench-gpt2.log    W-GPT2-7 (7 × GPT-2 small, 256 sequences of 16–128 tokens), the same
 #   (each log ends with the page-locked ring against pageable copies: REGMEAN_STAGING=0)
+#   bench-llama-1b.log, bench-llama-8b.log
+#                     the decoder LLMs on cuda (unverified on a GPU until these pass):
+#                     llama-1b (Llama-3.2-1B shapes, random weights, 4 tasks × 256 × 1,024
+#                     tokens) and, only when LLAMA_8B=1, llama-8b (8B shapes, 2 tasks × 64 ×
+#                     2,048): regmean-gpu against benches/llama_small.py's MergeBench-faithful
+#                     RegMean (llama-1b) and its skilled PyTorch one, on the GPU; each run is
+#                     synthesis + merges, bounded by LLAMA_TIMEOUT (540 s) so that it fits
+#                     one 10-minute device command: run llama-8b as a command of its own
+#                     (ONLY=llama LLAMA_8B=1 SKIP_LLAMA_1B=1), it writes 48 GB under
+#                     LLAMA_WORK (/tmp) and deletes them after
 # Environment: REPEAT_CLIP (2), REPEAT_GPT2 (1), REPEAT_AB (3), BENCH_TIMEOUT (240 s per workload),
-# SKIP_CPU=1 (no CPU engine run), SKIP_BENCH=1 (only the memory and profile runs).
+# SKIP_CPU=1 (no CPU engine run), SKIP_BENCH=1 (only the memory and profile runs), ONLY=llama
+# (only the decoder runs), SKIP_LLAMA_1B=1, LLAMA_8B=1, LLAMA_TIMEOUT, LLAMA_WORK.
 set -uo pipefail
 bundle=${1:-gpu-bundle}
 out=${OUT:-gpu-logs}
@@ -66,6 +77,17 @@ staging_ab() { # workload log
   cat "/tmp/ab-$1.log" >> "$out/$2"
 }
 
+# The decoder LLMs on cuda: synthesis (on the GPU) and the merges, time-boxed.
+llama_bench() { # workload log impls baseline-dtype
+  local work=${LLAMA_WORK:-/tmp}/$1
+  timeout "${LLAMA_TIMEOUT:-540}" "$py" benches/llama_small.py --workload "$1" --device cuda \
+    --repeats 1 --threads "$threads" --bin "$bin" --impls "$3" --baseline-dtype "$4" \
+    --work "$work" > "$out/$2" 2>&1
+  echo "== $1: exit $? (124: past LLAMA_TIMEOUT)"; tail -n 24 "$out/$2"
+  rm -rf "$work"
+}
+
+if [ "${ONLY:-}" != llama ]; then
 bench clip8 bench-clip8.log "${REPEAT_CLIP:-2}"
 staging_ab clip8 bench-clip8.log
 
@@ -102,3 +124,17 @@ echo "== memory and cpu"; tail -n 8 /tmp/memory-cpu.log
 
 bench gpt2-7 bench-gpt2.log "${REPEAT_GPT2:-1}"
 staging_ab gpt2-7 bench-gpt2.log
+fi
+
+if [ -z "${SKIP_LLAMA_1B:-}" ]; then
+  llama_bench llama-1b bench-llama-1b.log regmean-gpu,mergebench,skilled float32
+fi
+# llama-8b: MergeBench's per-module float32 Grams and Σ G'W would not fit beside the model
+# (≈ 140 GB), so only the skilled baseline runs, its model in bfloat16. regmean-gpu merges a
+# decoder one whole model at a time (the layer-wise schedule does not take decoders yet):
+# napkin math puts its device memory at 8B shapes (f32 Σ G' ≈ 33 GB, Σ G'W and Σ W ≈ 60 GB,
+# one model's Grams ≈ 33 GB, its fp16 weights 16 GB) near or past one H200's 139 GB, so
+# this run may end in the engine's out-of-memory line; that is a result worth recording.
+if [ -n "${LLAMA_8B:-}" ]; then
+  llama_bench llama-8b bench-llama-8b.log regmean-gpu,skilled bfloat16
+fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds what the GPU check needs on a machine without Rust: the release binary, the GPU
-# test binary and the kernel benchmark, with every kernel compiled in, into gpu-bundle/
+# test binaries (tests/gpu.rs, tests/gpu_decoder.rs) and the kernel benchmark, with every kernel compiled in, into gpu-bundle/
 # (git-ignored). Then, on the GPU machine, from the repository root:
 #   bash scripts/gpu_check.sh gpu-bundle
 set -euo pipefail
@@ -17,11 +17,13 @@ for l in sys.stdin:
         print(m["executable"])' "$name"
 }
 test_bin=$(executable test --release --no-run --test gpu gpu)
+decoder_test_bin=$(executable test --release --no-run --test gpu_decoder gpu_decoder)
 capi_test_bin=$(executable test --release --no-run -p regmean-gpu-capi --test capi_gpu capi_gpu)
 bench_bin=$(executable bench --no-run --bench kernels kernels)
 rm -rf gpu-bundle && mkdir gpu-bundle
 cp target/release/regmean-gpu gpu-bundle/
 cp "$test_bin" gpu-bundle/gpu-tests
+cp "$decoder_test_bin" gpu-bundle/gpu-decoder-tests
 cp "$capi_test_bin" gpu-bundle/capi-gpu-tests
 cp "$bench_bin" gpu-bundle/kernel-bench
 strip gpu-bundle/* 2>/dev/null || true

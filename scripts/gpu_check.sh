@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check, in one run, over carried binaries (see scripts/gpu_bundle.sh):
 #   1. where the driver, cuBLAS and cuSOLVER live;  2. `doctor` (every kernel against its
-#   CPU twin);  3. the GPU tests (the forward layer by layer, merges);  4. `merge --device
-#   cuda` of the tiny test pools against `--device cpu`, in float32 (to 1e-4) and float16
-#   (to 1e-2);  5. the kernel benchmark (`cargo bench --bench kernels`, carried as
+#   CPU twin);  3. the GPU tests (the forward layer by layer, merges; tests/gpu.rs and
+#   tests/gpu_decoder.rs);  4. `merge --device cuda` of the tiny test pools against
+#   `--device cpu`, in float32 (to 1e-4) and float16 (to 1e-2), the decoder LLM pools as a
+#   step of their own;  5. the kernel benchmark (`cargo bench --bench kernels`, carried as
 #   kernel-bench: doctor's kernel checks, then the GPU and CPU kernel timings).
-# Five files go to $OUT (or gpu-logs/); a summary table is printed last. Run from the repo root:
+# One log per step goes to $OUT (or gpu-logs/); a summary table is printed last. Run from the repo root:
 #   bash scripts/gpu_check.sh [BUNDLE_DIR]
 # STEPS="doctor gpu-tests" runs only the steps named; STEP_TIMEOUT bounds each (150 s).
 set -uo pipefail
@@ -46,6 +47,12 @@ gpu_tests() { # the GPU tests are #[ignore]d where cargo test runs; here they mu
   local log
   log=$(env REGMEAN_REPO="$PWD" REGMEAN_BIN="$(realpath "$bin")" REGMEAN_REQUIRE_GPU=1 \
     "$bundle/gpu-tests" --include-ignored --nocapture --test-threads=1 2>&1); local rc=$?
+  # The decoder LLMs' CUDA forward pass and merges (tests/gpu_decoder.rs), where the
+  # bundle has them.
+  if [ -x "$bundle/gpu-decoder-tests" ]; then
+    log+=$'\n'$(env REGMEAN_REPO="$PWD" REGMEAN_BIN="$(realpath "$bin")" REGMEAN_REQUIRE_GPU=1 \
+      "$bundle/gpu-decoder-tests" --include-ignored --nocapture --test-threads=1 2>&1) || rc=1
+  fi
   # The C ABI's CUDA test (capi/tests/capi_gpu.rs), where the bundle has it.
   if [ -x "$bundle/capi-gpu-tests" ]; then
     log+=$'\n'$(env REGMEAN_REQUIRE_GPU=1 "$bundle/capi-gpu-tests" --include-ignored \
@@ -62,6 +69,9 @@ merge_pair() { # pool config: the whole merge on cuda against cpu, float32 and f
   "$bin" compare "$tmp/f32" "$tmp/cpu" --tol 1e-4 -v &&
   "$bin" merge "tests/fixtures/$1/$2" "$tmp/f16" --device cuda --precision float16 &&
   "$bin" compare "$tmp/f16" "$tmp/cpu" --tol 1e-2
+}
+decoder_merges() { # the decoder LLMs' merge on cuda (unverified on a GPU until this passes)
+  merge_pair llm/llama_pool default.yaml && merge_pair llm/qwen2_pool default.yaml
 }
 merges() {
   merge_pair gpt2_pool compat.yaml && merge_pair gpt2_pool default.yaml &&
@@ -81,11 +91,12 @@ evals() { # eval on cuda (float32) against cpu: the same accuracy per task; merg
   "$bin" merge tests/fixtures/eval/clip/merge_folder.yaml /tmp/eval-merged --force \
     --device cuda --eval --compare-average
 }
-export -f has_gpu doctor gpu_tests bench merge_pair merges evals
+export -f has_gpu doctor gpu_tests bench merge_pair merges decoder_merges evals
 export bin bundle
 step doctor doctor
 step gpu-tests gpu_tests
 step merge-cuda-vs-cpu merges
+step decoder-merge-cuda-vs-cpu decoder_merges
 step eval-cuda-vs-cpu evals
 step kernel-bench bench
 

@@ -10,8 +10,9 @@ use crate::error::Result;
 use crate::model::llama_config;
 use crate::progress::{Event, Observer};
 
-/// The device `device` names for a run on `model` (`None`: the CPU engine). Decoder LLMs run
-/// on the CPU engine: `auto` says so in a note, a GPU is refused.
+/// The device `device` names for a run on `model` (`None`: the CPU engine). For decoder
+/// LLMs `auto` keeps the CPU engine (their verified path) and says so in a note; `cuda`
+/// runs them on the GPU with a note that this path is unverified on a GPU.
 pub fn select_device(
     device: &str,
     model: &Path,
@@ -19,11 +20,11 @@ pub fn select_device(
 ) -> Result<Option<Arc<CudaDevice>>> {
     let mut choice = device.parse::<DeviceChoice>()?;
     if llama_config::is_decoder_dir(model) {
-        let (cpu, notice) = decoder_device(choice)?;
+        let (chosen, notice) = decoder_device(choice);
         if let Some(n) = notice {
             observer.event(Event::Note(n.to_string()));
         }
-        choice = cpu;
+        choice = chosen;
     }
     cuda::select(choice)
 }
@@ -47,18 +48,39 @@ macro_rules! with_backend {
     };
 }
 
-/// The device a run on a decoder LLM uses: the CPU engine, the only one with their
-/// operations for now. `auto` picks it, with the notice returned; a GPU is refused.
-pub fn decoder_device(choice: DeviceChoice) -> Result<(DeviceChoice, Option<&'static str>)> {
+/// What `auto` says when it keeps a decoder LLM on the CPU engine.
+pub const DECODER_AUTO_NOTE: &str =
+    "decoder LLMs run on the CPU engine (their verified path) under --device auto: --device cuda runs them on a GPU, unverified";
+
+/// What `--device cuda` says for a decoder LLM.
+pub const DECODER_CUDA_NOTE: &str =
+    "the CUDA forward pass of decoder LLMs is unverified on a GPU: check its output against --device cpu (regmean-gpu compare)";
+
+/// The device a run on a decoder LLM uses, with the one-line notice to show. `auto` picks
+/// the CPU engine, the verified path; an explicit GPU is used, with a notice that the CUDA
+/// decoder forward pass has not been verified on a GPU yet.
+pub fn decoder_device(choice: DeviceChoice) -> (DeviceChoice, Option<&'static str>) {
     match choice {
-        DeviceChoice::Cpu => Ok((DeviceChoice::Cpu, None)),
-        DeviceChoice::Auto => Ok((
-            DeviceChoice::Cpu,
-            Some("decoder LLMs run on the CPU engine for now: --device auto chose cpu"),
-        )),
-        DeviceChoice::Cuda(n) => Err(crate::backend::decoder_ops_unsupported(
-            &format!("cuda:{n}"),
-            "the decoder forward pass",
-        )),
+        DeviceChoice::Cpu => (DeviceChoice::Cpu, None),
+        DeviceChoice::Auto => (DeviceChoice::Cpu, Some(DECODER_AUTO_NOTE)),
+        DeviceChoice::Cuda(n) => (DeviceChoice::Cuda(n), Some(DECODER_CUDA_NOTE)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoders_stay_on_the_cpu_under_auto_and_run_on_cuda_with_a_notice_when_asked() {
+        assert_eq!(decoder_device(DeviceChoice::Cpu), (DeviceChoice::Cpu, None));
+        let (auto, note) = decoder_device(DeviceChoice::Auto);
+        assert_eq!(auto, DeviceChoice::Cpu);
+        assert!(note.is_some_and(|n| n.contains("verified path") && n.contains("--device auto")));
+        for n in [0, 3] {
+            let (gpu, note) = decoder_device(DeviceChoice::Cuda(n));
+            assert_eq!(gpu, DeviceChoice::Cuda(n));
+            assert!(note.is_some_and(|n| n.contains("unverified on a GPU")));
+        }
     }
 }

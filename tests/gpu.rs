@@ -9,8 +9,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    assert_mentions, assert_model_matches, copy_dir, fixtures, i64_tensor, rel_err,
-    rewrite_safetensors, Pool,
+    assert_gpu_matches, assert_mentions, assert_model_matches, copy_dir, fixtures,
+    gpu_merges_match_the_cpu, gpu_or_skip, i64_tensor, rel_err, rewrite_safetensors, Pool,
 };
 use regmean_gpu::backend::cuda::{self, CudaDevice};
 use regmean_gpu::backend::{Backend, CpuBackend, CudaBackend, Precision};
@@ -19,21 +19,6 @@ use regmean_gpu::io::{Checkpoint, Dtype, SafetensorsFile};
 use regmean_gpu::model::{linear_in_out, Batch, ForwardHooks, Model, ModelConfig};
 use regmean_gpu::progress::Silent;
 use regmean_gpu::regmean::{merge, MergeOptions};
-
-fn gpu_or_skip(test: &str) -> bool {
-    match cuda::probe().unavailable_reason() {
-        Some(why) if std::env::var("REGMEAN_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("{test}: REGMEAN_REQUIRE_GPU=1 but no GPU can be used: {why}")
-        }
-        Some(why) => {
-            // Written straight to stderr: the test harness captures eprintln! of passing tests.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-            false
-        }
-        None => true,
-    }
-}
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
@@ -129,17 +114,9 @@ fn cuda_forward_matches_the_cpu_engine_layer_by_layer() {
             let gpu = hidden_states(&CudaBackend::new(dev.clone(), precision), &ckpt, &batch);
             assert_eq!(gpu.len(), cpu.len());
             for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
-                let e = rel_err(g, c);
-                let t = rel_err(g, &want.to_f32(&format!("hidden_states.{i}")).unwrap());
-                eprintln!(
-                    "{fixture} {} hidden_states.{i}: vs cpu {e:.2e}, vs transformers {t:.2e}",
-                    precision.name()
-                );
-                assert!(
-                    e <= tol,
-                    "{fixture} {precision:?} hidden_states.{i}: {e:.3e}"
-                );
-                assert!(t <= tol, "{fixture} {precision:?} vs transformers: {t:.3e}");
+                let name = format!("hidden_states.{i}");
+                let label = format!("{fixture} {} {name}", precision.name());
+                assert_gpu_matches(&label, g, c, &want.to_f32(&name).unwrap(), tol);
             }
         }
     }
@@ -160,36 +137,9 @@ fn merge_on_cuda_matches_the_cpu_engine() {
         ("clip_pool", "default.yaml"),
     ] {
         let cfg = MergeConfig::load(&fixtures().join(pool).join(config)).unwrap();
-        gpu_merges_match_the_cpu(&dev, cfg, &format!("{pool}/{config}"), |report| {
+        gpu_merges_match_the_cpu(&dev, cfg, &format!("{pool}/{config}"), None, |report| {
             assert!(report.peak_device_bytes.is_some())
         });
-    }
-}
-
-/// Merges `cfg` on the CPU, then on the GPU in float32 (≤ 1e-4) and float16 (≤ 1e-2), and
-/// compares; `check` looks at each GPU merge's report.
-fn gpu_merges_match_the_cpu(
-    dev: &std::sync::Arc<CudaDevice>,
-    mut cfg: MergeConfig,
-    label: &str,
-    check: impl Fn(&regmean_gpu::regmean::MergeReport),
-) {
-    let tmp = tempfile::tempdir().unwrap();
-    let cpu = tmp.path().join("cpu");
-    merge(&CpuBackend, &cfg, &cpu, &MergeOptions::default(), &Silent).unwrap();
-    for (precision, tol) in [(Precision::Float32, 1e-4), (Precision::Float16, 1e-2)] {
-        cfg.parameters.precision = precision;
-        let gpu = tmp.path().join(precision.name());
-        let backend = CudaBackend::new(dev.clone(), precision);
-        let opts = MergeOptions {
-            device: Some(dev.clone()),
-            ..MergeOptions::default()
-        };
-        let report = merge(&backend, &cfg, &gpu, &opts, &Silent).unwrap();
-        assert!(report.fallbacks.is_empty());
-        check(&report);
-        eprint!("{label} {}: ", precision.name());
-        assert_model_matches(&gpu, &cpu.join("model.safetensors"), tol);
     }
 }
 
@@ -216,7 +166,7 @@ fn layerwise_merge_on_cuda_matches_the_cpu_engine() {
         layer(&fixtures().join("clip_pool/compat.yaml")),
     ] {
         let label = format!("{:?}", cfg.merge_method);
-        gpu_merges_match_the_cpu(&dev, cfg, &label, |report| {
+        gpu_merges_match_the_cpu(&dev, cfg, &label, None, |report| {
             assert!(report.activation_cache.is_some(), "ran layer by layer")
         });
     }

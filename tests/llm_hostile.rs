@@ -120,17 +120,40 @@ fn sliding_windows_shorter_than_the_data_are_refused() {
 }
 
 #[test]
-fn a_gpu_is_refused_for_decoder_llms_for_now() {
+fn cuda_for_a_decoder_llm_says_it_is_unverified_and_fails_cleanly_without_a_gpu() {
+    if regmean_gpu::backend::cuda::probe()
+        .unavailable_reason()
+        .is_none()
+    {
+        // With a GPU the merge runs: tests/gpu_decoder.rs checks it against the CPU engine.
+        return;
+    }
     let pool = llama_pool();
     let out = pool.path("merged");
     let o = pool.merge("default.yaml", &out, &["--device", "cuda"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("unverified on a GPU").count(),
+        1,
+        "one line says the CUDA decoder path is unverified: {stderr}"
+    );
+    assert_mentions(&stderr, &["--device cuda", "--device cpu"]);
+    assert!(!out.exists());
+}
+
+#[test]
+fn auto_keeps_a_decoder_llm_on_the_cpu_engine_and_says_so() {
+    let pool = llama_pool();
+    let out = pool.path("merged");
+    let o = pool.merge("default.yaml", &out, &["--device", "auto"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
     assert!(
-        stderr.contains("decoder LLMs (llama, mistral, qwen2, qwen3) run on --device cpu for now"),
+        stderr.contains(regmean_gpu::device::DECODER_AUTO_NOTE),
         "{stderr}"
     );
-    assert!(!out.exists());
+    assert!(out.join("model.safetensors").exists());
 }
 
 #[test]

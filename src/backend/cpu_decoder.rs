@@ -56,8 +56,21 @@ pub fn rms_norm_columns(
     Ok(())
 }
 
-/// RoPE on the heads within columns `cols`: the angles are `inv_freq[i]·position` in f32,
-/// as transformers forms them, their cosine and sine taken in f64 and rounded.
+/// The `[seq, inv_freq.len()]` (cos, sin) of RoPE's angles `inv_freq[i]·position`, formed
+/// in f32 as transformers forms them, their cosine and sine taken in f64 and rounded. The
+/// CUDA backend uploads the same table, so both engines rotate by the same angles.
+pub(crate) fn rope_table(seq: usize, inv_freq: &[f32]) -> Vec<(f32, f32)> {
+    (0..seq)
+        .flat_map(|p| {
+            inv_freq.iter().map(move |&f| {
+                let angle = (f * p as f32) as f64;
+                (angle.cos() as f32, angle.sin() as f32)
+            })
+        })
+        .collect()
+}
+
+/// RoPE on the heads within columns `cols`, by the angles of [`rope_table`].
 pub fn rotary(
     x: &mut CpuTensor,
     cols: Range<usize>,
@@ -77,14 +90,7 @@ pub fn rotary(
             )
         },
     )?;
-    let table: Vec<(f32, f32)> = (0..seq)
-        .flat_map(|p| {
-            inv_freq.iter().map(move |&f| {
-                let angle = (f * p as f32) as f64;
-                (angle.cos() as f32, angle.sin() as f32)
-            })
-        })
-        .collect();
+    let table = rope_table(seq, inv_freq);
     let width = x.cols;
     x.data
         .par_chunks_mut(width.max(1))

@@ -39,3 +39,19 @@ pub(super) fn check(name: String, got: &[f64], want: &[f64], tolerance: f64) -> 
 pub(super) fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|x| *x as f64).collect()
 }
+
+/// One check per op: the GPU's output against the CPU engine's, named `{op} {label}`.
+pub(super) fn compare_ops(
+    gpu: Vec<(&str, Vec<f32>)>,
+    cpu: Vec<(&str, Vec<f32>)>,
+    label: &str,
+    tol: f64,
+) -> Vec<Check> {
+    let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
+    gpu.into_iter()
+        .zip(cpu)
+        .map(|((name, got), (_, want))| {
+            check(format!("{name} {label}"), &f64s(got), &f64s(want), tol)
+        })
+        .collect()
+}

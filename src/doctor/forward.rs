@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::compare::{check, Check};
+use super::compare::{compare_ops, Check};
 use crate::backend::cuda::CudaDevice;
 use crate::backend::{
     Activation, AttentionShape, Backend, CpuBackend, CudaBackend, GramUpdate, Precision,
@@ -19,6 +19,23 @@ use crate::error::Result;
 /// only in summation order; f16 outputs carry one fp16 rounding (2⁻¹¹ relative) on top.
 const TOL_F32: f64 = 1e-5;
 const TOL_F16: f64 = 3e-3;
+
+/// The tolerance of an op's check in `precision`.
+pub(super) fn tolerance(precision: Precision) -> f64 {
+    match precision {
+        Precision::Float32 => TOL_F32,
+        Precision::Float16 => TOL_F16,
+    }
+}
+
+/// `n` normal values of deviation `std`, rounded to what `precision` can hold.
+pub(super) fn representable(rng: &mut Rng, n: usize, std: f32, precision: Precision) -> Vec<f32> {
+    let x = rng.normals(n, std);
+    match precision {
+        Precision::Float32 => x,
+        Precision::Float16 => x.into_iter().map(|v| f16::from_f32(v).to_f32()).collect(),
+    }
+}
 
 /// Random inputs for every op, already representable in the precision under test.
 struct Inputs {
@@ -64,13 +81,7 @@ const PATCH: usize = 4;
 
 impl Inputs {
     fn new(rng: &mut Rng, precision: Precision) -> Self {
-        let mut v = |n: usize, std: f32| -> Vec<f32> {
-            let x = rng.normals(n, std);
-            match precision {
-                Precision::Float32 => x,
-                Precision::Float16 => x.into_iter().map(|v| f16::from_f32(v).to_f32()).collect(),
-            }
-        };
+        let mut v = |n: usize, std: f32| representable(rng, n, std, precision);
         let qkv = |s: &AttentionShape| s.batch * s.seq * 3 * s.heads * s.head_dim;
         let mut inputs = Inputs {
             x: v(ROWS * D_IN, 1.0),
@@ -194,19 +205,12 @@ pub fn check_forward_ops(dev: &Arc<CudaDevice>, rng: &mut Rng) -> Result<Vec<Che
         let inputs = Inputs::new(rng, precision);
         let gpu = run_ops(&CudaBackend::new(dev.clone(), precision), &inputs)?;
         let cpu = run_ops(&CpuBackend, &inputs)?;
-        let tol = match precision {
-            Precision::Float32 => TOL_F32,
-            Precision::Float16 => TOL_F16,
-        };
-        for ((name, got), (_, want)) in gpu.into_iter().zip(cpu) {
-            let f64s = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<_>>();
-            checks.push(check(
-                format!("{name} [{}]", precision.name()),
-                &f64s(got),
-                &f64s(want),
-                tol,
-            ));
-        }
+        checks.extend(compare_ops(
+            gpu,
+            cpu,
+            &format!("[{}]", precision.name()),
+            tolerance(precision),
+        ));
     }
     Ok(checks)
 }

@@ -5,6 +5,7 @@
 
 mod bench;
 mod compare;
+mod decoder;
 mod forward;
 mod kernels;
 
@@ -78,6 +79,7 @@ pub fn run(bench: bool, say: &dyn Fn(&str)) -> Result<Report> {
     checks.push(check_device_gram(&dev, &mut rng, false)?);
     checks.push(check_sums_and_solve(&dev, &mut rng)?);
     checks.extend(forward::check_forward_ops(&dev, &mut rng)?);
+    checks.extend(decoder::check_decoder_ops(&dev, &mut rng)?);
     for c in &checks {
         say(&format!(
             "  {:<44} {}  worst rel err {:.2e} (tol {:.0e})",

@@ -246,3 +246,71 @@ pub fn assert_mentions(msg: &str, parts: &[&str]) {
         assert!(msg.contains(p), "`{msg}` should mention `{p}`");
     }
 }
+
+/// Whether a GPU test can run here: false (with a SKIPPED line) without a usable GPU, a
+/// panic instead when `REGMEAN_REQUIRE_GPU=1` (scripts/gpu_check.sh, where skipping is
+/// failing).
+pub fn gpu_or_skip(test: &str) -> bool {
+    match regmean_gpu::backend::cuda::probe().unavailable_reason() {
+        Some(why) if std::env::var("REGMEAN_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("{test}: REGMEAN_REQUIRE_GPU=1 but no GPU can be used: {why}")
+        }
+        Some(why) => {
+            // Written straight to stderr: the test harness captures eprintln! of passing tests.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+            false
+        }
+        None => true,
+    }
+}
+
+/// A GPU output within `tol` of the CPU engine's (`cpu`) and of the reference (`want`:
+/// transformers'), both errors printed under `label`.
+pub fn assert_gpu_matches(label: &str, gpu: &[f32], cpu: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(gpu, cpu);
+    let t = rel_err(gpu, want);
+    eprintln!("{label}: vs cpu {e:.2e}, vs transformers {t:.2e}");
+    assert!(e <= tol, "{label} vs cpu: {e:.3e}");
+    assert!(t <= tol, "{label} vs transformers: {t:.3e}");
+}
+
+/// Merges `cfg` on the CPU, then on the GPU in float32 (≤ 1e-4) and float16 (≤ 1e-2), and
+/// compares each with the CPU's merge and, when given, with `reference` (a safetensors file
+/// of the expected tensors); `check` looks at each GPU merge's report.
+pub fn gpu_merges_match_the_cpu(
+    dev: &std::sync::Arc<regmean_gpu::backend::cuda::CudaDevice>,
+    mut cfg: regmean_gpu::config::MergeConfig,
+    label: &str,
+    reference: Option<&Path>,
+    check: impl Fn(&regmean_gpu::regmean::MergeReport),
+) {
+    use regmean_gpu::backend::{CpuBackend, CudaBackend, Precision};
+    use regmean_gpu::progress::Silent;
+    use regmean_gpu::regmean::{merge, MergeOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let cpu = tmp.path().join("cpu");
+    merge(&CpuBackend, &cfg, &cpu, &MergeOptions::default(), &Silent).unwrap();
+    for (precision, tol) in [(Precision::Float32, 1e-4), (Precision::Float16, 1e-2)] {
+        cfg.parameters.precision = precision;
+        let gpu = tmp.path().join(precision.name());
+        let backend = CudaBackend::new(dev.clone(), precision);
+        let opts = MergeOptions {
+            device: Some(dev.clone()),
+            ..MergeOptions::default()
+        };
+        let report = merge(&backend, &cfg, &gpu, &opts, &Silent).unwrap();
+        assert!(report.fallbacks.is_empty());
+        check(&report);
+        eprint!("{label} {}: ", precision.name());
+        assert_model_matches(&gpu, &cpu.join("model.safetensors"), tol);
+        if let Some(reference) = reference {
+            eprint!(
+                "{label} {} against {}: ",
+                precision.name(),
+                reference.display()
+            );
+            assert_model_matches(&gpu, reference, tol);
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The [`Backend`] on a GPU: activations and weights on the device in fp16 (default) or
 //! f32, GEMMs through cuBLAS (`cublasGemmEx`, f32 accumulation), everything else in
-//! kernels/forward.cu, and the Gram of every linear input taken from the activation buffer
+//! kernels/forward.cu (the decoder LLMs' own operations: decoder.rs, kernels/decoder.cu), and the Gram of every linear input taken from the activation buffer
 //! in place. The CPU backend is its oracle (`doctor`, tests/gpu.rs).
 
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use super::device::CudaDevice;
 use super::gram::{launch_gram, running_mean_step, Activations};
 use super::launch::{c_int, check_len, elementwise, mul};
 use super::weights;
-use crate::backend::{Activation, AttentionShape, Backend, GramUpdate, Precision};
+use crate::backend::{Activation, AttentionShape, Backend, GqaShape, GramUpdate, Precision};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 use crate::model::Site;
@@ -46,10 +46,15 @@ impl CudaTensor {
     pub fn buffer(&self) -> &DeviceBuffer {
         &self.buf
     }
+
+    /// (rows, cols).
+    pub(super) fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
 }
 
 /// An element type the forward kernels come in.
-trait Elem: super::ring::Plain + ValidAsZeroBits + Unpin + 'static {
+pub(super) trait Elem: super::ring::Plain + ValidAsZeroBits + Unpin + 'static {
     const SUFFIX: &'static str;
     const CUDA_TYPE: bs::cudaDataType;
     fn view(t: &CudaTensor) -> Result<&CudaSlice<Self>>;
@@ -143,11 +148,15 @@ macro_rules! by_precision {
 /// A host row mask and its copy on the device.
 type UploadedMask = (Vec<u8>, Arc<CudaSlice<u8>>);
 
+/// A RoPE (cos, sin) table on the device, for (seq, inv_freq) (decoder.rs fills it).
+pub(super) type RopeTable = (usize, Vec<f32>, Arc<CudaSlice<f32>>);
+
 /// The forward pass on one GPU.
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
     precision: Precision,
     last_mask: std::sync::Mutex<Option<UploadedMask>>,
+    pub(super) rope_table: std::sync::Mutex<Option<RopeTable>>,
 }
 
 impl CudaBackend {
@@ -156,6 +165,7 @@ impl CudaBackend {
             dev,
             precision,
             last_mask: std::sync::Mutex::new(None),
+            rope_table: std::sync::Mutex::new(None),
         }
     }
 
@@ -174,13 +184,27 @@ impl CudaBackend {
 
     /// The forward kernel `name` for T (kernels/forward.cu: `{name}_f32`, `{name}_f16`).
     fn kernel<T: Elem>(&self, name: &str) -> Result<CudaFunction> {
-        self.dev
-            .function("forward", &format!("{name}_{}", T::SUFFIX))
+        self.kernel_in::<T>("forward", name)
+    }
+
+    /// The kernel `name` for T in the kernels/`module`.cu that provides `{name}_f32` and
+    /// `{name}_f16`.
+    pub(super) fn kernel_in<T: Elem>(
+        &self,
+        module: &'static str,
+        name: &str,
+    ) -> Result<CudaFunction> {
+        self.dev.function(module, &format!("{name}_{}", T::SUFFIX))
     }
 
     /// An op's output, left unset: every op below writes all of its output (cuBLAS with
     /// β = 0 does not read C), so zeroing it first would be a wasted pass.
-    fn output<T: Elem>(&self, rows: usize, cols: usize, what: &str) -> Result<CudaTensor> {
+    pub(super) fn output<T: Elem>(
+        &self,
+        rows: usize,
+        cols: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
         let n = mul(what, rows, cols)?;
         // SAFETY: each caller launches a kernel (or GEMM) that writes every element before
         // the tensor is returned, or returns it empty (rows·cols = 0).
@@ -190,7 +214,7 @@ impl CudaBackend {
 
     /// The mask on the device. A batch's mask is the same at every site and attention of
     /// its forward pass: it is uploaded once and reused while the host mask is unchanged.
-    fn mask_on_device(&self, mask: &[u8]) -> Result<Arc<CudaSlice<u8>>> {
+    pub(super) fn mask_on_device(&self, mask: &[u8]) -> Result<Arc<CudaSlice<u8>>> {
         let mut last = self
             .last_mask
             .lock()
@@ -894,6 +918,44 @@ impl Backend for CudaBackend {
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
         by_precision!(self.gather_rows_t(x, rows))
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        by_precision!(self.rms_norm_t(x, weight, eps))
+    }
+
+    fn rms_norm_columns(
+        &self,
+        x: &mut CudaTensor,
+        cols: std::ops::Range<usize>,
+        weight: &CudaTensor,
+        eps: f32,
+    ) -> Result<()> {
+        by_precision!(self.rms_norm_columns_t(x, cols, weight, eps))
+    }
+
+    fn rotary(
+        &self,
+        x: &mut CudaTensor,
+        cols: std::ops::Range<usize>,
+        head_dim: usize,
+        seq: usize,
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        by_precision!(self.rotary_t(x, cols, head_dim, seq, inv_freq))
+    }
+
+    fn silu_mul(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        by_precision!(self.silu_mul_t(gate_up))
+    }
+
+    fn gqa_attention(
+        &self,
+        qkv: &CudaTensor,
+        shape: GqaShape,
+        key_mask: Option<&[u8]>,
+    ) -> Result<CudaTensor> {
+        by_precision!(self.gqa_attention_t(qkv, shape, key_mask))
     }
 
     fn gram_update(

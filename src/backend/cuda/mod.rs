@@ -10,9 +10,10 @@
 //! Files, from the bottom up: `fault` (errors as users read them), `launch` (argument
 //! checks), `probe` (finding the GPU, `--device`), `ring` + `staging` (page-locked uploads),
 //! `device` (one GPU), `convert` (element-wise device conversions), then `weights`, `gram`,
-//! `solve` and `forward`.
+//! `solve`, `forward` and `decoder` (the decoder LLMs' operations of the forward pass).
 
 mod convert;
+mod decoder;
 mod device;
 pub mod fault;
 pub mod forward;
