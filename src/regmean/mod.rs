@@ -16,9 +16,9 @@ mod run;
 mod running;
 pub mod solve;
 pub mod stats;
-mod sums;
+pub(crate) mod sums;
 
-pub use gram::{compute_grams, GramAccumulator, ModelGrams, SiteGram};
+pub use gram::{compute_grams, BackendGrams, GramAccumulator, ModelGrams, SiteGram};
 pub use options::MergeOptions;
 pub use report::{describe, MergeReport, ModelReport, Timings};
 pub use run::{merge, merge_on_device};

@@ -10,8 +10,9 @@
 //! Files, from the bottom up: `fault` (errors as users read them), `launch` (argument
 //! checks), `probe` (finding the GPU, `--device`), `ring` + `staging` (page-locked uploads),
 //! `device` (one GPU), `convert` (element-wise device conversions), then `weights`, `gram`,
-//! `solve` and `forward`.
+//! `solve` and `forward`, and `arith` (the merge arithmetic of [`forward::CudaBackend`]).
 
+mod arith;
 mod convert;
 mod device;
 pub mod fault;
