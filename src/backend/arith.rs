@@ -10,13 +10,14 @@
 //! and both methods run on either device through one code path, and `regmean/` never names
 //! a device. The CPU engine implements it in `cpu_arith.rs`, the GPU in `cuda/arith.rs`.
 //!
-//! Weights reach the sums explicitly, as the backend's [`MergeArithmetic::Weight`]: the
-//! merge asks for each solved module's weight ([`MergeArithmetic::linear_weight`]) and hands
-//! it to [`MergeArithmetic::add_weighted`].
+//! Weights are passed explicitly, as the backend's [`MergeArithmetic::Weight`]: the merge
+//! makes each module's weight once ([`MergeArithmetic::linear_weight`]), builds the forward
+//! pass's fused site weights from them ([`MergeArithmetic::site_weight_from`]) and hands
+//! them to [`MergeArithmetic::add_weighted`].
 
 use crate::error::Result;
 use crate::io::Checkpoint;
-use crate::model::site::LinearModule;
+use crate::model::site::{LinearModule, Site};
 use crate::regmean::solve::SolveOutcome;
 
 use super::Backend;
@@ -75,8 +76,12 @@ pub trait MergeArithmetic: Backend {
         let gram = self.upload_gram(gram)?;
         self.add_gram(sums, gram, ratio, diag_mult)
     }
-    /// The weight of module `m` of `ckpt` as the products read it.
+    /// The weight of module `m` of `ckpt` as the products read it, made now (decoded on
+    /// the host, or on a GPU from the stored bytes).
     fn linear_weight(&self, ckpt: &Checkpoint, m: &LinearModule) -> Result<Self::Weight>;
+    /// The forward pass's `[in, Σ out]` weight of `site` (see [`Backend::site_weight`])
+    /// from the weights of its modules, `parts`, in the site's order.
+    fn site_weight_from(&self, site: &Site, parts: &[&Self::Weight]) -> Result<Self::Tensor>;
     /// Σ G'W += G'·W and Σ W += W, with the G' of the site `sums` feeds (added by
     /// [`MergeArithmetic::add_gram`] for this model).
     fn add_weighted(

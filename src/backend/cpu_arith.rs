@@ -2,13 +2,13 @@
 //! sums in host memory, folded in by `regmean::sums` and solved by `regmean::solve` (f64
 //! Cholesky with faer). Grams are finished on the host by the Gram accumulator itself.
 
-use std::sync::Arc;
-
 use super::arith::MergeArithmetic;
 use super::cpu::{CpuBackend, CpuTensor};
+use super::Backend;
 use crate::error::Result;
 use crate::io::Checkpoint;
-use crate::model::site::{take_linear_in_out, LinearModule};
+use crate::model::site::{fuse_in_out, linear_in_out, LinearModule, Site};
+use crate::profile::span;
 use crate::regmean::solve::{solve_layer, SolveOutcome};
 use crate::regmean::sums::{add_weighted, reduce_into};
 
@@ -31,7 +31,7 @@ impl MergeArithmetic for CpuBackend {
     type SiteSums = CpuSiteSums;
     type ModuleSums = CpuModuleSums;
     type Gram = Vec<f32>;
-    type Weight = Arc<Vec<f32>>;
+    type Weight = Vec<f32>;
     type Solved = Vec<f32>;
 
     fn site_sums(&self, d: usize) -> Result<CpuSiteSums> {
@@ -80,15 +80,21 @@ impl MergeArithmetic for CpuBackend {
         Ok(())
     }
 
-    fn linear_weight(&self, ckpt: &Checkpoint, m: &LinearModule) -> Result<Arc<Vec<f32>>> {
-        take_linear_in_out(ckpt, m)
+    fn linear_weight(&self, ckpt: &Checkpoint, m: &LinearModule) -> Result<Vec<f32>> {
+        span("load: decode + transpose", || linear_in_out(ckpt, m))
+    }
+
+    fn site_weight_from(&self, site: &Site, parts: &[&Vec<f32>]) -> Result<CpuTensor> {
+        let views: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+        let (w, out) = fuse_in_out(site, &views);
+        span("load: upload", || self.upload_owned(w, site.dim, out))
     }
 
     fn add_weighted(
         &self,
         sums: &mut CpuModuleSums,
         site: &CpuSiteSums,
-        weight: &Arc<Vec<f32>>,
+        weight: &Vec<f32>,
     ) -> Result<()> {
         add_weighted(
             &mut sums.gw_sum,

@@ -7,7 +7,7 @@ use crate::config::Parameters;
 use crate::data::{make_batch, select, Dataset, TextPadding};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::model::{Batch, ForwardHooks, GramSink, Model, ModelConfig, Site};
+use crate::model::{Batch, ForwardHooks, GramSink, Model, ModelConfig, ParamSource, Site};
 use crate::progress::{stop_point, Event, Observer};
 
 /// The normalised Gram matrix of one site: G = Σ XᵀX / rows, full `[dim, dim]`, f32.
@@ -227,15 +227,16 @@ pub fn compute_grams<B: Backend>(
     params: &Parameters,
     observer: &dyn Observer,
 ) -> Result<ModelGrams> {
-    let (acc, examples) = accumulate_grams(backend, ckpt, config, data, params, observer)?;
+    let (acc, examples) = accumulate_grams(backend, ckpt, ckpt, config, data, params, observer)?;
     acc.finish(examples)
 }
 
-/// Runs a model over its task data; returns the accumulators, still on the backend, and
-/// the number of examples that went through.
+/// Runs a model over its task data, its parameters read from `src`; returns the
+/// accumulators, still on the backend, and the number of examples that went through.
 pub fn accumulate_grams<'b, B: Backend>(
     backend: &'b B,
     ckpt: &Checkpoint,
+    src: &dyn ParamSource<B>,
     config: &ModelConfig,
     data: &Dataset,
     params: &Parameters,
@@ -266,7 +267,7 @@ pub fn accumulate_grams<'b, B: Backend>(
         });
         let run = || -> Result<GramAccumulator<'b, B>> {
             let loading = std::time::Instant::now();
-            let model = Model::load(backend, ckpt)?;
+            let model = Model::load_from(backend, ckpt, src)?;
             let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
             acc.load_time = loading.elapsed();
             let mut done = 0;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use super::activations::ActivationStore;
 use super::card::ModelCard;
 use super::gram::{check_data, GramAccumulator};
+use super::model_weights::ModelWeights;
 use super::options::MergeOptions;
 use super::output::{output_plan, write_finite, write_sidecars, Source};
 use super::prepare::{open_data, Prepared};
@@ -381,7 +382,9 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
             stop_point(observer)?;
             let t = Instant::now();
             let ckpt = Checkpoint::open(&task.dir)?;
-            let block = model_cfg.load_block(backend, &ckpt, l)?;
+            // Each linear weight is made once, for the block and the sums.
+            let weights = ModelWeights::new(&ckpt);
+            let block = model_cfg.load_block(backend, &weights, l)?;
             timings.model_load += t.elapsed();
             let mut acc =
                 GramAccumulator::new(backend, layer_sites.to_vec(), params.fusionbench_compat)?;
@@ -416,7 +419,7 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
                 &in_layer,
                 &mut module_sums,
                 grams,
-                &ckpt,
+                &weights,
                 (*ratio, *diag_mult),
             )?;
             timings.sums += t.elapsed();

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::card::ModelCard;
 use super::gram::accumulate_grams;
+use super::model_weights::ModelWeights;
 use super::options::MergeOptions;
 use super::output::{output_plan, write_merged, write_sidecars, Ready, WriteProgress};
 use super::prefetch::{hold_for_tests, join_prepared, open_prepared};
@@ -23,7 +24,6 @@ use crate::config::{MergeConfig, ModelEntry, Schedule};
 use crate::error::Result;
 use crate::io::mapped::FileStamp;
 use crate::io::writer::{ModelWriter, PlannedTensor};
-use crate::io::Checkpoint;
 use crate::model::{ModelConfig, Site};
 use crate::progress::{stop_point, Event, Observer};
 
@@ -78,10 +78,12 @@ pub(super) fn merge_by_model<B: MergeArithmetic>(
                     from_grams_file: entry.grams.is_some(),
                 };
                 if regmean {
+                    // Each linear weight is made once, for the forward pass and the sums.
+                    let weights = ModelWeights::new(&ckpt);
                     let grams = model_grams(
                         backend,
                         cfg,
-                        &ckpt,
+                        &weights,
                         &model_cfg,
                         &sites,
                         entry,
@@ -94,7 +96,7 @@ pub(super) fn merge_by_model<B: MergeArithmetic>(
                     report.rows = grams.first_rows().unwrap_or(0);
                     peak_device = peak_device.max(grams.peak_device_bytes());
                     let t = Instant::now();
-                    sums.add_regmean(backend, &ckpt, grams, ratio, diag_mult)
+                    sums.add_regmean(backend, &weights, grams, ratio, diag_mult)
                         .map_err(|e| e.during(format!("adding {name} to the sums"), LOWER_SUMS))?;
                     sums_time += t.elapsed();
                 }
@@ -265,7 +267,7 @@ pub(super) fn merge_by_model<B: MergeArithmetic>(
 fn model_grams<B: MergeArithmetic>(
     backend: &B,
     cfg: &MergeConfig,
-    ckpt: &Checkpoint,
+    weights: &ModelWeights<B>,
     model_cfg: &ModelConfig,
     sites: &[Site],
     entry: &ModelEntry,
@@ -274,6 +276,7 @@ fn model_grams<B: MergeArithmetic>(
     observer: &dyn Observer,
 ) -> Result<Grams<B>> {
     let name = entry.display_name();
+    let ckpt = weights.checkpoint();
     let options = cfg.parameters.gram_options();
     if let Some(path) = &entry.grams {
         observer.event(Event::ModelStart {
@@ -309,8 +312,15 @@ fn model_grams<B: MergeArithmetic>(
         name: &name,
         examples: expected,
     });
-    let (acc, examples) =
-        accumulate_grams(backend, ckpt, model_cfg, &data, &cfg.parameters, observer)?;
+    let (acc, examples) = accumulate_grams(
+        backend,
+        ckpt,
+        weights,
+        model_cfg,
+        &data,
+        &cfg.parameters,
+        observer,
+    )?;
     *load_time += acc.load_time;
     let acc = match acc.finish_on_backend(examples)? {
         Ok(on_backend) => return Ok(Grams::Backend(on_backend)),

@@ -7,6 +7,7 @@ mod card;
 pub mod gram;
 mod layerwise;
 mod merge;
+mod model_weights;
 mod options;
 mod output;
 mod prefetch;

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::gram::{BackendGrams, ModelGrams};
+use super::model_weights::ModelWeights;
 use super::solve::SolveOutcome;
 use crate::backend::MergeArithmetic;
 use crate::config::ExcludeSet;
@@ -87,7 +88,7 @@ impl<B: MergeArithmetic> RunningSums<B> {
     pub(super) fn add_regmean(
         &mut self,
         backend: &B,
-        ckpt: &Checkpoint,
+        weights: &ModelWeights<B>,
         grams: Grams<B>,
         ratio: f32,
         diag_mult: f32,
@@ -100,7 +101,7 @@ impl<B: MergeArithmetic> RunningSums<B> {
             &solved,
             &mut self.module_sums,
             grams,
-            ckpt,
+            weights,
             (ratio, diag_mult),
         )
     }
@@ -129,7 +130,7 @@ impl<B: MergeArithmetic> RunningSums<B> {
 /// Folds one model's Grams into the sums, site by site: Σ G' += G' (G' = the Gram with its
 /// off-diagonal times `reduce.0`, its diagonal times `reduce.1`), then Σ G'W += G'·W and
 /// Σ W += W for each module `solved[j] = (its site's index in sites, module)`, whose sums
-/// are `module_sums[j]`. Site by site: a site's G' is reused by the next one (on a GPU) or
+/// are `module_sums[j]`, with the model's `weights`. Site by site: a site's G' is reused by the next one (on a GPU) or
 /// dropped (on the host).
 pub(super) fn add_grams<B: MergeArithmetic>(
     backend: &B,
@@ -137,7 +138,7 @@ pub(super) fn add_grams<B: MergeArithmetic>(
     solved: &[(usize, &LinearModule)],
     module_sums: &mut [B::ModuleSums],
     grams: Grams<B>,
-    ckpt: &Checkpoint,
+    weights: &ModelWeights<B>,
     (ratio, diag_mult): (f32, f32),
 ) -> Result<()> {
     let mut add_products = |si: usize, site: &mut B::SiteSums| -> Result<()> {
@@ -146,7 +147,7 @@ pub(super) fn add_grams<B: MergeArithmetic>(
             .zip(module_sums.iter_mut())
             .filter(|((s, _), _)| *s == si)
         {
-            let weight = backend.linear_weight(ckpt, m)?;
+            let weight = weights.take(backend, m)?;
             backend.add_weighted(sums, site, &weight)?;
         }
         backend.model_added(site);

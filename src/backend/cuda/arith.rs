@@ -4,8 +4,6 @@
 //! ([`weights`]), and the f64 Cholesky solve with cuSOLVER ([`solve`]). These are the calls
 //! the merge made directly before; they are only reached through the trait now.
 
-use std::sync::Arc;
-
 use cudarc::driver::CudaSlice;
 
 use super::convert::any_nonfinite;
@@ -16,7 +14,7 @@ use crate::backend::arith::MergeArithmetic;
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::io::Checkpoint;
-use crate::model::site::LinearModule;
+use crate::model::site::{LinearModule, Site};
 use crate::profile::span;
 use crate::regmean::solve::SolveOutcome;
 
@@ -24,7 +22,7 @@ impl MergeArithmetic for CudaBackend {
     type SiteSums = DeviceSiteSums;
     type ModuleSums = DeviceModuleSums;
     type Gram = CudaSlice<f32>;
-    type Weight = Arc<CudaSlice<f32>>;
+    type Weight = CudaSlice<f32>;
     type Solved = CudaSlice<f32>;
 
     fn site_sums(&self, d: usize) -> Result<DeviceSiteSums> {
@@ -71,18 +69,21 @@ impl MergeArithmetic for CudaBackend {
         Ok(())
     }
 
-    fn linear_weight(&self, ckpt: &Checkpoint, m: &LinearModule) -> Result<Arc<CudaSlice<f32>>> {
-        // Made by the forward pass (or now, for Grams read from a file).
-        span("sums: weight on the GPU", || {
-            weights::take_linear_in_out(self.device(), ckpt, m)
+    fn linear_weight(&self, ckpt: &Checkpoint, m: &LinearModule) -> Result<CudaSlice<f32>> {
+        span("load: weights on the GPU", || {
+            weights::linear_in_out(self.device(), ckpt, m)
         })
+    }
+
+    fn site_weight_from(&self, site: &Site, parts: &[&CudaSlice<f32>]) -> Result<CudaTensor> {
+        self.site_weight_from_parts(site, parts)
     }
 
     fn add_weighted(
         &self,
         sums: &mut DeviceModuleSums,
         site: &DeviceSiteSums,
-        weight: &Arc<CudaSlice<f32>>,
+        weight: &CudaSlice<f32>,
     ) -> Result<()> {
         span("sums: G'W (enqueue)", || {
             sums.add(self.device(), &site.reduced, weight)
