@@ -50,11 +50,9 @@ fn merge_with_the_solve_on_the_gpu_matches_the_cpu() {
         let tmp = tempfile::tempdir().unwrap();
         let (cpu, gpu) = (tmp.path().join("cpu"), tmp.path().join("gpu"));
         merge(&CpuBackend, &cfg, &cpu, &MergeOptions::default(), &Silent).unwrap();
-        let opts = MergeOptions {
-            device: Some(dev.clone()),
-            ..MergeOptions::default()
-        };
-        let report = merge(&CpuBackend, &cfg, &gpu, &opts, &Silent).unwrap();
+        // The sums and the solve live on the backend: the GPU's, in float32.
+        let backend = CudaBackend::new(dev.clone(), Precision::Float32);
+        let report = merge(&backend, &cfg, &gpu, &MergeOptions::default(), &Silent).unwrap();
         assert!(report.fallbacks.is_empty());
         assert_model_matches(&gpu, &cpu.join("model.safetensors"), 1e-4);
     }
@@ -251,13 +249,9 @@ fn a_non_finite_weight_is_named_as_stored_on_the_gpu_too() {
     let expected = pool.poison_transposed_weight();
     let cfg = MergeConfig::load(&pool.path("compat.yaml")).unwrap();
     let dev = CudaDevice::open(0).unwrap();
-    let opts = MergeOptions {
-        device: Some(dev.clone()),
-        ..MergeOptions::default()
-    };
     let out = pool.path("merged");
     let backend = CudaBackend::new(dev, Precision::Float16);
-    let Err(err) = merge(&backend, &cfg, &out, &opts, &Silent) else {
+    let Err(err) = merge(&backend, &cfg, &out, &MergeOptions::default(), &Silent) else {
         panic!("the merge must refuse a non-finite weight");
     };
     let err = err.to_string();

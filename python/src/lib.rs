@@ -153,7 +153,6 @@ fn merge(
             cfg.parameters.precision = p;
         }
         let opts = MergeOptions {
-            device: gpu,
             out_shard_bytes: out_shard_size,
             force,
             max_memory,
@@ -161,9 +160,11 @@ fn merge(
         if let Some(path) = &report_json {
             check_report_path(path, &cfg.inputs())?;
         }
-        let (report, json) =
-            regmean::merge_on_device(&cfg, &out_dir, &opts, report_json.as_deref(), &progress)
-                .inspect_err(|_| progress.ui.clear())?;
+        let (report, json) = with_backend!(&gpu, cfg.parameters.precision, |backend| {
+            let report_json = report_json.as_deref();
+            regmean::merge_on_device(&backend, &cfg, &out_dir, &opts, report_json, &progress)
+        })
+        .inspect_err(|_| progress.ui.clear())?;
         progress.ui.clear();
         if !quiet {
             ui::print_summary(&report, &out_dir, &progress.ui);

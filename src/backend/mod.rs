@@ -1,8 +1,11 @@
 //! Compute backends. Models are written once against [`Backend`]; the CPU backend is the
 //! f32 reference (and the oracle for the GPU one). Tensors are row-major 2-D matrices:
-//! a batch of sequences is `[batch·seq, features]`.
+//! a batch of sequences is `[batch·seq, features]`. The merge's own arithmetic (running
+//! sums, solve) is [`MergeArithmetic`], implemented by the same two backends.
 
+mod arith;
 pub mod cpu;
+mod cpu_arith;
 mod cpu_decoder;
 pub mod cpu_gemm;
 mod cpu_math;
@@ -10,7 +13,10 @@ mod cpu_tensor;
 pub mod cuda;
 mod ops;
 
+pub use arith::MergeArithmetic;
 pub use cpu::{CpuBackend, CpuTensor};
+pub use cpu_arith::{CpuModuleSums, CpuSiteSums};
+pub use cuda::fault::{LOWER_FORWARD, LOWER_SUMS};
 pub use cuda::forward::{CudaBackend, CudaTensor};
 pub use ops::{
     decoder_ops_unsupported, im2col, Activation, AttentionShape, Backend, GqaShape, GramUpdate,

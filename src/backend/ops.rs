@@ -2,11 +2,9 @@
 //! ([`Backend`]), their shapes and options. The CPU engine (`cpu.rs`) and the GPU
 //! (`cuda/forward.rs`) implement them.
 
-use std::sync::Arc;
-
 use crate::error::Result;
 use crate::io::Checkpoint;
-use crate::model::site::{fuse_in_out, shared_linear_in_out, Site};
+use crate::model::site::{fuse_in_out, linear_in_out, Site};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -119,10 +117,10 @@ pub trait Backend {
     /// GPT-2's c_attn). Decoded on the host here; a GPU makes it from the stored bytes.
     fn site_weight(&self, ckpt: &Checkpoint, site: &Site) -> Result<Self::Tensor> {
         site.check_inputs()?;
-        let parts: Vec<Arc<Vec<f32>>> = crate::profile::span("load: decode + transpose", || {
+        let parts: Vec<Vec<f32>> = crate::profile::span("load: decode + transpose", || {
             site.modules
                 .iter()
-                .map(|m| shared_linear_in_out(ckpt, m))
+                .map(|m| linear_in_out(ckpt, m))
                 .collect::<Result<_>>()
         })?;
         let views: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use regmean_gpu::backend::Backend;
+use regmean_gpu::backend::{Backend, MergeArithmetic};
 use regmean_gpu::config::MergeConfig;
 use regmean_gpu::device::select_device;
 use regmean_gpu::regmean::{self, MergeOptions};
@@ -72,7 +72,7 @@ pub fn eval_plan(
 
 /// `merge --eval [--compare-average]`: the merged model's accuracy per task, and optionally
 /// that of the simple average of the same models.
-pub fn eval_after_merge<B: Backend>(
+pub fn eval_after_merge<B: MergeArithmetic>(
     backend: &B,
     merge_opts: &MergeOptions,
     cfg: &MergeConfig,
@@ -110,7 +110,7 @@ pub fn eval_after_merge<B: Backend>(
         avg_cfg.merge_method = MergeMethod::SimpleAverage;
         ui.info("merging by simple averaging for comparison");
         let avg_opts = MergeOptions {
-            device: merge_opts.device.clone(),
+            out_shard_bytes: merge_opts.out_shard_bytes,
             ..MergeOptions::default()
         };
         regmean::merge(backend, &avg_cfg, &avg_dir, &avg_opts, ui)?;

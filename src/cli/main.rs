@@ -330,7 +330,6 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 cfg.parameters.precision = p;
             }
             let opts = MergeOptions {
-                device: gpu.clone(),
                 out_shard_bytes: a.out_shard_size,
                 force: a.force,
                 max_memory: a.max_memory,
@@ -343,8 +342,10 @@ fn run(command: Command, ui: &Ui) -> Result<()> {
                 .then(|| eval::eval_plan(&cfg, &a, ui))
                 .transpose()?;
             ui.clear();
-            let (report, _) =
-                regmean::merge_on_device(&cfg, a.out(), &opts, a.report_json.as_deref(), ui)?;
+            let (report, _) = with_backend!(&gpu, cfg.parameters.precision, |backend| {
+                let report_json = a.report_json.as_deref();
+                regmean::merge_on_device(&backend, &cfg, a.out(), &opts, report_json, ui)
+            })?;
             ui.clear();
             ui::print_summary(&report, a.out(), ui);
             if regmean_gpu::profile::enabled() {

@@ -8,11 +8,8 @@
 //!   bare keys (`encoder.layers...`) get the prefix, and a full `CLIPModel`'s text tower and
 //!   projections are not backbone.
 
-use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -23,9 +20,6 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
-/// A value [`Checkpoint::keep`] holds: a host decode, or a weight's copy on a GPU.
-type Kept = Arc<dyn Any + Send + Sync>;
-
 pub struct Checkpoint {
     dir: PathBuf,
     config: serde_json::Value,
@@ -33,62 +27,9 @@ pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     /// canonical name → (index into `files`, name as stored)
     backbone: BTreeMap<String, (usize, String)>,
-    /// Values derived from tensors, kept between their first and last use in a merge (a
-    /// linear weight is read for the forward pass, then again for G'W): host decodes, or a
-    /// weight's copy on a GPU. Each is made once.
-    kept: Mutex<HashMap<String, Kept>>,
-    keeping: AtomicBool,
 }
 
 impl Checkpoint {
-    /// From now on, [`Checkpoint::keep`] keeps what it makes (a merge turns this on: it
-    /// reads each linear weight twice).
-    pub fn set_keeping(&self, on: bool) {
-        self.keeping.store(on, Ordering::Relaxed);
-    }
-
-    /// A derived tensor under `key`, computed by `make` the first time and, when keeping is
-    /// on, kept for a later [`Checkpoint::take_kept`]. The host decode and the GPU's copy of
-    /// a weight are both kept this way, under different keys.
-    pub fn keep<T: Any + Send + Sync>(
-        &self,
-        key: &str,
-        make: impl FnOnce() -> Result<T>,
-    ) -> Result<Arc<T>> {
-        if !self.keeping.load(Ordering::Relaxed) {
-            return make().map(Arc::new);
-        }
-        if let Some(v) = self.kept().get(key).cloned() {
-            if let Ok(v) = v.downcast::<T>() {
-                return Ok(v);
-            }
-        }
-        let v = Arc::new(make()?);
-        self.kept().insert(key.to_string(), v.clone());
-        Ok(v)
-    }
-
-    /// The value kept under `key` (then forgotten), or `make`'s when none of type T was kept.
-    pub fn take_kept<T: Any + Send + Sync>(
-        &self,
-        key: &str,
-        make: impl FnOnce() -> Result<T>,
-    ) -> Result<Arc<T>> {
-        // Out of the lock before `make`, which may read this checkpoint's kept values too.
-        let kept = self.kept().remove(key);
-        match kept.map(|v| v.downcast::<T>()) {
-            Some(Ok(v)) => Ok(v),
-            _ => make().map(Arc::new),
-        }
-    }
-
-    fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<String, Kept>> {
-        // Entries are inserted whole: a panic elsewhere cannot leave one half-made.
-        self.kept
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         Self::open_view(dir.as_ref(), false)
     }
@@ -166,8 +107,6 @@ impl Checkpoint {
             arch,
             files,
             backbone,
-            kept: Mutex::new(HashMap::new()),
-            keeping: AtomicBool::new(false),
         })
     }
 
@@ -419,42 +358,7 @@ pub(crate) fn first_non_finite(v: &[f32]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::{first_non_finite, Checkpoint};
-    use crate::error::Error;
-
-    #[test]
-    fn kept_values_are_typed_and_made_without_the_lock_held() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/gpt2_pool/task_a");
-        let ckpt = Checkpoint::open(dir).unwrap();
-        ckpt.set_keeping(true);
-        let a = ckpt.keep("a", || Ok(vec![1.0f32, 2.0])).unwrap();
-        assert!(std::sync::Arc::ptr_eq(
-            &a,
-            &ckpt.keep("a", || Ok(vec![9.0f32])).unwrap()
-        ));
-        // A make that reads another kept value (a weight made from staged bytes would) must
-        // not find the map locked; a value asked for as another type is not handed out.
-        let ckpt = std::sync::Arc::new(ckpt);
-        let (done, finished) = std::sync::mpsc::channel();
-        let shared = ckpt.clone();
-        // On a thread of its own: were `make` run under the lock, it would block for good,
-        // and the test must fail rather than hang.
-        std::thread::spawn(move || {
-            let b = shared.take_kept("b", || {
-                let inner = shared.take_kept::<Vec<f32>>("a", || Err(Error::invalid("gone")))?;
-                Ok(inner.iter().sum::<f32>())
-            });
-            let _ = done.send(b.map(|b| *b).ok());
-        });
-        let b = finished
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("take_kept deadlocked: `make` ran with the map locked");
-        assert_eq!(b, Some(3.0));
-        ckpt.keep("c", || Ok(5u32)).unwrap();
-        let c = ckpt.take_kept::<Vec<f32>>("c", || Ok(vec![7.0])).unwrap();
-        assert_eq!(*c, vec![7.0]);
-    }
+    use super::first_non_finite;
 
     #[test]
     fn first_non_finite_finds_the_first_nan_or_inf_anywhere() {

@@ -202,10 +202,16 @@ impl ModelConfig {
 
 impl<B: Backend> Model<B> {
     pub fn load(backend: &B, ckpt: &Checkpoint) -> Result<Self> {
+        Self::load_from(backend, ckpt, ckpt)
+    }
+
+    /// The model `ckpt` configures, its parameters read from `src` (a merge's source makes
+    /// each linear weight once, for the forward pass and the sums).
+    pub fn load_from(backend: &B, ckpt: &Checkpoint, src: &dyn ParamSource<B>) -> Result<Self> {
         match ModelConfig::from_checkpoint(ckpt)? {
-            ModelConfig::Gpt2(c) => Ok(Model::Gpt2(gpt2::Gpt2::load(backend, ckpt, c)?)),
-            ModelConfig::Clip(c) => Ok(Model::Clip(clip::ClipVision::load(backend, ckpt, c)?)),
-            ModelConfig::Llama(c) => Ok(Model::Llama(llama::Llama::load(backend, ckpt, c)?)),
+            ModelConfig::Gpt2(c) => Ok(Model::Gpt2(gpt2::Gpt2::load(backend, src, c)?)),
+            ModelConfig::Clip(c) => Ok(Model::Clip(clip::ClipVision::load(backend, src, c)?)),
+            ModelConfig::Llama(c) => Ok(Model::Llama(llama::Llama::load(backend, src, c)?)),
         }
     }
 

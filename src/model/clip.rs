@@ -8,7 +8,6 @@ use super::block::{BlockRun, LayerNorm, PreLnBlock};
 use super::{field_f32, field_usize, Batch, ForwardHooks, ForwardOutput, ParamSource, Site};
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
-use crate::io::Checkpoint;
 
 pub const PREFIX: &str = "vision_model.";
 
@@ -122,7 +121,7 @@ impl ClipVisionConfig {
 /// The layers of a CLIP encoder (vision or text) under `prefix`, four sites each.
 pub(crate) fn load_encoder<B: Backend>(
     backend: &B,
-    ckpt: &Checkpoint,
+    ckpt: &dyn ParamSource<B>,
     prefix: &str,
     sites: &[Site],
 ) -> Result<Vec<PreLnBlock<B>>> {
@@ -256,7 +255,7 @@ pub struct ClipVision<B: Backend> {
 }
 
 impl<B: Backend> ClipVision<B> {
-    pub fn load(backend: &B, ckpt: &Checkpoint, config: ClipVisionConfig) -> Result<Self> {
+    pub fn load(backend: &B, ckpt: &dyn ParamSource<B>, config: ClipVisionConfig) -> Result<Self> {
         let layers = load_encoder(backend, ckpt, PREFIX, &config.sites())?;
         let post_ln = format!("{PREFIX}post_layernorm");
         let post_ln = LayerNorm::load(backend, ckpt, &post_ln, config.hidden_size)?;

@@ -9,7 +9,6 @@ use super::{
 };
 use crate::backend::{Activation, AttentionShape, Backend};
 use crate::error::{Error, Result};
-use crate::io::Checkpoint;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Gpt2Config {
@@ -183,7 +182,7 @@ pub struct Gpt2<B: Backend> {
 }
 
 impl<B: Backend> Gpt2<B> {
-    pub fn load(backend: &B, ckpt: &Checkpoint, config: Gpt2Config) -> Result<Self> {
+    pub fn load(backend: &B, ckpt: &dyn ParamSource<B>, config: Gpt2Config) -> Result<Self> {
         let sites = config.sites();
         let blocks = (0..config.n_layer)
             .map(|l| {

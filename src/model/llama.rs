@@ -7,7 +7,7 @@
 //! (when not tied to the embeddings) reads the final norm's output.
 
 use super::llama_config::LlamaConfig;
-use super::{Batch, ForwardHooks, ForwardOutput, GramSink, Site};
+use super::{Batch, ForwardHooks, ForwardOutput, GramSink, ParamSource, Site};
 use crate::backend::{Backend, GqaShape};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
@@ -80,16 +80,21 @@ impl LlamaConfig {
 }
 
 /// A vector parameter on the backend, `[1, n]`.
-fn vector<B: Backend>(backend: &B, ckpt: &Checkpoint, name: &str, n: usize) -> Result<B::Tensor> {
-    backend.upload_owned(ckpt.f32_shaped(name, &[n])?, 1, n)
+fn vector<B: Backend>(
+    backend: &B,
+    src: &dyn ParamSource<B>,
+    name: &str,
+    n: usize,
+) -> Result<B::Tensor> {
+    backend.upload_owned(src.tensor(name, &[n])?, 1, n)
 }
 
 /// The biases of a site's modules, concatenated in the fused weight's column order.
-fn site_bias<B: Backend>(backend: &B, ckpt: &Checkpoint, site: &Site) -> Result<B::Tensor> {
+fn site_bias<B: Backend>(backend: &B, src: &dyn ParamSource<B>, site: &Site) -> Result<B::Tensor> {
     let mut b = Vec::new();
     for m in &site.modules {
         let name = format!("{}.bias", m.weight.trim_end_matches(".weight"));
-        b.extend(ckpt.f32_shaped(&name, &[m.out_dim])?);
+        b.extend(src.tensor(&name, &[m.out_dim])?);
     }
     let n = b.len();
     backend.upload_owned(b, 1, n)
@@ -117,7 +122,7 @@ pub struct Llama<B: Backend> {
 }
 
 impl<B: Backend> Llama<B> {
-    pub fn load(backend: &B, ckpt: &Checkpoint, config: LlamaConfig) -> Result<Self> {
+    pub fn load(backend: &B, ckpt: &dyn ParamSource<B>, config: LlamaConfig) -> Result<Self> {
         let (d, hd) = (config.hidden_size, config.head_dim);
         let sites = config.sites();
         let layers = (0..config.num_hidden_layers)
@@ -126,7 +131,7 @@ impl<B: Backend> Llama<B> {
                 let p = |leaf: &str| format!("model.layers.{l}.{leaf}");
                 Ok(DecoderLayer {
                     input_norm: vector(backend, ckpt, &p("input_layernorm.weight"), d)?,
-                    qkv: backend.site_weight(ckpt, &s[0])?,
+                    qkv: ckpt.site_weight(backend, &s[0])?,
                     qkv_bias: config
                         .qkv_bias
                         .then(|| site_bias(backend, ckpt, &s[0]))
@@ -138,18 +143,18 @@ impl<B: Backend> Llama<B> {
                         )),
                         false => None,
                     },
-                    o: backend.site_weight(ckpt, &s[1])?,
+                    o: ckpt.site_weight(backend, &s[1])?,
                     o_bias: config
                         .o_bias
                         .then(|| site_bias(backend, ckpt, &s[1]))
                         .transpose()?,
                     post_norm: vector(backend, ckpt, &p("post_attention_layernorm.weight"), d)?,
-                    gate_up: backend.site_weight(ckpt, &s[2])?,
-                    down: backend.site_weight(ckpt, &s[3])?,
+                    gate_up: ckpt.site_weight(backend, &s[2])?,
+                    down: ckpt.site_weight(backend, &s[3])?,
                 })
             })
             .collect::<Result<_>>()?;
-        let embed = ckpt.f32_shaped("model.embed_tokens.weight", &[config.vocab_size, d])?;
+        let embed = ckpt.tensor("model.embed_tokens.weight", &[config.vocab_size, d])?;
         Ok(Llama {
             embed: backend.upload_owned(embed, config.vocab_size, d)?,
             layers,

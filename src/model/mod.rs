@@ -27,7 +27,4 @@ pub use fields::MAX_CONFIG_SIZE;
 pub(crate) use fields::{field_f32, field_usize, require_activation};
 pub use hooks::{ForwardHooks, ForwardOutput, GramSink};
 pub use params::{HostParams, ParamGroup, ParamSource};
-pub use site::{
-    fuse_in_out, linear_in_out, shared_linear_in_out, take_linear_in_out, transpose, LinearModule,
-    Site,
-};
+pub use site::{fuse_in_out, linear_in_out, transpose, LinearModule, Site};

@@ -1,8 +1,6 @@
 //! Sites: the places in a forward pass where one input feeds one or more linear layers, and
 //! the linear weights they feed, read from a checkpoint as `[in, out]` host matrices.
 
-use std::sync::Arc;
-
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 
@@ -83,17 +81,6 @@ pub fn fuse_in_out(site: &Site, parts: &[&[f32]]) -> (Vec<f32>, usize) {
         }
     }
     (w, out)
-}
-
-/// [`linear_in_out`], decoded once per checkpoint when it keeps decoded tensors (the
-/// forward pass reads it first; [`take_linear_in_out`] hands it to the sums after).
-pub fn shared_linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Arc<Vec<f32>>> {
-    ckpt.keep(&m.weight, || linear_in_out(ckpt, m))
-}
-
-/// The weight [`shared_linear_in_out`] kept (forgotten by the checkpoint now), or decoded.
-pub fn take_linear_in_out(ckpt: &Checkpoint, m: &LinearModule) -> Result<Arc<Vec<f32>>> {
-    ckpt.take_kept(&m.weight, || linear_in_out(ckpt, m))
 }
 
 /// A linear weight as a row-major `[in, out]` host matrix, whatever its stored layout.

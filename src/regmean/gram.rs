@@ -1,18 +1,13 @@
 //! Gram accumulation during the forward pass, and the host-side Gram matrices it produces.
 
-use cudarc::driver::CudaSlice;
-
 use rayon::prelude::*;
 
-use crate::backend::cuda::any_nonfinite;
-use crate::backend::cuda::gram::mirror_scale;
-use crate::backend::cuda::CudaDevice;
-use crate::backend::{Backend, GramUpdate};
+use crate::backend::{Backend, GramUpdate, MergeArithmetic};
 use crate::config::Parameters;
 use crate::data::{make_batch, select, Dataset, TextPadding};
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
-use crate::model::{Batch, ForwardHooks, GramSink, Model, ModelConfig, Site};
+use crate::model::{Batch, ForwardHooks, GramSink, Model, ModelConfig, ParamSource, Site};
 use crate::progress::{stop_point, Event, Observer};
 
 /// The normalised Gram matrix of one site: G = Σ XᵀX / rows, full `[dim, dim]`, f32.
@@ -34,9 +29,10 @@ pub struct ModelGrams {
     pub peak_device_bytes: Option<u64>,
 }
 
-/// One model's normalised, full Grams `[d, d]` f32 on the GPU, with the rows each counted.
-pub struct DeviceGrams {
-    pub sites: Vec<(CudaSlice<f32>, u64)>,
+/// One model's normalised, full Grams `[d, d]` f32 where the backend finished them (on its
+/// device), with the rows each counted.
+pub struct BackendGrams<B: MergeArithmetic> {
+    pub sites: Vec<(B::Gram, u64)>,
     pub examples: usize,
     pub peak_device_bytes: Option<u64>,
 }
@@ -91,42 +87,6 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
         &self.rows
     }
 
-    /// Normalises and symmetrises the accumulators where they are, on the GPU, when the
-    /// backend keeps them there as f32 device buffers; gives the accumulator back otherwise.
-    pub fn finish_on_device(
-        mut self,
-        dev: &CudaDevice,
-        examples: usize,
-    ) -> Result<std::result::Result<DeviceGrams, Self>> {
-        if let Some(site) = self.sites.iter().zip(&self.rows).find(|(_, &r)| r == 0) {
-            return Err(no_rows(&site.0.name));
-        }
-        let mut accs = std::mem::take(&mut self.acc).into_iter();
-        let mut out = Vec::with_capacity(self.sites.len());
-        for (site, rows) in self.sites.iter().zip(&self.rows) {
-            let t = accs.next().expect("one accumulator per site");
-            let mut g = match self.backend.take_device_f32(t) {
-                Ok(g) => g,
-                Err(t) => {
-                    // Not on a GPU (the first one decides: all come from one backend).
-                    self.acc = std::iter::once(t).chain(accs).collect();
-                    return Ok(Err(self));
-                }
-            };
-            let scale = if self.compat { 1.0 } else { 1.0 / *rows as f32 };
-            mirror_scale(dev, &mut g, site.dim, scale)?;
-            if any_nonfinite(dev, &g)? {
-                return Err(non_finite(&site.name));
-            }
-            out.push((g, *rows));
-        }
-        Ok(Ok(DeviceGrams {
-            sites: out,
-            examples,
-            peak_device_bytes: self.peak_device_bytes,
-        }))
-    }
-
     /// Downloads, normalises and symmetrises the accumulators.
     pub fn finish(self, examples: usize) -> Result<ModelGrams> {
         let mut out = Vec::with_capacity(self.sites.len());
@@ -162,6 +122,43 @@ impl<'b, B: Backend> GramAccumulator<'b, B> {
             examples,
             peak_device_bytes: self.peak_device_bytes,
         })
+    }
+}
+
+impl<B: MergeArithmetic> GramAccumulator<'_, B> {
+    /// Normalises and symmetrises the accumulators where they are (on the backend's
+    /// device) when the backend finishes Grams there; gives the accumulator back otherwise,
+    /// to be finished on the host ([`GramAccumulator::finish`]).
+    pub fn finish_on_backend(
+        mut self,
+        examples: usize,
+    ) -> Result<std::result::Result<BackendGrams<B>, Self>> {
+        if let Some(site) = self.sites.iter().zip(&self.rows).find(|(_, &r)| r == 0) {
+            return Err(no_rows(&site.0.name));
+        }
+        let mut accs = std::mem::take(&mut self.acc).into_iter();
+        let mut out = Vec::with_capacity(self.sites.len());
+        for (site, rows) in self.sites.iter().zip(&self.rows) {
+            let t = accs.next().expect("one accumulator per site");
+            let scale = if self.compat { 1.0 } else { 1.0 / *rows as f32 };
+            let g = match self.backend.finish_gram(t, site.dim, scale)? {
+                Ok(g) => g,
+                Err(t) => {
+                    // Finished on the host (the first one decides: all come from one backend).
+                    self.acc = std::iter::once(t).chain(accs).collect();
+                    return Ok(Err(self));
+                }
+            };
+            if !self.backend.gram_is_finite(&g)? {
+                return Err(non_finite(&site.name));
+            }
+            out.push((g, *rows));
+        }
+        Ok(Ok(BackendGrams {
+            sites: out,
+            examples,
+            peak_device_bytes: self.peak_device_bytes,
+        }))
     }
 }
 
@@ -230,15 +227,16 @@ pub fn compute_grams<B: Backend>(
     params: &Parameters,
     observer: &dyn Observer,
 ) -> Result<ModelGrams> {
-    let (acc, examples) = accumulate_grams(backend, ckpt, config, data, params, observer)?;
+    let (acc, examples) = accumulate_grams(backend, ckpt, ckpt, config, data, params, observer)?;
     acc.finish(examples)
 }
 
-/// Runs a model over its task data; returns the accumulators, still on the backend, and
-/// the number of examples that went through.
+/// Runs a model over its task data, its parameters read from `src`; returns the
+/// accumulators, still on the backend, and the number of examples that went through.
 pub fn accumulate_grams<'b, B: Backend>(
     backend: &'b B,
     ckpt: &Checkpoint,
+    src: &dyn ParamSource<B>,
     config: &ModelConfig,
     data: &Dataset,
     params: &Parameters,
@@ -269,7 +267,7 @@ pub fn accumulate_grams<'b, B: Backend>(
         });
         let run = || -> Result<GramAccumulator<'b, B>> {
             let loading = std::time::Instant::now();
-            let model = Model::load(backend, ckpt)?;
+            let model = Model::load_from(backend, ckpt, src)?;
             let mut acc = GramAccumulator::new(backend, config.sites(), params.fusionbench_compat)?;
             acc.load_time = loading.elapsed();
             let mut done = 0;

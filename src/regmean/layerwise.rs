@@ -8,8 +8,9 @@
 //!   every task's first inputs; each layer's Grams are taken while the task's own layer runs
 //!   on them, and the *merged* layer then makes the next inputs.
 //!
-//! Statistics and the solve stay on the host (the sums of [`super::sums`]); the forward
-//! passes run on the backend.
+//! The forward passes, the statistics and the solve run on the backend (its
+//! [`MergeArithmetic`]), through the steps the model-by-model merge uses
+//! ([`super::running::add_grams`]); the activation caches are in host memory.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -18,13 +19,14 @@ use std::time::{Duration, Instant};
 use super::activations::ActivationStore;
 use super::card::ModelCard;
 use super::gram::{check_data, GramAccumulator};
+use super::model_weights::ModelWeights;
 use super::options::MergeOptions;
 use super::output::{output_plan, write_finite, write_sidecars, Source};
 use super::prepare::{open_data, Prepared};
 use super::report::{describe, MergeReport, ModelReport, Timings};
-use super::solve::solve_layer;
-use super::sums::{add_assign, add_weighted, reduce_into};
-use crate::backend::Backend;
+use super::running::{add_grams, Grams};
+use super::sums::add_assign;
+use crate::backend::MergeArithmetic;
 use crate::config::{MergeConfig, MergeMethod, Schedule};
 use crate::data::{for_each_batch, select};
 use crate::error::{Error, Result};
@@ -113,8 +115,9 @@ pub(super) fn estimate(cfg: &MergeConfig, model_cfg: &ModelConfig) -> MemoryEsti
 
 /// The schedule a merge runs: RegMean++ always layer by layer, the simple average model by
 /// model, RegMean as configured; `auto` takes `model` when its estimate fits under the cap
-/// (and always on a GPU, whose verified path it is), and says what it chose.
-pub(super) fn choose_schedule(
+/// (and always where the layer-wise engine is not verified, a GPU), and says what it chose.
+pub(super) fn choose_schedule<B: MergeArithmetic>(
+    backend: &B,
     cfg: &MergeConfig,
     prepared: &Prepared,
     opts: &MergeOptions,
@@ -138,7 +141,7 @@ pub(super) fn choose_schedule(
     let cap = opts.max_memory.unwrap_or_else(default_max_memory);
     let (pick, why) = if est.model <= cap {
         (Schedule::Model, "it fits")
-    } else if opts.device.is_some() {
+    } else if !backend.layerwise_verified() {
         (Schedule::Model, "the GPU path is the verified one")
     } else {
         (Schedule::Layer, "one model at a time does not fit")
@@ -200,7 +203,7 @@ fn base_valued<'a>(cfg: &'a MergeConfig, prepared: &'a Prepared) -> impl Fn(&str
 }
 
 /// The merge layer by layer (`schedule: layer`, and RegMean++).
-pub(super) fn merge_by_layer<B: Backend>(
+pub(super) fn merge_by_layer<B: MergeArithmetic>(
     prepared: Prepared,
     backend: &B,
     cfg: &MergeConfig,
@@ -210,7 +213,7 @@ pub(super) fn merge_by_layer<B: Backend>(
 ) -> Result<MergeReport> {
     let plus_plus = cfg.merge_method == MergeMethod::RegmeanPlusplus;
     let params = &cfg.parameters;
-    if opts.device.is_some() {
+    if !backend.layerwise_verified() {
         observer.event(Event::Note(
             "the layer-wise engine has not been verified on a GPU yet: compare its output with a CPU run before relying on it".into(),
         ));
@@ -364,20 +367,24 @@ pub(super) fn merge_by_layer<B: Backend>(
             .iter()
             .filter(|(si, _)| (4 * l..4 * l + 4).contains(si))
             .collect();
-        let mut gram_sum: Vec<Vec<f32>> = layer_sites
+        let mut site_sums: Vec<B::SiteSums> = layer_sites
             .iter()
-            .map(|s| vec![0.0; s.dim * s.dim])
-            .collect();
-        let mut gw_sum: Vec<Vec<f32>> = layer_solved
+            .map(|s| backend.site_sums(s.dim))
+            .collect::<Result<_>>()?;
+        // Each solved module with its site's index among the layer's.
+        let in_layer: Vec<(usize, &LinearModule)> =
+            layer_solved.iter().map(|(si, m)| (si - 4 * l, m)).collect();
+        let mut module_sums: Vec<B::ModuleSums> = layer_solved
             .iter()
-            .map(|(_, m)| vec![0.0; m.in_dim * m.out_dim])
-            .collect();
-        let mut w_sum = gw_sum.clone();
+            .map(|(_, m)| backend.module_sums(m.in_dim, m.out_dim))
+            .collect::<Result<_>>()?;
         for task in &mut tasks {
             stop_point(observer)?;
             let t = Instant::now();
             let ckpt = Checkpoint::open(&task.dir)?;
-            let block = model_cfg.load_block(backend, &ckpt, l)?;
+            // Each linear weight is made once, for the block and the sums.
+            let weights = ModelWeights::new(&ckpt);
+            let block = model_cfg.load_block(backend, &weights, l)?;
             timings.model_load += t.elapsed();
             let mut acc =
                 GramAccumulator::new(backend, layer_sites.to_vec(), params.fusionbench_compat)?;
@@ -397,33 +404,33 @@ pub(super) fn merge_by_layer<B: Backend>(
                 }
             }
             peak_device = peak_device.max(backend.memory_in_use());
-            let grams = acc.finish(task.report.examples)?;
+            let examples = task.report.examples;
+            let grams = match acc.finish_on_backend(examples)? {
+                Ok(on_backend) => Grams::Backend(on_backend),
+                Err(acc) => Grams::Host(acc.finish(examples)?),
+            };
             if l == 0 {
-                task.report.rows = grams.sites[0].rows;
+                task.report.rows = grams.first_rows().unwrap_or(0);
             }
             let t = Instant::now();
-            let reduced: Vec<Vec<f32>> = grams
-                .sites
-                .into_iter()
-                .zip(gram_sum.iter_mut())
-                .map(|(g, sum)| reduce_into(g.gram, sum, g.dim, *ratio, *diag_mult))
-                .collect();
-            for ((si, m), (gw, w)) in layer_solved
-                .iter()
-                .zip(gw_sum.iter_mut().zip(w_sum.iter_mut()))
-            {
-                let weights = linear_in_out(&ckpt, m)?;
-                add_weighted(gw, w, &reduced[si - 4 * l], &weights, m.in_dim, m.out_dim);
-            }
+            add_grams(
+                backend,
+                &mut site_sums,
+                &in_layer,
+                &mut module_sums,
+                grams,
+                &weights,
+                (*ratio, *diag_mult),
+            )?;
             timings.sums += t.elapsed();
         }
 
         let t = Instant::now();
         let mut merged = HostParams::default();
-        for (((si, m), gw), w) in layer_solved.iter().zip(&gw_sum).zip(&w_sum) {
+        for ((si, m), sums) in in_layer.iter().zip(&module_sums) {
             let t_layer = Instant::now();
-            let w_mean: Vec<f32> = w.iter().map(|v| v / k).collect();
-            let (w, outcome) = solve_layer(&gram_sum[si - 4 * l], gw, &w_mean, m.in_dim, m.out_dim);
+            let (w, outcome) = backend.solve(&site_sums[*si], sums, cfg.models.len())?;
+            let w = backend.solved_to_host(w)?;
             let how = describe(&outcome);
             solved_count += 1;
             observer.event(Event::Solved {
@@ -451,7 +458,7 @@ pub(super) fn merge_by_layer<B: Backend>(
             merged.tensors.insert(name, mean);
         }
         timings.solve += t.elapsed();
-        drop((gram_sum, gw_sum, w_sum));
+        drop((site_sums, module_sums));
 
         if plus_plus && l + 1 < layers {
             // The merged layer makes every task's next inputs.

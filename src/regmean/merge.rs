@@ -7,11 +7,11 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::card::ModelCard;
 use super::gram::accumulate_grams;
+use super::model_weights::ModelWeights;
 use super::options::MergeOptions;
 use super::output::{output_plan, write_merged, write_sidecars, Ready, WriteProgress};
 use super::prefetch::{hold_for_tests, join_prepared, open_prepared};
@@ -19,19 +19,16 @@ use super::prepare::{open_data, Prepared};
 use super::report::{describe, MergeReport, ModelReport, Timings};
 use super::running::{Grams, RunningSums};
 use super::stats::{self, GramFileInfo};
-use crate::backend::cuda::fault::{LOWER_FORWARD, LOWER_SUMS};
-use crate::backend::cuda::CudaDevice;
-use crate::backend::Backend;
+use crate::backend::{MergeArithmetic, LOWER_FORWARD, LOWER_SUMS};
 use crate::config::{MergeConfig, ModelEntry, Schedule};
 use crate::error::Result;
 use crate::io::mapped::FileStamp;
 use crate::io::writer::{ModelWriter, PlannedTensor};
-use crate::io::Checkpoint;
 use crate::model::{ModelConfig, Site};
 use crate::progress::{stop_point, Event, Observer};
 
 /// The merge one model at a time (`schedule: model`).
-pub(super) fn merge_by_model<B: Backend>(
+pub(super) fn merge_by_model<B: MergeArithmetic>(
     backend: &B,
     cfg: &MergeConfig,
     prepared: Prepared,
@@ -47,7 +44,7 @@ pub(super) fn merge_by_model<B: Backend>(
     let out = out_dir.final_path().to_path_buf();
     let out = out.as_path();
 
-    let mut sums = RunningSums::new(&model_cfg, &sites, &exclude, regmean, opts.device.as_ref())
+    let mut sums = RunningSums::new(backend, &model_cfg, &sites, &exclude, regmean)
         .map_err(|e| e.during("allocating the running sums on the GPU", LOWER_SUMS))?;
     let mut reports = Vec::with_capacity(cfg.models.len());
     let mut peak_device = backend.memory_in_use();
@@ -58,7 +55,7 @@ pub(super) fn merge_by_model<B: Backend>(
     // the host, or on a GPU from the stored bytes). On a GPU, the next model's pages are
     // read in on another thread while this one computes.
     let forward_runs = |entry: &ModelEntry| regmean && entry.grams.is_none();
-    let ahead = opts.device.is_some();
+    let ahead = backend.reads_ahead();
     std::thread::scope(|scope| -> Result<()> {
         let mut next = None;
         let mut run = || -> Result<()> {
@@ -81,36 +78,25 @@ pub(super) fn merge_by_model<B: Backend>(
                     from_grams_file: entry.grams.is_some(),
                 };
                 if regmean {
+                    // Each linear weight is made once, for the forward pass and the sums.
+                    let weights = ModelWeights::new(&ckpt);
                     let grams = model_grams(
                         backend,
                         cfg,
-                        &ckpt,
+                        &weights,
                         &model_cfg,
                         &sites,
                         entry,
                         index,
-                        sums.device(),
                         &mut model_load,
                         observer,
                     )
                     .map_err(|e| e.during(format!("the forward pass of {name}"), LOWER_FORWARD))?;
-                    let (examples, rows, peak) = match &grams {
-                        Grams::Host(g) => (
-                            g.examples,
-                            g.sites.first().map(|s| s.rows),
-                            g.peak_device_bytes,
-                        ),
-                        Grams::Device(g) => (
-                            g.examples,
-                            g.sites.first().map(|s| s.1),
-                            g.peak_device_bytes,
-                        ),
-                    };
-                    report.examples = examples;
-                    report.rows = rows.unwrap_or(0);
-                    peak_device = peak_device.max(peak);
+                    report.examples = grams.examples();
+                    report.rows = grams.first_rows().unwrap_or(0);
+                    peak_device = peak_device.max(grams.peak_device_bytes());
                     let t = Instant::now();
-                    sums.add_regmean(&ckpt, grams, ratio, diag_mult)
+                    sums.add_regmean(backend, &weights, grams, ratio, diag_mult)
                         .map_err(|e| e.during(format!("adding {name} to the sums"), LOWER_SUMS))?;
                     sums_time += t.elapsed();
                 }
@@ -181,7 +167,7 @@ pub(super) fn merge_by_model<B: Backend>(
             for (done, m) in sums.modules.iter().enumerate() {
                 let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
                 let started = Instant::now();
-                let (w, outcome) = sums.solve(done, m.site, d_in, d_out).map_err(|e| {
+                let (w, outcome) = sums.solve(backend, done, m.site).map_err(|e| {
                     e.during(format!("the solve of {}", m.module.weight), LOWER_SUMS)
                 })?;
                 let seconds = started.elapsed().as_secs_f64();
@@ -278,19 +264,19 @@ pub(super) fn merge_by_model<B: Backend>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn model_grams<B: Backend>(
+fn model_grams<B: MergeArithmetic>(
     backend: &B,
     cfg: &MergeConfig,
-    ckpt: &Checkpoint,
+    weights: &ModelWeights<B>,
     model_cfg: &ModelConfig,
     sites: &[Site],
     entry: &ModelEntry,
     index: usize,
-    sums_on: Option<&Arc<CudaDevice>>,
     load_time: &mut Duration,
     observer: &dyn Observer,
-) -> Result<Grams> {
+) -> Result<Grams<B>> {
     let name = entry.display_name();
+    let ckpt = weights.checkpoint();
     let options = cfg.parameters.gram_options();
     if let Some(path) = &entry.grams {
         observer.event(Event::ModelStart {
@@ -311,9 +297,7 @@ fn model_grams<B: Backend>(
         )
         .map(Grams::Host);
     }
-    if let Some(dev) = sums_on {
-        dev.inject_test_fault(index)?;
-    }
+    backend.inject_test_fault(index)?;
     let data = open_data(
         cfg,
         ckpt,
@@ -328,15 +312,19 @@ fn model_grams<B: Backend>(
         name: &name,
         examples: expected,
     });
-    let (acc, examples) =
-        accumulate_grams(backend, ckpt, model_cfg, &data, &cfg.parameters, observer)?;
+    let (acc, examples) = accumulate_grams(
+        backend,
+        ckpt,
+        weights,
+        model_cfg,
+        &data,
+        &cfg.parameters,
+        observer,
+    )?;
     *load_time += acc.load_time;
-    let acc = match sums_on {
-        Some(dev) => match acc.finish_on_device(dev, examples)? {
-            Ok(on_device) => return Ok(Grams::Device(on_device)),
-            Err(acc) => acc,
-        },
-        None => acc,
+    let acc = match acc.finish_on_backend(examples)? {
+        Ok(on_backend) => return Ok(Grams::Backend(on_backend)),
+        Err(acc) => acc,
     };
     crate::profile::span("grams: finish (host)", || acc.finish(examples)).map(Grams::Host)
 }

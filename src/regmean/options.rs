@@ -1,13 +1,7 @@
-//! What a merge is given besides its config: where to solve, how to write, how much host
-//! memory it may hold.
-
-use std::sync::Arc;
-
-use crate::backend::cuda::CudaDevice;
+//! What a merge is given besides its config and its backend (which is where it computes):
+//! how to write, how much host memory it may hold.
 
 pub struct MergeOptions {
-    /// Solve on this GPU (Gram sums, G'W products and the Cholesky solve on the device).
-    pub device: Option<Arc<CudaDevice>>,
     /// Largest shard written, in bytes.
     pub out_shard_bytes: u64,
     /// Replace an existing output directory.
@@ -20,7 +14,6 @@ pub struct MergeOptions {
 impl Default for MergeOptions {
     fn default() -> Self {
         MergeOptions {
-            device: None,
             out_shard_bytes: 5_000_000_000,
             force: false,
             max_memory: None,

@@ -1,5 +1,5 @@
-//! Opening the next task model while the current one runs: a checkpoint set to keep the
-//! linear weights it decodes, its stored pages read ahead for a GPU merge.
+//! Opening the next task model while the current one runs: its stored pages read ahead for
+//! a GPU merge.
 
 use std::time::Duration;
 
@@ -8,19 +8,18 @@ use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 use crate::model::Site;
 
-/// Opens a task model set to keep the linear weights it makes; with `ahead` (on another
-/// thread, before its turn, for a GPU merge), reads through their stored bytes so that the
-/// pages are in memory when they are copied to the device. Each model was checked against
+/// Opens a task model; with `ahead` (on another thread, before its turn, for a GPU merge)
+/// and when its forward pass will run (`forward`), reads through the stored bytes of its
+/// linear weights so that the pages are in memory when they are copied to the device. Each model was checked against
 /// the base by [`check_inputs`] before the first one ran.
 pub(super) fn open_prepared(
     entry: &ModelEntry,
     sites: &[Site],
-    keep: bool,
+    forward: bool,
     ahead: bool,
 ) -> Result<Checkpoint> {
     let ckpt = Checkpoint::open(&entry.model)?;
-    ckpt.set_keeping(keep);
-    if keep && ahead {
+    if forward && ahead {
         crate::profile::span("ahead: fault in stored weights", || {
             for m in sites.iter().flat_map(|s| &s.modules) {
                 if let Ok(bytes) = ckpt.bytes(&m.weight) {

@@ -1,19 +1,18 @@
 //! The running state of a model-by-model merge: Σ G'ᵢ per site, Σ G'ᵢWᵢ and Σ Wᵢ per solved
-//! module (in host memory or on the GPU that will solve them), the sums of every averaged
-//! parameter, and the solve at the end.
+//! module (held by the backend, where it will solve them), the sums of every averaged
+//! parameter, and the solve at the end. [`add_grams`], one model's Grams folded into the
+//! sums, is shared with the layer-wise schedule.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use super::gram::{DeviceGrams, ModelGrams};
-use super::solve::{solve_layer, SolveOutcome};
-use super::sums::{add_weighted, reduce_into};
-use crate::backend::cuda::gram::{DeviceModuleSums, DeviceSiteSums};
-use crate::backend::cuda::CudaDevice;
+use super::gram::{BackendGrams, ModelGrams};
+use super::model_weights::ModelWeights;
+use super::solve::SolveOutcome;
+use crate::backend::MergeArithmetic;
 use crate::config::ExcludeSet;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::Checkpoint;
-use crate::model::{take_linear_in_out, LinearModule, ModelConfig, Site};
+use crate::model::{LinearModule, ModelConfig, Site};
 
 /// A linear weight merged by RegMean.
 pub(super) struct SolvedModule {
@@ -21,36 +20,24 @@ pub(super) struct SolvedModule {
     pub(super) site: usize,
 }
 
-/// Σ G'ᵢ per site, and Σ G'ᵢWᵢ and Σ Wᵢ (for the fallback) per solved module, all
-/// `[in, ·]` row-major f32: in host memory, or on the GPU that will solve them.
-pub(super) enum LinearSums {
-    Host {
-        gram: Vec<Vec<f32>>,
-        gw: Vec<Vec<f32>>,
-        w: Vec<Vec<f32>>,
-    },
-    Device {
-        dev: Arc<CudaDevice>,
-        sites: Vec<DeviceSiteSums>,
-        modules: Vec<DeviceModuleSums>,
-    },
-}
-
 /// The running state of a merge: everything a model contributes, summed.
-pub(super) struct RunningSums {
+pub(super) struct RunningSums<B: MergeArithmetic> {
     pub(super) modules: Vec<SolvedModule>,
-    pub(super) linear: LinearSums,
+    /// Σ G' per site (none for the simple average).
+    sites: Vec<B::SiteSums>,
+    /// Σ G'W and Σ W per solved module, in the order of `modules`.
+    module_sums: Vec<B::ModuleSums>,
     pub(super) mean_sum: BTreeMap<String, Vec<f32>>,
     pub(super) count: usize,
 }
 
-impl RunningSums {
+impl<B: MergeArithmetic> RunningSums<B> {
     pub(super) fn new(
+        backend: &B,
         model_cfg: &ModelConfig,
         sites: &[Site],
         exclude: &ExcludeSet,
         regmean: bool,
-        device: Option<&Arc<CudaDevice>>,
     ) -> Result<Self> {
         let mut modules = Vec::new();
         if regmean {
@@ -63,35 +50,18 @@ impl RunningSums {
                 }
             }
         }
-        let site_dims: Vec<usize> = if regmean {
-            sites.iter().map(|s| s.dim).collect()
+        let site_sums = if regmean {
+            sites
+                .iter()
+                .map(|s| backend.site_sums(s.dim))
+                .collect::<Result<_>>()?
         } else {
             Vec::new()
         };
-        let linear = match device {
-            None => LinearSums::Host {
-                gram: site_dims.iter().map(|d| vec![0.0f32; d * d]).collect(),
-                gw: modules
-                    .iter()
-                    .map(|m| vec![0.0f32; m.module.in_dim * m.module.out_dim])
-                    .collect(),
-                w: modules
-                    .iter()
-                    .map(|m| vec![0.0f32; m.module.in_dim * m.module.out_dim])
-                    .collect(),
-            },
-            Some(dev) => LinearSums::Device {
-                dev: dev.clone(),
-                sites: site_dims
-                    .iter()
-                    .map(|&d| DeviceSiteSums::new(dev, d))
-                    .collect::<Result<_>>()?,
-                modules: modules
-                    .iter()
-                    .map(|m| DeviceModuleSums::new(dev, m.module.in_dim, m.module.out_dim))
-                    .collect::<Result<_>>()?,
-            },
-        };
+        let module_sums = modules
+            .iter()
+            .map(|m| backend.module_sums(m.module.in_dim, m.module.out_dim))
+            .collect::<Result<_>>()?;
         let solved: Vec<&str> = sites
             .iter()
             .flat_map(|s| s.modules.iter().map(|m| m.weight.as_str()))
@@ -107,114 +77,45 @@ impl RunningSums {
             .collect();
         Ok(RunningSums {
             modules,
-            linear,
+            sites: site_sums,
+            module_sums,
             mean_sum,
             count: 0,
         })
     }
 
-    /// The GPU holding the sums, if any.
-    pub(super) fn device(&self) -> Option<&Arc<CudaDevice>> {
-        match &self.linear {
-            LinearSums::Host { .. } => None,
-            LinearSums::Device { dev, .. } => Some(dev),
-        }
-    }
-
     /// Adds one model's reduced Grams G' and products G'W.
     pub(super) fn add_regmean(
         &mut self,
-        ckpt: &Checkpoint,
-        grams: Grams,
+        backend: &B,
+        weights: &ModelWeights<B>,
+        grams: Grams<B>,
         ratio: f32,
         diag_mult: f32,
     ) -> Result<()> {
-        let grams = match (grams, &mut self.linear) {
-            (
-                Grams::Device(g),
-                LinearSums::Device {
-                    dev,
-                    sites,
-                    modules,
-                },
-            ) => {
-                for (si, (gram, _rows)) in g.sites.into_iter().enumerate() {
-                    sites[si].add(dev, &gram, ratio, diag_mult)?;
-                    drop(gram);
-                    add_products(dev, &sites[si], &self.modules, modules, ckpt, si)?;
-                }
-                return Ok(());
-            }
-            (Grams::Device(_), LinearSums::Host { .. }) => {
-                return Err(Error::Backend(
-                    "internal: Grams on the GPU but the sums on the host".into(),
-                ));
-            }
-            (Grams::Host(g), _) => g,
-        };
-        match &mut self.linear {
-            LinearSums::Host { gram, gw, w } => {
-                let reduced: Vec<Vec<f32>> = grams
-                    .sites
-                    .into_iter()
-                    .zip(gram.iter_mut())
-                    .map(|(site, sum)| reduce_into(site.gram, sum, site.dim, ratio, diag_mult))
-                    .collect();
-                for ((m, gw_sum), w_sum) in self.modules.iter().zip(gw.iter_mut()).zip(w.iter_mut())
-                {
-                    let (d_in, d_out) = (m.module.in_dim, m.module.out_dim);
-                    let weights = take_linear_in_out(ckpt, &m.module)?;
-                    add_weighted(gw_sum, w_sum, &reduced[m.site], &weights, d_in, d_out);
-                }
-            }
-            LinearSums::Device {
-                dev,
-                sites,
-                modules,
-            } => {
-                // Site by site: a site's G' buffer is reused by the next model.
-                for (si, site) in grams.sites.into_iter().enumerate() {
-                    let g = dev.upload(&site.gram, "Gram")?;
-                    sites[si].add(dev, &g, ratio, diag_mult)?;
-                    add_products(dev, &sites[si], &self.modules, modules, ckpt, si)?;
-                }
-            }
-        }
-        Ok(())
+        let solved: Vec<(usize, &LinearModule)> =
+            self.modules.iter().map(|m| (m.site, &m.module)).collect();
+        add_grams(
+            backend,
+            &mut self.sites,
+            &solved,
+            &mut self.module_sums,
+            grams,
+            weights,
+            (ratio, diag_mult),
+        )
     }
 
     /// Solves module `index` (its site `site`): the merged weights `[in, out]` and how.
     pub(super) fn solve(
         &self,
+        backend: &B,
         index: usize,
         site: usize,
-        d_in: usize,
-        d_out: usize,
     ) -> Result<(Vec<f32>, SolveOutcome)> {
-        let k = self.count;
-        match &self.linear {
-            LinearSums::Host { gram, gw, w } => {
-                let w_mean: Vec<f32> = w[index].iter().map(|v| v / k as f32).collect();
-                Ok(solve_layer(&gram[site], &gw[index], &w_mean, d_in, d_out))
-            }
-            LinearSums::Device {
-                dev,
-                sites,
-                modules,
-            } => {
-                let m = &modules[index];
-                let (x, outcome) = crate::backend::cuda::solve::solve_layer(
-                    dev,
-                    &sites[site].gram_sum,
-                    &m.gw_sum,
-                    &m.w_sum,
-                    k,
-                    d_in,
-                    d_out,
-                )?;
-                Ok((dev.download(&x)?, outcome))
-            }
-        }
+        let (x, outcome) =
+            backend.solve(&self.sites[site], &self.module_sums[index], self.count)?;
+        Ok((backend.solved_to_host(x)?, outcome))
     }
 
     pub(super) fn add_means(&mut self, ckpt: &Checkpoint) -> Result<()> {
@@ -226,35 +127,79 @@ impl RunningSums {
     }
 }
 
-/// Σ G'W += G'·W and Σ W += W on the device, for the modules site `si` feeds (its G'
-/// already computed for this model).
-fn add_products(
-    dev: &CudaDevice,
-    site: &DeviceSiteSums,
-    solved: &[SolvedModule],
-    sums: &mut [DeviceModuleSums],
-    ckpt: &Checkpoint,
-    si: usize,
+/// Folds one model's Grams into the sums, site by site: Σ G' += G' (G' = the Gram with its
+/// off-diagonal times `reduce.0`, its diagonal times `reduce.1`), then Σ G'W += G'·W and
+/// Σ W += W for each module `solved[j] = (its site's index in sites, module)`, whose sums
+/// are `module_sums[j]`, with the model's `weights`. Site by site: a site's G' is reused by the next one (on a GPU) or
+/// dropped (on the host).
+pub(super) fn add_grams<B: MergeArithmetic>(
+    backend: &B,
+    sites: &mut [B::SiteSums],
+    solved: &[(usize, &LinearModule)],
+    module_sums: &mut [B::ModuleSums],
+    grams: Grams<B>,
+    weights: &ModelWeights<B>,
+    (ratio, diag_mult): (f32, f32),
 ) -> Result<()> {
-    use crate::profile::span;
-    for (m, sums) in solved
-        .iter()
-        .zip(sums.iter_mut())
-        .filter(|(m, _)| m.site == si)
-    {
-        // Made by the forward pass (or now, for Grams read from a file).
-        let weights = span("sums: weight on the GPU", || {
-            crate::backend::cuda::weights::take_linear_in_out(dev, ckpt, &m.module)
-        })?;
-        span("sums: G'W (enqueue)", || {
-            sums.add(dev, &site.reduced, &weights)
-        })?;
+    let mut add_products = |si: usize, site: &mut B::SiteSums| -> Result<()> {
+        for ((_, m), sums) in solved
+            .iter()
+            .zip(module_sums.iter_mut())
+            .filter(|((s, _), _)| *s == si)
+        {
+            let weight = weights.take(backend, m)?;
+            backend.add_weighted(sums, site, &weight)?;
+        }
+        backend.model_added(site);
+        Ok(())
+    };
+    match grams {
+        Grams::Backend(g) => {
+            for (si, ((gram, _rows), site)) in g.sites.into_iter().zip(sites.iter_mut()).enumerate()
+            {
+                backend.add_gram(site, gram, ratio, diag_mult)?;
+                add_products(si, site)?;
+            }
+        }
+        Grams::Host(g) => {
+            for (si, (gram, site)) in g.sites.into_iter().zip(sites.iter_mut()).enumerate() {
+                backend.add_host_gram(site, gram.gram, ratio, diag_mult)?;
+                add_products(si, site)?;
+            }
+        }
     }
     Ok(())
 }
 
-/// One model's Grams: on the host, or left on the GPU that holds the running sums.
-pub(super) enum Grams {
+/// One model's Grams: on the host (finished there, or read from a file), or where the
+/// backend finished them.
+pub(super) enum Grams<B: MergeArithmetic> {
     Host(ModelGrams),
-    Device(DeviceGrams),
+    Backend(BackendGrams<B>),
+}
+
+impl<B: MergeArithmetic> Grams<B> {
+    /// Examples that went through the forward pass.
+    pub(super) fn examples(&self) -> usize {
+        match self {
+            Grams::Host(g) => g.examples,
+            Grams::Backend(g) => g.examples,
+        }
+    }
+
+    /// Rows the first site counted.
+    pub(super) fn first_rows(&self) -> Option<u64> {
+        match self {
+            Grams::Host(g) => g.sites.first().map(|s| s.rows),
+            Grams::Backend(g) => g.sites.first().map(|s| s.1),
+        }
+    }
+
+    /// The most device memory in use while the forward pass ran (GPU backends only).
+    pub(super) fn peak_device_bytes(&self) -> Option<u64> {
+        match self {
+            Grams::Host(g) => g.peak_device_bytes,
+            Grams::Backend(g) => g.peak_device_bytes,
+        }
+    }
 }

@@ -295,11 +295,7 @@ pub fn gpu_merges_match_the_cpu(
         cfg.parameters.precision = precision;
         let gpu = tmp.path().join(precision.name());
         let backend = CudaBackend::new(dev.clone(), precision);
-        let opts = MergeOptions {
-            device: Some(dev.clone()),
-            ..MergeOptions::default()
-        };
-        let report = merge(&backend, &cfg, &gpu, &opts, &Silent).unwrap();
+        let report = merge(&backend, &cfg, &gpu, &MergeOptions::default(), &Silent).unwrap();
         assert!(report.fallbacks.is_empty());
         check(&report);
         eprint!("{label} {}: ", precision.name());

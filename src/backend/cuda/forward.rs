@@ -652,8 +652,46 @@ impl CudaBackend {
     }
 
     /// A site's fused `[in, Σ out]` weight, made on the device from each module's f32
-    /// `[in, out]` copy (kept on the checkpoint for G'W when it keeps values).
+    /// `[in, out]` copy, made from the stored bytes.
     fn site_weight_t<T: Elem>(&self, ckpt: &Checkpoint, site: &Site) -> Result<CudaTensor> {
+        site.check_inputs()?;
+        let parts = site
+            .modules
+            .iter()
+            .map(|m| {
+                crate::profile::span("load: weights on the GPU", || {
+                    weights::linear_in_out(&self.dev, ckpt, m)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let parts: Vec<&CudaSlice<f32>> = parts.iter().collect();
+        self.site_weight_from_t::<T>(site, &parts)
+    }
+
+    /// The fused weight of a site from its modules' f32 `[in, out]` copies on the device
+    /// (`parts`, in the site's order); the merge makes those once for the forward pass and
+    /// its sums.
+    pub(super) fn site_weight_from_parts(
+        &self,
+        site: &Site,
+        parts: &[&CudaSlice<f32>],
+    ) -> Result<CudaTensor> {
+        by_precision!(self.site_weight_from_t(site, parts))
+    }
+
+    fn site_weight_from_t<T: Elem>(
+        &self,
+        site: &Site,
+        parts: &[&CudaSlice<f32>],
+    ) -> Result<CudaTensor> {
+        if parts.len() != site.modules.len() {
+            return Err(Error::Backend(format!(
+                "site {}: {} weights for {} modules",
+                site.name,
+                parts.len(),
+                site.modules.len()
+            )));
+        }
         let out_dim: usize = site.modules.iter().map(|m| m.out_dim).sum();
         let mut w = self.output::<T>(site.dim, out_dim, "linear weight")?;
         let f = self
@@ -662,16 +700,13 @@ impl CudaBackend {
         let (rows, ld) = (c_int("in", site.dim)?, c_int("out", out_dim)?);
         site.check_inputs()?;
         let mut offset = 0usize;
-        for m in &site.modules {
-            let part = crate::profile::span("load: weights on the GPU", || {
-                weights::shared_linear_in_out(&self.dev, ckpt, m)
-            })?;
+        for (m, part) in site.modules.iter().zip(parts) {
             let n = mul("linear weight", site.dim, m.out_dim)?;
             check_len("linear weight", part.len(), n)?;
             if n > 0 {
                 let (cols, off) = (c_int("out", m.out_dim)?, c_int("offset", offset)?);
                 let mut b = self.dev.stream().launch_builder(&f);
-                b.arg(&*part)
+                b.arg(*part)
                     .arg(T::view_mut(&mut w)?)
                     .arg(&rows)
                     .arg(&cols)

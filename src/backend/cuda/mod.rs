@@ -10,8 +10,10 @@
 //! Files, from the bottom up: `fault` (errors as users read them), `launch` (argument
 //! checks), `probe` (finding the GPU, `--device`), `ring` + `staging` (page-locked uploads),
 //! `device` (one GPU), `convert` (element-wise device conversions), then `weights`, `gram`,
-//! `solve`, `forward` and `decoder` (the decoder LLMs' operations of the forward pass).
+//! `solve`, `forward`, `decoder` (the decoder LLMs' operations of the forward pass) and
+//! `arith` (the merge arithmetic of [`forward::CudaBackend`]).
 
+mod arith;
 mod convert;
 mod decoder;
 mod device;

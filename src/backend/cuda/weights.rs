@@ -3,10 +3,9 @@
 //! A merge reads each linear weight twice: the forward pass wants it fused per site in the
 //! activations' type, G'W wants it as f32 `[in, out]`. The host copies the stored bytes to
 //! the device once; the transpose (nn.Linear stores `[out, in]`), the conversion and the
-//! NaN/Inf check happen on the GPU, and the f32 copy is kept on the checkpoint between its
-//! two uses. Host decoding was the longest part of a GPU merge (BENCHMARKS.md).
-
-use std::sync::Arc;
+//! NaN/Inf check happen on the GPU, and the merge holds the f32 copy between its two uses
+//! (`regmean::model_weights`). Host decoding was the longest part of a GPU merge
+//! (BENCHMARKS.md).
 
 use cudarc::driver::CudaSlice;
 
@@ -16,39 +15,6 @@ use super::launch::mul;
 use crate::error::{Error, Result};
 use crate::io::Checkpoint;
 use crate::model::LinearModule;
-
-/// The key of a weight's device copy among a checkpoint's kept values.
-fn kept_key(m: &LinearModule) -> String {
-    format!("cuda:{}", m.weight)
-}
-
-/// [`linear_in_out`], made once per checkpoint when it keeps values (the forward pass reads
-/// it first; [`take_linear_in_out`] hands it to G'W after).
-pub fn shared_linear_in_out(
-    dev: &CudaDevice,
-    ckpt: &Checkpoint,
-    m: &LinearModule,
-) -> Result<Arc<CudaSlice<f32>>> {
-    ckpt.keep(&kept_key(m), || linear_in_out(dev, ckpt, m))
-}
-
-/// The device copy [`shared_linear_in_out`] kept (forgotten by the checkpoint now), or a
-/// new one: uploaded from the host decode a forward pass on the CPU kept (the library
-/// allows a CPU forward with the sums on a GPU), else made from the stored bytes.
-pub fn take_linear_in_out(
-    dev: &CudaDevice,
-    ckpt: &Checkpoint,
-    m: &LinearModule,
-) -> Result<Arc<CudaSlice<f32>>> {
-    ckpt.take_kept(&kept_key(m), || {
-        match ckpt.take_kept::<Vec<f32>>(&m.weight, || {
-            Err(Error::Backend("no host decode kept".into()))
-        }) {
-            Ok(host) => dev.upload(&host, "linear weight"),
-            Err(_) => linear_in_out(dev, ckpt, m),
-        }
-    })
-}
 
 /// A linear weight as a row-major f32 `[in, out]` matrix on the device, whatever its stored
 /// layout and float type; NaN or Inf is refused with the host's message (file, tensor,
