@@ -31,7 +31,13 @@ single-threaded CPU torch). It makes:
   G' = r·G + (1 − r)·diag(G), W = (Σ G')⁻¹ Σ G' Wᵀ per linear layer (``lm_head``
   included when untied), every other parameter the plain mean, a tied
   ``lm_head`` left tied (the embeddings averaged), excluded parameters the base
-  model's.
+  model's. ``regmeanpp.yaml`` and ``expected/regmeanpp_f64.safetensors``:
+  RegMean++ on the same pool, also in float64 from the saved weights: the
+  embeddings averaged first; for each layer l, every task's Grams taken from a
+  hybrid of the merged embeddings and layers 0..l-1 with the task's own layer l
+  (and beyond), layer l then solved and averaged as above; ``model.norm``
+  averaged; an untied ``lm_head``'s Grams from each task's own final norm over the
+  fully merged layers' output.
 * ``chat/``  a word-level tokenizer (``tokenizer.json``, its config and chat
   template) with ``data.jsonl`` (``messages`` lines), ``text.jsonl`` (``text``
   lines) and ``expected.json``: the rendered texts, the ids
@@ -246,6 +252,60 @@ def regmean_f64(base_dir: Path, task_dirs: list[Path], datas, ratio: float, excl
     return merged
 
 
+def regmeanpp_f64(base_dir: Path, task_dirs: list[Path], datas, ratio: float, exclude: list[str]):
+    """RegMean++ in float64, per the module docstring: layer by layer, each task's Grams of
+    layer l taken from a hybrid (the merged embeddings and layers 0..l-1, the task's own
+    layer l and beyond), one sequence at a time."""
+    models = [
+        AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager")
+        .to(torch.float64)
+        .eval()
+        for d in task_dirs
+    ]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    base_state = base.state_dict()
+    tied = base.config.tie_word_embeddings
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    excluded = lambda n: any(re.match(p, n) for p in exclude)  # noqa: E731
+    merged: dict[str, torch.Tensor] = {}
+
+    def merge_group(keys: list[str], grams: list[dict] | None) -> None:
+        for key in keys:
+            if excluded(key):
+                merged[key] = base_state[key].to(torch.float64).clone()
+            elif grams is not None and key.endswith(".weight") and key[: -len(".weight")] in grams[0]:
+                mod = key[: -len(".weight")]
+                red = [ratio * g[mod] + (1 - ratio) * torch.diag(torch.diag(g[mod])) for g in grams]
+                gw = sum(r @ s[key].T for r, s in zip(red, states))
+                merged[key] = torch.linalg.solve(sum(red), gw).T.contiguous()
+            else:
+                merged[key] = sum(s[key] for s in states) / len(states)
+
+    def hybrid_grams(prefix: str) -> list[dict]:
+        out = []
+        for m, own, seqs in zip(models, states, datas):
+            values = {**own, **merged}
+            if tied:
+                values.pop("lm_head.weight")  # the same tensor as the (merged) embeddings
+            m.load_state_dict(values, strict=False)
+            g, n = linear_inputs(m, seqs)
+            out.append({k: v / n[k] for k, v in g.items() if k.startswith(prefix)})
+        return out
+
+    keys = [k for k in states[0] if not (tied and k == "lm_head.weight")]
+    merge_group([k for k in keys if k.startswith("model.embed_tokens.")], None)
+    for l in range(base.config.num_hidden_layers):
+        prefix = f"model.layers.{l}."
+        merge_group([k for k in keys if k.startswith(prefix)], hybrid_grams(prefix))
+    # lm_head reads each task's own final norm over the merged layers' output: its Grams
+    # are taken before the norm is merged.
+    head_grams = None if tied else hybrid_grams("lm_head")
+    merge_group(["model.norm.weight"], None)
+    if not tied:
+        merge_group(["lm_head.weight"], head_grams)
+    return {k: merged[k].to(torch.float32).contiguous() for k in keys}
+
+
 def write_jsonl(path: Path, seqs: list[list[int]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -304,6 +364,16 @@ def pool_fixture(name: str, config, seed: int, ratio: float, exclude: list[str] 
         (out / "expected").mkdir(exist_ok=True)
         save_file(merged, out / "expected" / f"{cfg_name}_f64.safetensors", {"format": "pt"})
         manifest[cfg_name] = sorted(merged)
+    # RegMean++ on the same pool (default mode), against its float64 reference.
+    cfg["merge_method"] = "regmean_plusplus"
+    cfg["parameters"]["exclude_param_names_regex"] = []
+    (out / "regmeanpp.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    merged = regmeanpp_f64(out / "base", [out / t for t in tasks], datas, ratio, [])
+    save_file(merged, out / "expected" / "regmeanpp_f64.safetensors", {"format": "pt"})
+    plain = regmean_f64(out / "base", [out / t for t in tasks], datas, ratio, [])
+    worst = max(((merged[k] - plain[k]).norm() / plain[k].norm()).item() for k in merged)
+    assert worst > 1e-3, f"{name}: RegMean++ should differ measurably from RegMean ({worst:.2e})"
+    manifest["regmeanpp"] = {"tensors": sorted(merged), "worst_rel_diff_vs_regmean": worst}
     return manifest
 
 

@@ -100,6 +100,30 @@ fn decoder_merges_on_cuda_match_the_cpu_engine_and_the_f64_reference() {
     }
 }
 
+/// The layer-wise engine on decoders: RegMean++ and RegMean with `schedule: layer`, its
+/// forward passes on the GPU, against the CPU engine and the f64 references.
+#[test]
+#[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
+fn layerwise_decoder_merges_on_cuda_match_the_cpu_engine_and_the_f64_reference() {
+    if !gpu_or_skip("layerwise_decoder_merges_on_cuda_match_the_cpu_engine_and_the_f64_reference") {
+        return;
+    }
+    let dev = CudaDevice::open(0).unwrap();
+    for pool in ["llama_pool", "qwen2_pool"] {
+        let dir = fixtures().join("llm").join(pool);
+        let pp = MergeConfig::load(&dir.join("regmeanpp.yaml")).unwrap();
+        let mut by_layer = MergeConfig::load(&dir.join("default.yaml")).unwrap();
+        by_layer.parameters.schedule = regmean_gpu::config::Schedule::Layer;
+        for (cfg, reference) in [(pp, "regmeanpp_f64"), (by_layer, "default_f64")] {
+            let reference = dir.join(format!("expected/{reference}.safetensors"));
+            let label = format!("{pool} {:?}", cfg.merge_method);
+            gpu_merges_match_the_cpu(&dev, cfg, &label, Some(&reference), |report| {
+                assert!(report.activation_cache.is_some(), "ran layer by layer")
+            });
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn merge_device_cuda_on_a_decoder_says_once_that_it_is_unverified() {

@@ -76,6 +76,38 @@ fn gpt2_regmeanpp_matches_the_f64_reference_in_both_padding_modes() {
     assert_model_matches(&out, &expected_pp("gpt2", "default_f64"), TOL);
 }
 
+/// Decoder LLMs: RegMean++ (default mode) against the f64 reference of
+/// scripts/gen_llm_fixtures.py, which also checks that it differs from RegMean by > 1e-3.
+#[test]
+fn decoder_regmeanpp_matches_the_f64_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    for pool in ["llama_pool", "qwen2_pool"] {
+        let dir = fixtures().join("llm").join(pool);
+        let cfg = MergeConfig::load(&dir.join("regmeanpp.yaml")).unwrap();
+        let report = merge_into(&cfg, &tmp.path().join(pool), &MergeOptions::default());
+        assert_eq!(report.schedule, Schedule::Layer);
+        assert_model_matches(
+            &tmp.path().join(pool),
+            &dir.join("expected/regmeanpp_f64.safetensors"),
+            TOL,
+        );
+    }
+    // The untied head's Grams come from the merged layers: plain RegMean's head differs.
+    let regmean = regmean_gpu::io::SafetensorsFile::open(
+        fixtures().join("llm/llama_pool/expected/default_f64.safetensors"),
+    )
+    .unwrap();
+    let ours = regmean_gpu::io::Checkpoint::open(tmp.path().join("llama_pool")).unwrap();
+    let e = common::rel_err(
+        &ours.f32("lm_head.weight").unwrap(),
+        &regmean.to_f32("lm_head.weight").unwrap(),
+    );
+    assert!(
+        e > 1e-3,
+        "RegMean++'s lm_head should differ from RegMean's, got {e:.2e}"
+    );
+}
+
 #[test]
 fn regmeanpp_differs_from_regmean() {
     // A wiring slip (task inputs instead of the merged layer's) would make the two equal.
@@ -103,6 +135,11 @@ fn layer_schedule_equals_model_schedule() {
         ("gpt2_pool", "default.yaml", "default_f64"),
         ("gpt2_pool", "exclude.yaml", "exclude_f64"),
         ("clip_pool", "compat.yaml", "compat_fusionbench"),
+        // Decoders: GQA and an untied head solved after the last layer; exclusions; q/k/v
+        // bias and tied embeddings.
+        ("llm/llama_pool", "default.yaml", "default_f64"),
+        ("llm/llama_pool", "exclude.yaml", "exclude_f64"),
+        ("llm/qwen2_pool", "default.yaml", "default_f64"),
     ] {
         let mut cfg = MergeConfig::load(&fixtures().join(pool).join(config)).unwrap();
         let tmp = tempfile::tempdir().unwrap();

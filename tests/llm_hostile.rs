@@ -155,23 +155,3 @@ fn auto_keeps_a_decoder_llm_on_the_cpu_engine_and_says_so() {
     );
     assert!(out.join("model.safetensors").exists());
 }
-
-#[test]
-fn regmean_plusplus_and_the_layer_schedule_say_they_do_not_run_decoders_yet() {
-    for (find, replace) in [
-        ("merge_method: regmean", "merge_method: regmean_plusplus"),
-        ("parameters:", "parameters:\n  schedule: layer"),
-    ] {
-        let pool = llama_pool();
-        let cfg = std::fs::read_to_string(pool.path("default.yaml")).unwrap();
-        assert!(cfg.contains(find), "{cfg}");
-        std::fs::write(pool.path("layerwise.yaml"), cfg.replacen(find, replace, 1)).unwrap();
-        assert_mentions(
-            &pool.merge_fails("layerwise.yaml"),
-            &[
-                "layerwise.yaml",
-                "decoder LLMs are merged one model at a time for now",
-            ],
-        );
-    }
-}

@@ -1,8 +1,9 @@
 //! Any supported architecture: its config read from a checkpoint, its sites and parameter
 //! groups, and the model on a backend, dispatched to gpt2, clip or llama.
 
-use super::block::PreLnBlock;
-use super::hooks::{ForwardHooks, ForwardOutput};
+use super::block::{BlockRun, PreLnBlock};
+use super::hooks::{ForwardHooks, ForwardOutput, GramSink};
+use super::llama::{DecoderLayer, DecoderRun, FinalNorm};
 use super::params::{ParamGroup, ParamSource};
 use super::site::Site;
 use super::{clip, gpt2, llama, llama_config, Batch};
@@ -14,6 +15,7 @@ use crate::io::{Arch, Checkpoint};
 pub enum Embeddings<B: Backend> {
     Gpt2(gpt2::Gpt2Embeddings<B>),
     Clip(clip::ClipEmbeddings<B>),
+    Llama(llama::LlamaEmbeddings<B>),
 }
 
 impl<B: Backend> Embeddings<B> {
@@ -22,6 +24,7 @@ impl<B: Backend> Embeddings<B> {
         match self {
             Embeddings::Gpt2(e) => e.apply(backend, batch),
             Embeddings::Clip(e) => e.apply(backend, batch),
+            Embeddings::Llama(e) => e.apply(backend, batch),
         }
     }
 }
@@ -33,8 +36,72 @@ pub enum Model<B: Backend> {
     Llama(llama::Llama<B>),
 }
 
-/// What the layer-wise engine says of a decoder LLM.
-pub const LAYERWISE_DECODERS: &str = "decoder LLMs are merged one model at a time for now: RegMean++ and `schedule: layer` run GPT-2 and CLIP vision towers; use merge_method: regmean with schedule: model (or auto)";
+/// One layer of a model, run apart from the others (the layer-wise merge).
+pub(crate) enum Block<B: Backend> {
+    PreLn(PreLnBlock<B>),
+    Decoder(DecoderLayer<B>),
+}
+
+/// How a layer runs on one batch: what it needs besides its weights.
+pub(crate) enum LayerRun<'a> {
+    PreLn(BlockRun<'a>),
+    Decoder(DecoderRun<'a>),
+}
+
+impl<B: Backend> Block<B> {
+    /// Runs the layer on `h` in place, showing its four site inputs (numbered from
+    /// `first_site`) to the Gram sink.
+    pub fn forward(
+        &self,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &LayerRun<'_>,
+        first_site: usize,
+        grams: &mut Option<&mut dyn GramSink<B>>,
+    ) -> Result<()> {
+        match (self, run) {
+            (Block::PreLn(b), LayerRun::PreLn(r)) => b.forward(backend, h, r, first_site, grams),
+            (Block::Decoder(b), LayerRun::Decoder(r)) => {
+                b.forward(backend, h, r, first_site, grams)
+            }
+            _ => Err(Error::Backend(
+                "internal: a layer run of another architecture".into(),
+            )),
+        }
+    }
+
+    /// Runs the layer only as far as its last site, for the Grams alone (`h` is left
+    /// half-updated).
+    pub fn observe_sites(
+        &self,
+        grams: &mut dyn GramSink<B>,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &LayerRun<'_>,
+    ) -> Result<()> {
+        match (self, run) {
+            (Block::PreLn(b), LayerRun::PreLn(r)) => b.observe_sites(grams, backend, h, r),
+            (Block::Decoder(b), LayerRun::Decoder(r)) => b.observe_sites(grams, backend, h, r),
+            _ => Err(Error::Backend(
+                "internal: a layer run of another architecture".into(),
+            )),
+        }
+    }
+}
+
+/// What turns the last layer's output into the input of the sites after the layers (a
+/// decoder's untied `lm_head` reads the final norm's output).
+pub(crate) enum HeadInput<B: Backend> {
+    FinalNorm(FinalNorm<B>),
+}
+
+impl<B: Backend> HeadInput<B> {
+    pub fn apply(&self, backend: &B, h: &B::Tensor) -> Result<B::Tensor> {
+        match self {
+            HeadInput::FinalNorm(n) => n.apply(backend, h),
+        }
+    }
+}
 
 /// The architecture-level description of a checkpoint, without its weights on a backend.
 #[derive(Clone, Debug)]
@@ -133,7 +200,9 @@ impl ModelConfig {
             ModelConfig::Clip(c) => Ok(Embeddings::Clip(clip::ClipEmbeddings::load(
                 backend, src, c,
             )?)),
-            ModelConfig::Llama(_) => Err(Error::invalid(LAYERWISE_DECODERS)),
+            ModelConfig::Llama(c) => Ok(Embeddings::Llama(llama::LlamaEmbeddings::load(
+                backend, src, c,
+            )?)),
         }
     }
 
@@ -143,13 +212,50 @@ impl ModelConfig {
         backend: &B,
         src: &dyn ParamSource<B>,
         l: usize,
-    ) -> Result<PreLnBlock<B>> {
+    ) -> Result<Block<B>> {
         let (prefix, norms) = match self {
             ModelConfig::Gpt2(c) => c.block_names(l),
             ModelConfig::Clip(c) => c.block_names(l),
-            ModelConfig::Llama(_) => return Err(Error::invalid(LAYERWISE_DECODERS)),
+            ModelConfig::Llama(c) => {
+                return Ok(Block::Decoder(DecoderLayer::load(backend, src, c, l)?))
+            }
         };
-        PreLnBlock::load(backend, src, &self.sites(), l, &prefix, norms)
+        PreLnBlock::load(backend, src, &self.sites(), l, &prefix, norms).map(Block::PreLn)
+    }
+
+    /// How a layer runs on `batch` sequences of `seq` positions; `mask` marks the real
+    /// tokens of text (1 = real).
+    pub(crate) fn layer_run<'a>(
+        &self,
+        batch: usize,
+        seq: usize,
+        mask: Option<&'a [u8]>,
+    ) -> Result<LayerRun<'a>> {
+        match self {
+            ModelConfig::Gpt2(c) => Ok(LayerRun::PreLn(c.block_run(batch, seq, mask))),
+            ModelConfig::Clip(c) => Ok(LayerRun::PreLn(c.block_run(batch))),
+            ModelConfig::Llama(_) => match mask {
+                Some(mask) => Ok(LayerRun::Decoder(DecoderRun { batch, seq, mask })),
+                None => Err(Error::Backend(
+                    "internal: a decoder batch without its mask".into(),
+                )),
+            },
+        }
+    }
+
+    /// What makes the input of the sites after the last layer from its output, with the
+    /// parameters of `src`: `None` where no site follows the layers.
+    pub(crate) fn load_head_input<B: Backend>(
+        &self,
+        backend: &B,
+        src: &dyn ParamSource<B>,
+    ) -> Result<Option<HeadInput<B>>> {
+        match self {
+            ModelConfig::Llama(c) if !c.tie_word_embeddings => Ok(Some(HeadInput::FinalNorm(
+                FinalNorm::load(backend, src, c)?,
+            ))),
+            _ => Ok(None),
+        }
     }
 
     /// Every backbone tensor with its expected shape.

@@ -16,7 +16,7 @@ use crate::io::Checkpoint;
 pub const SITES_PER_LAYER: usize = 4;
 
 impl LlamaConfig {
-    fn layer(&self, l: usize) -> String {
+    pub(crate) fn layer(&self, l: usize) -> String {
         format!("model.layers.{l}")
     }
 
@@ -100,7 +100,58 @@ fn site_bias<B: Backend>(backend: &B, src: &dyn ParamSource<B>, site: &Site) -> 
     backend.upload_owned(b, 1, n)
 }
 
-struct DecoderLayer<B: Backend> {
+/// The token embeddings, with the checks every input to a decoder gets.
+pub struct LlamaEmbeddings<B: Backend> {
+    embed: B::Tensor,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+}
+
+impl<B: Backend> LlamaEmbeddings<B> {
+    pub fn load(backend: &B, src: &dyn ParamSource<B>, c: &LlamaConfig) -> Result<Self> {
+        let (v, d) = (c.vocab_size, c.hidden_size);
+        Ok(LlamaEmbeddings {
+            embed: backend.upload_owned(src.tensor("model.embed_tokens.weight", &[v, d])?, v, d)?,
+            vocab_size: v,
+            max_position_embeddings: c.max_position_embeddings,
+        })
+    }
+
+    /// The input of the first layer, `[batch·seq, d]`.
+    pub fn apply(&self, backend: &B, batch: &Batch) -> Result<B::Tensor> {
+        let Batch::Tokens { ids, seq, .. } = batch else {
+            return Err(Error::invalid(
+                "a decoder LLM takes token ids, not pixel values",
+            ));
+        };
+        if *seq > self.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "sequence length {seq} exceeds max_position_embeddings {}",
+                self.max_position_embeddings
+            )));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {bad} ≥ vocab_size {}",
+                self.vocab_size
+            )));
+        }
+        let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+        backend.gather_rows(&self.embed, &rows)
+    }
+}
+
+/// How a decoder layer runs on `batch` right-padded sequences of `seq` tokens.
+#[derive(Clone, Copy)]
+pub(crate) struct DecoderRun<'a> {
+    pub batch: usize,
+    pub seq: usize,
+    /// Attention mask over keys, also the Gram row mask (1 = real token).
+    pub mask: &'a [u8],
+}
+
+/// One decoder layer: h += o(attention(rope(qkv(norm h)))); h += down(silu(gate)·up(norm h)).
+pub(crate) struct DecoderLayer<B: Backend> {
     input_norm: B::Tensor,
     qkv: B::Tensor,
     qkv_bias: Option<B::Tensor>,
@@ -111,55 +162,154 @@ struct DecoderLayer<B: Backend> {
     post_norm: B::Tensor,
     gate_up: B::Tensor,
     down: B::Tensor,
+    eps: f32,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// Layer `l` of a model configured by `c`, its parameters read from `src`.
+    pub fn load(backend: &B, src: &dyn ParamSource<B>, c: &LlamaConfig, l: usize) -> Result<Self> {
+        let (d, hd) = (c.hidden_size, c.head_dim);
+        let sites = c.sites();
+        let s = &sites[SITES_PER_LAYER * l..SITES_PER_LAYER * (l + 1)];
+        let p = |leaf: &str| format!("{}.{leaf}", c.layer(l));
+        Ok(DecoderLayer {
+            input_norm: vector(backend, src, &p("input_layernorm.weight"), d)?,
+            qkv: src.site_weight(backend, &s[0])?,
+            qkv_bias: c
+                .qkv_bias
+                .then(|| site_bias(backend, src, &s[0]))
+                .transpose()?,
+            qk_norm: match c.qk_norm {
+                true => Some((
+                    vector(backend, src, &p("self_attn.q_norm.weight"), hd)?,
+                    vector(backend, src, &p("self_attn.k_norm.weight"), hd)?,
+                )),
+                false => None,
+            },
+            o: src.site_weight(backend, &s[1])?,
+            o_bias: c
+                .o_bias
+                .then(|| site_bias(backend, src, &s[1]))
+                .transpose()?,
+            post_norm: vector(backend, src, &p("post_attention_layernorm.weight"), d)?,
+            gate_up: src.site_weight(backend, &s[2])?,
+            down: src.site_weight(backend, &s[3])?,
+            eps: c.rms_norm_eps,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: hd,
+            inv_freq: c.rope.inv_freq(hd),
+        })
+    }
+
+    /// Runs the layer on `h` in place, showing its four site inputs (numbered from
+    /// `first_site`) to the Gram sink.
+    pub fn forward(
+        &self,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &DecoderRun<'_>,
+        first_site: usize,
+        grams: &mut Option<&mut dyn GramSink<B>>,
+    ) -> Result<()> {
+        let mut observe = |k: usize, x: &B::Tensor| observe(grams, first_site + k, x, run.mask);
+        let act = self.run_to_last_site(&mut observe, backend, h, run)?;
+        backend.add_assign(h, &backend.linear(&act, &self.down, None)?)
+    }
+
+    /// Runs the layer only as far as its last site (down_proj's input), for the Grams alone:
+    /// `h` is left half-updated (after the attention's residual).
+    pub fn observe_sites(
+        &self,
+        grams: &mut dyn GramSink<B>,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &DecoderRun<'_>,
+    ) -> Result<()> {
+        let mut observe = |k: usize, x: &B::Tensor| grams.observe(k, x, Some(run.mask));
+        self.run_to_last_site(&mut observe, backend, h, run)
+            .map(drop)
+    }
+
+    /// Everything up to down_proj, each site input `k` (0..4) shown to `observe`: returns
+    /// down_proj's input.
+    fn run_to_last_site(
+        &self,
+        observe: &mut dyn FnMut(usize, &B::Tensor) -> Result<()>,
+        backend: &B,
+        h: &mut B::Tensor,
+        run: &DecoderRun<'_>,
+    ) -> Result<B::Tensor> {
+        let (qw, kw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        let shape = GqaShape {
+            batch: run.batch,
+            seq: run.seq,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        };
+        let x = backend.rms_norm(h, &self.input_norm, self.eps)?;
+        observe(0, &x)?;
+        let mut qkv = backend.linear(&x, &self.qkv, self.qkv_bias.as_ref())?;
+        drop(x);
+        if let Some((qn, kn)) = &self.qk_norm {
+            backend.rms_norm_columns(&mut qkv, 0..qw, qn, self.eps)?;
+            backend.rms_norm_columns(&mut qkv, qw..qw + kw, kn, self.eps)?;
+        }
+        backend.rotary(&mut qkv, 0..qw + kw, self.head_dim, run.seq, &self.inv_freq)?;
+        let att = backend.gqa_attention(&qkv, shape, Some(run.mask))?;
+        drop(qkv);
+        observe(1, &att)?;
+        backend.add_assign(h, &backend.linear(&att, &self.o, self.o_bias.as_ref())?)?;
+        drop(att);
+        let x = backend.rms_norm(h, &self.post_norm, self.eps)?;
+        observe(2, &x)?;
+        let act = backend.silu_mul(&backend.linear(&x, &self.gate_up, None)?)?;
+        drop(x);
+        observe(3, &act)?;
+        Ok(act)
+    }
+}
+
+/// The final RMSNorm, whose output the language-model head reads.
+pub struct FinalNorm<B: Backend> {
+    weight: B::Tensor,
+    eps: f32,
+}
+
+impl<B: Backend> FinalNorm<B> {
+    pub fn load(backend: &B, src: &dyn ParamSource<B>, c: &LlamaConfig) -> Result<Self> {
+        Ok(FinalNorm {
+            weight: vector(backend, src, "model.norm.weight", c.hidden_size)?,
+            eps: c.rms_norm_eps,
+        })
+    }
+
+    pub fn apply(&self, backend: &B, h: &B::Tensor) -> Result<B::Tensor> {
+        backend.rms_norm(h, &self.weight, self.eps)
+    }
 }
 
 pub struct Llama<B: Backend> {
     pub config: LlamaConfig,
-    embed: B::Tensor,
+    embeddings: LlamaEmbeddings<B>,
     layers: Vec<DecoderLayer<B>>,
-    norm: B::Tensor,
-    inv_freq: Vec<f32>,
+    norm: FinalNorm<B>,
 }
 
 impl<B: Backend> Llama<B> {
     pub fn load(backend: &B, ckpt: &dyn ParamSource<B>, config: LlamaConfig) -> Result<Self> {
-        let (d, hd) = (config.hidden_size, config.head_dim);
-        let sites = config.sites();
         let layers = (0..config.num_hidden_layers)
-            .map(|l| {
-                let s = &sites[SITES_PER_LAYER * l..SITES_PER_LAYER * (l + 1)];
-                let p = |leaf: &str| format!("model.layers.{l}.{leaf}");
-                Ok(DecoderLayer {
-                    input_norm: vector(backend, ckpt, &p("input_layernorm.weight"), d)?,
-                    qkv: ckpt.site_weight(backend, &s[0])?,
-                    qkv_bias: config
-                        .qkv_bias
-                        .then(|| site_bias(backend, ckpt, &s[0]))
-                        .transpose()?,
-                    qk_norm: match config.qk_norm {
-                        true => Some((
-                            vector(backend, ckpt, &p("self_attn.q_norm.weight"), hd)?,
-                            vector(backend, ckpt, &p("self_attn.k_norm.weight"), hd)?,
-                        )),
-                        false => None,
-                    },
-                    o: ckpt.site_weight(backend, &s[1])?,
-                    o_bias: config
-                        .o_bias
-                        .then(|| site_bias(backend, ckpt, &s[1]))
-                        .transpose()?,
-                    post_norm: vector(backend, ckpt, &p("post_attention_layernorm.weight"), d)?,
-                    gate_up: ckpt.site_weight(backend, &s[2])?,
-                    down: ckpt.site_weight(backend, &s[3])?,
-                })
-            })
+            .map(|l| DecoderLayer::load(backend, ckpt, &config, l))
             .collect::<Result<_>>()?;
-        let embed = ckpt.tensor("model.embed_tokens.weight", &[config.vocab_size, d])?;
         Ok(Llama {
-            embed: backend.upload_owned(embed, config.vocab_size, d)?,
+            embeddings: LlamaEmbeddings::load(backend, ckpt, &config)?,
             layers,
-            norm: vector(backend, ckpt, "model.norm.weight", d)?,
-            inv_freq: config.rope.inv_freq(hd),
+            norm: FinalNorm::load(backend, ckpt, &config)?,
             config,
         })
     }
@@ -187,82 +337,31 @@ impl<B: Backend> Llama<B> {
         batch: &Batch,
         mut hooks: ForwardHooks<'_, B>,
     ) -> Result<ForwardOutput<B>> {
+        let mut h = self.embeddings.apply(backend, batch)?;
         let Batch::Tokens {
-            ids,
-            mask,
-            batch,
-            seq,
+            mask, batch, seq, ..
         } = batch
         else {
-            return Err(Error::invalid(
-                "a decoder LLM takes token ids, not pixel values",
-            ));
+            unreachable!("the embeddings take token ids only");
         };
-        let c = &self.config;
-        if *seq > c.max_position_embeddings {
-            return Err(Error::invalid(format!(
-                "sequence length {seq} exceeds max_position_embeddings {}",
-                c.max_position_embeddings
-            )));
-        }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            return Err(Error::invalid(format!(
-                "token id {bad} ≥ vocab_size {}",
-                c.vocab_size
-            )));
-        }
-        let (qw, kw) = c.qkv_widths();
-        let shape = GqaShape {
+        let run = DecoderRun {
             batch: *batch,
             seq: *seq,
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
+            mask,
         };
-        let mask = Some(&mask[..]);
-        let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-        let mut h = backend.gather_rows(&self.embed, &rows)?;
         hooks.record(backend, &h)?;
-        let eps = c.rms_norm_eps;
         for (l, layer) in self.layers.iter().enumerate() {
-            let site = SITES_PER_LAYER * l;
-            let x = backend.rms_norm(&h, &layer.input_norm, eps)?;
-            observe(&mut hooks.grams, site, &x, mask)?;
-            let mut qkv = backend.linear(&x, &layer.qkv, layer.qkv_bias.as_ref())?;
-            drop(x);
-            if let Some((qn, kn)) = &layer.qk_norm {
-                backend.rms_norm_columns(&mut qkv, 0..qw, qn, eps)?;
-                backend.rms_norm_columns(&mut qkv, qw..qw + kw, kn, eps)?;
-            }
-            backend.rotary(&mut qkv, 0..qw + kw, c.head_dim, *seq, &self.inv_freq)?;
-            let att = backend.gqa_attention(&qkv, shape, mask)?;
-            drop(qkv);
-            observe(&mut hooks.grams, site + 1, &att, mask)?;
-            backend.add_assign(
-                &mut h,
-                &backend.linear(&att, &layer.o, layer.o_bias.as_ref())?,
-            )?;
-            drop(att);
-            let x = backend.rms_norm(&h, &layer.post_norm, eps)?;
-            observe(&mut hooks.grams, site + 2, &x, mask)?;
-            let act = backend.silu_mul(&backend.linear(&x, &layer.gate_up, None)?)?;
-            drop(x);
-            observe(&mut hooks.grams, site + 3, &act, mask)?;
-            backend.add_assign(&mut h, &backend.linear(&act, &layer.down, None)?)?;
+            layer.forward(backend, &mut h, &run, SITES_PER_LAYER * l, &mut hooks.grams)?;
             // transformers lists the input of every layer, then the final norm's output.
             if l + 1 < self.layers.len() {
                 hooks.record(backend, &h)?;
             }
         }
-        let out = backend.rms_norm(&h, &self.norm, eps)?;
+        let out = self.norm.apply(backend, &h)?;
         hooks.record(backend, &out)?;
-        if !c.tie_word_embeddings {
-            observe(
-                &mut hooks.grams,
-                SITES_PER_LAYER * self.layers.len(),
-                &out,
-                mask,
-            )?;
+        if !self.config.tie_word_embeddings {
+            let site = SITES_PER_LAYER * self.layers.len();
+            observe(&mut hooks.grams, site, &out, mask)?;
         }
         Ok(ForwardOutput {
             last_hidden: out,
@@ -275,10 +374,10 @@ fn observe<B: Backend>(
     grams: &mut Option<&mut dyn GramSink<B>>,
     site: usize,
     x: &B::Tensor,
-    mask: Option<&[u8]>,
+    mask: &[u8],
 ) -> Result<()> {
     match grams.as_deref_mut() {
-        Some(g) => g.observe(site, x, mask),
+        Some(g) => g.observe(site, x, Some(mask)),
         None => Ok(()),
     }
 }

@@ -1,8 +1,8 @@
 //! `merge --plan` for decoder LLMs: the memory, FLOPs and bytes read of a merge, from the
-//! shapes of config.json alone (no weights are opened), for the engine as it runs now (the
-//! CPU, one whole model at a time) and for the layer-wise schedule on one GPU (one layer of
-//! one model on the device at a time, each task's activations cached on the host between
-//! layers). Napkin math, stated with its assumptions; BENCHMARKS.md explains it.
+//! shapes of config.json alone (no weights are opened), for both schedules: `model` (one
+//! whole model at a time, on the CPU) and `layer` (one layer of one model at a time, each
+//! task's activations cached on the host between layers; RegMean++ always runs so), on one
+//! GPU or on the CPU. Napkin math, stated with its assumptions; BENCHMARKS.md explains it.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -146,9 +146,10 @@ impl Plan {
             + 2.0 * batch_tokens * d;
         let widest = config.hidden_size.max(config.intermediate_size) as f64;
         let layerwise_device_bytes = layer_step.max(head_step) + 8.0 * widest * widest;
-        // Host: every task's activations at a layer boundary, in and out, in 16 bits, and
-        // the averages of the non-linear parameters (the embeddings).
-        let layerwise_host_bytes = 2.0 * 2.0 * k * tokens_per_model * d + F32 * other;
+        // Host: every task's activations at a layer boundary in f32 (each batch replaced in
+        // place by the layer's output), and the averages of the non-linear parameters (the
+        // embeddings).
+        let layerwise_host_bytes = F32 * k * tokens_per_model * d + F32 * other;
         let attention = n_layers * 2.0 * (config.num_attention_heads * config.head_dim) as f64;
         let forward_flops = k
             * (2.0 * n_layers * s.layer_linear as f64 * tokens_per_model
@@ -207,14 +208,15 @@ impl Plan {
         );
         let _ = writeln!(
             r,
-            "engine now (CPU, one whole model at a time): host memory {}",
+            "schedule model (one whole model at a time, CPU): host memory {}",
             gb(self.engine_host_bytes)
         );
         let _ = writeln!(
             r,
-            "layer-wise schedule (one GPU): device memory {}, host memory {} (activations cached between layers)",
+            "schedule layer (one layer at a time, activations cached between layers; RegMean++ always): on one GPU device memory {} and host memory {}; on the CPU host memory {}",
             gb(self.layerwise_device_bytes),
-            gb(self.layerwise_host_bytes)
+            gb(self.layerwise_host_bytes),
+            gb(self.layerwise_device_bytes + self.layerwise_host_bytes)
         );
         let _ = writeln!(
             r,

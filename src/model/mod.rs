@@ -20,9 +20,8 @@ pub mod llama_plan;
 mod params;
 pub mod site;
 
-pub use any::{Embeddings, Model, ModelConfig, LAYERWISE_DECODERS};
+pub use any::{Embeddings, Model, ModelConfig};
 pub use batch::Batch;
-pub(crate) use block::BlockRun;
 pub use fields::MAX_CONFIG_SIZE;
 pub(crate) use fields::{field_f32, field_usize, require_activation};
 pub use hooks::{ForwardHooks, ForwardOutput, GramSink};

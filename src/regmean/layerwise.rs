@@ -25,6 +25,7 @@ use super::output::{output_plan, write_finite, write_sidecars, Source};
 use super::prepare::{open_data, Prepared};
 use super::report::{describe, MergeReport, ModelReport, Timings};
 use super::running::{add_grams, Grams};
+use super::solve::SolveOutcome;
 use super::sums::add_assign;
 use crate::backend::MergeArithmetic;
 use crate::config::{MergeConfig, MergeMethod, Schedule};
@@ -34,8 +35,8 @@ use crate::io::mapped::FileStamp;
 use crate::io::writer::{ModelWriter, PlannedTensor};
 use crate::io::{Arch, Checkpoint};
 use crate::model::{
-    linear_in_out, transpose, Batch, BlockRun, GramSink, HostParams, LinearModule, ModelConfig,
-    ParamGroup, Site, LAYERWISE_DECODERS,
+    linear_in_out, transpose, Batch, GramSink, HostParams, LinearModule, ModelConfig, ParamGroup,
+    Site,
 };
 use crate::progress::{stop_point, Event, Observer};
 
@@ -126,10 +127,6 @@ pub(super) fn choose_schedule<B: MergeArithmetic>(
     let decoder = matches!(prepared.model_cfg, ModelConfig::Llama(_));
     match (cfg.merge_method, cfg.parameters.schedule) {
         (MergeMethod::SimpleAverage, _) => return Ok(Schedule::Model),
-        (MergeMethod::RegmeanPlusplus, _) | (_, Schedule::Layer) if decoder => {
-            return Err(Error::config(&cfg.path, LAYERWISE_DECODERS))
-        }
-        (_, Schedule::Auto) if decoder => return Ok(Schedule::Model),
         (MergeMethod::RegmeanPlusplus, _) => return Ok(Schedule::Layer),
         (MergeMethod::Regmean, Schedule::Auto) => {}
         (MergeMethod::Regmean, s) => return Ok(s),
@@ -141,7 +138,8 @@ pub(super) fn choose_schedule<B: MergeArithmetic>(
     let cap = opts.max_memory.unwrap_or_else(default_max_memory);
     let (pick, why) = if est.model <= cap {
         (Schedule::Model, "it fits")
-    } else if !backend.layerwise_verified() {
+    } else if !backend.layerwise_verified() && !decoder {
+        // (A decoder on a GPU has no verified path: the one that fits is taken.)
         (Schedule::Model, "the GPU path is the verified one")
     } else {
         (Schedule::Layer, "one model at a time does not fit")
@@ -356,103 +354,73 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
 
     // Layer by layer.
     let layers = model_cfg.num_layers();
+    let first_head_site = 4 * layers;
+    // The sites after the layers (a decoder's untied lm_head), solved after the last layer.
+    let head_solved: Vec<(usize, &LinearModule)> = solved
+        .iter()
+        .filter(|(si, _)| *si >= first_head_site)
+        .map(|(si, m)| (si - first_head_site, m))
+        .collect();
     observer.event(Event::SolveStart {
         layers: solved.len(),
     });
-    let mut fallbacks = Vec::new();
-    let mut solved_count = 0;
+    let mut solving = Solving {
+        backend,
+        models: cfg.models.len(),
+        observer,
+        done: 0,
+        fallbacks: Vec::new(),
+    };
+    let stats = GroupStats {
+        backend,
+        compat: params.fusionbench_compat,
+        reduction: (*ratio, *diag_mult),
+        observer,
+    };
     for l in 0..layers {
         let layer_sites = &sites[4 * l..4 * l + 4];
-        let layer_solved: Vec<&(usize, LinearModule)> = solved
+        // Each solved module with its site's index among the layer's.
+        let in_layer: Vec<(usize, &LinearModule)> = solved
             .iter()
             .filter(|(si, _)| (4 * l..4 * l + 4).contains(si))
+            .map(|(si, m)| (si - 4 * l, m))
             .collect();
-        let mut site_sums: Vec<B::SiteSums> = layer_sites
-            .iter()
-            .map(|s| backend.site_sums(s.dim))
-            .collect::<Result<_>>()?;
-        // Each solved module with its site's index among the layer's.
-        let in_layer: Vec<(usize, &LinearModule)> =
-            layer_solved.iter().map(|(si, m)| (si - 4 * l, m)).collect();
-        let mut module_sums: Vec<B::ModuleSums> = layer_solved
-            .iter()
-            .map(|(_, m)| backend.module_sums(m.in_dim, m.out_dim))
-            .collect::<Result<_>>()?;
-        for task in &mut tasks {
-            stop_point(observer)?;
-            let t = Instant::now();
-            let ckpt = Checkpoint::open(&task.dir)?;
-            // Each linear weight is made once, for the block and the sums.
-            let weights = ModelWeights::new(&ckpt);
-            let block = model_cfg.load_block(backend, &weights, l)?;
-            timings.model_load += t.elapsed();
-            let mut acc =
-                GramAccumulator::new(backend, layer_sites.to_vec(), params.fusionbench_compat)?;
-            for b in &task.batches {
-                let x = store.read(b.id)?;
-                let mut h = backend.upload(&x, x.len() / layer_sites[0].dim, layer_sites[0].dim)?;
-                drop(x);
-                let run = block_run(model_cfg, b);
-                if plus_plus {
-                    // Only the Grams: the merged layer makes the next inputs.
-                    block.observe_sites(&mut acc, backend, &mut h, &run)?;
-                } else {
-                    // The task's own layer makes its next inputs.
-                    let mut sink: Option<&mut dyn GramSink<B>> = Some(&mut acc);
-                    block.forward(backend, &mut h, &run, 0, &mut sink)?;
-                    store.replace(b.id, backend.download_owned(h)?)?;
+        let (site_sums, module_sums) = stats.collect(
+            &mut tasks,
+            &mut store,
+            layer_sites,
+            &in_layer,
+            &mut timings,
+            &mut peak_device,
+            |weights, task, store, acc| {
+                let block = model_cfg.load_block(backend, weights, l)?;
+                for b in &task.batches {
+                    let mut h = cached_input(backend, store, b, layer_sites[0].dim)?;
+                    let run = model_cfg.layer_run(b.batch, b.seq, b.mask.as_deref())?;
+                    if plus_plus {
+                        // Only the Grams: the merged layer makes the next inputs.
+                        block.observe_sites(acc, backend, &mut h, &run)?;
+                    } else {
+                        // The task's own layer makes its next inputs.
+                        let mut sink: Option<&mut dyn GramSink<B>> = Some(acc);
+                        block.forward(backend, &mut h, &run, 0, &mut sink)?;
+                        store.replace(b.id, backend.download_owned(h)?)?;
+                    }
                 }
-            }
-            peak_device = peak_device.max(backend.memory_in_use());
-            let examples = task.report.examples;
-            let grams = match acc.finish_on_backend(examples)? {
-                Ok(on_backend) => Grams::Backend(on_backend),
-                Err(acc) => Grams::Host(acc.finish(examples)?),
-            };
-            if l == 0 {
-                task.report.rows = grams.first_rows().unwrap_or(0);
-            }
-            let t = Instant::now();
-            add_grams(
-                backend,
-                &mut site_sums,
-                &in_layer,
-                &mut module_sums,
-                grams,
-                &weights,
-                (*ratio, *diag_mult),
-            )?;
-            timings.sums += t.elapsed();
-        }
+                Ok(())
+            },
+        )?;
 
         let t = Instant::now();
         let mut merged = HostParams::default();
-        for ((si, m), sums) in in_layer.iter().zip(&module_sums) {
-            let t_layer = Instant::now();
-            let (w, outcome) = backend.solve(&site_sums[*si], sums, cfg.models.len())?;
-            let w = backend.solved_to_host(w)?;
-            let how = describe(&outcome);
-            solved_count += 1;
-            observer.event(Event::Solved {
-                done: solved_count,
-                layer: &m.weight,
-                how: &how,
-                seconds: t_layer.elapsed().as_secs_f64(),
-            });
-            stop_point(observer)?;
-            if outcome.is_fallback() {
-                observer.event(Event::Warning(format!("{}: {how}", m.weight)));
-                fallbacks.push((m.weight.clone(), outcome));
-            }
-            // The solve gives [in, out]; nn.Linear stores [out, in].
-            let stored = if m.transposed {
-                transpose(&w, m.in_dim, m.out_dim)
-            } else {
-                w.clone()
-            };
-            write_timed(&mut writer, &mut timings.writer_busy, &m.weight, &stored)?;
-            merged.linear_in_out.insert(m.weight.clone(), w);
-        }
+        solving.solve(
+            &site_sums,
+            &in_layer,
+            &module_sums,
+            &mut writer,
+            &mut timings,
+            &mut merged,
+        )?;
         for (name, mean) in average(&tasks, in_group(ParamGroup::Layer(l)), k)? {
             write_timed(&mut writer, &mut timings.writer_busy, &name, &mean)?;
             merged.tensors.insert(name, mean);
@@ -460,7 +428,7 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
         timings.solve += t.elapsed();
         drop((site_sums, module_sums));
 
-        if plus_plus && l + 1 < layers {
+        if plus_plus && (l + 1 < layers || !head_solved.is_empty()) {
             // The merged layer makes every task's next inputs.
             add_base_values(
                 &mut merged,
@@ -472,17 +440,51 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
             let block = model_cfg.load_block(backend, &merged, l)?;
             for task in &tasks {
                 for b in &task.batches {
-                    let x = store.read(b.id)?;
-                    let mut h =
-                        backend.upload(&x, x.len() / layer_sites[0].dim, layer_sites[0].dim)?;
-                    drop(x);
-                    let run = block_run(model_cfg, b);
+                    let mut h = cached_input(backend, &store, b, layer_sites[0].dim)?;
+                    let run = model_cfg.layer_run(b.batch, b.seq, b.mask.as_deref())?;
                     block.forward(backend, &mut h, &run, 0, &mut None)?;
                     store.replace(b.id, backend.download_owned(h)?)?;
                 }
             }
         }
     }
+
+    // The head: its Grams from each task's own final norm over the last layer's outputs.
+    if !head_solved.is_empty() {
+        let head_sites = &sites[first_head_site..];
+        let d = head_sites[0].dim;
+        let (site_sums, module_sums) = stats.collect(
+            &mut tasks,
+            &mut store,
+            head_sites,
+            &head_solved,
+            &mut timings,
+            &mut peak_device,
+            |weights, task, store, acc| {
+                let head = model_cfg
+                    .load_head_input(backend, weights)?
+                    .ok_or_else(|| {
+                        Error::Backend("internal: sites after the layers but no head input".into())
+                    })?;
+                for b in &task.batches {
+                    let h = cached_input(backend, store, b, d)?;
+                    acc.observe(0, &head.apply(backend, &h)?, b.mask.as_deref())?;
+                }
+                Ok(())
+            },
+        )?;
+        let t = Instant::now();
+        solving.solve(
+            &site_sums,
+            &head_solved,
+            &module_sums,
+            &mut writer,
+            &mut timings,
+            &mut HostParams::default(),
+        )?;
+        timings.solve += t.elapsed();
+    }
+    let fallbacks = solving.fallbacks;
     timings.grams = t0.elapsed() - timings.solve;
     let cache = store.stats();
     drop(store);
@@ -541,6 +543,145 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
     })
 }
 
+/// A cached batch's activations, on the backend as `[rows, d]`.
+fn cached_input<B: MergeArithmetic>(
+    backend: &B,
+    store: &ActivationStore,
+    b: &CachedBatch,
+    d: usize,
+) -> Result<B::Tensor> {
+    let x = store.read(b.id)?;
+    backend.upload(&x, x.len() / d, d)
+}
+
+/// Σ G' per site and Σ G'W per solved module of one group of sites.
+type GroupSums<B> = (
+    Vec<<B as MergeArithmetic>::SiteSums>,
+    Vec<<B as MergeArithmetic>::ModuleSums>,
+);
+
+/// Collects one group of sites' statistics (a layer's, or the head's) over every task.
+struct GroupStats<'a, B: MergeArithmetic> {
+    backend: &'a B,
+    compat: bool,
+    reduction: (f32, f32),
+    observer: &'a dyn Observer,
+}
+
+impl<B: MergeArithmetic> GroupStats<'_, B> {
+    /// The sums of Σ G' per site and Σ G'W per solved module over the tasks: for each task,
+    /// `run(weights, task, store, acc)` shows its cached batches to the Gram accumulator.
+    #[allow(clippy::too_many_arguments)]
+    fn collect(
+        &self,
+        tasks: &mut [Task],
+        store: &mut ActivationStore,
+        group_sites: &[Site],
+        solved: &[(usize, &LinearModule)],
+        timings: &mut Timings,
+        peak_device: &mut Option<u64>,
+        mut run: impl FnMut(
+            &ModelWeights<'_, B>,
+            &Task,
+            &mut ActivationStore,
+            &mut GramAccumulator<'_, B>,
+        ) -> Result<()>,
+    ) -> Result<GroupSums<B>> {
+        let backend = self.backend;
+        let mut site_sums: Vec<B::SiteSums> = group_sites
+            .iter()
+            .map(|s| backend.site_sums(s.dim))
+            .collect::<Result<_>>()?;
+        let mut module_sums: Vec<B::ModuleSums> = solved
+            .iter()
+            .map(|(_, m)| backend.module_sums(m.in_dim, m.out_dim))
+            .collect::<Result<_>>()?;
+        for task in tasks.iter_mut() {
+            stop_point(self.observer)?;
+            let t = Instant::now();
+            let ckpt = Checkpoint::open(&task.dir)?;
+            // Each linear weight is made once, for the forward pass and the sums.
+            let weights = ModelWeights::new(&ckpt);
+            timings.model_load += t.elapsed();
+            let mut acc = GramAccumulator::new(backend, group_sites.to_vec(), self.compat)?;
+            run(&weights, task, store, &mut acc)?;
+            *peak_device = (*peak_device).max(backend.memory_in_use());
+            let examples = task.report.examples;
+            let grams = match acc.finish_on_backend(examples)? {
+                Ok(on_backend) => Grams::Backend(on_backend),
+                Err(acc) => Grams::Host(acc.finish(examples)?),
+            };
+            if task.report.rows == 0 {
+                task.report.rows = grams.first_rows().unwrap_or(0);
+            }
+            let t = Instant::now();
+            add_grams(
+                backend,
+                &mut site_sums,
+                solved,
+                &mut module_sums,
+                grams,
+                &weights,
+                self.reduction,
+            )?;
+            timings.sums += t.elapsed();
+        }
+        Ok((site_sums, module_sums))
+    }
+}
+
+/// Solves groups of modules one after the other, counting them and their fallbacks.
+struct Solving<'a, B: MergeArithmetic> {
+    backend: &'a B,
+    models: usize,
+    observer: &'a dyn Observer,
+    done: usize,
+    fallbacks: Vec<(String, SolveOutcome)>,
+}
+
+impl<B: MergeArithmetic> Solving<'_, B> {
+    /// Solves each module of `solved` from its sums, writes it, and keeps it `[in, out]` in
+    /// `merged`.
+    fn solve(
+        &mut self,
+        site_sums: &[B::SiteSums],
+        solved: &[(usize, &LinearModule)],
+        module_sums: &[B::ModuleSums],
+        writer: &mut ModelWriter,
+        timings: &mut Timings,
+        merged: &mut HostParams,
+    ) -> Result<()> {
+        for ((si, m), sums) in solved.iter().zip(module_sums) {
+            let t_layer = Instant::now();
+            let (w, outcome) = self.backend.solve(&site_sums[*si], sums, self.models)?;
+            let w = self.backend.solved_to_host(w)?;
+            let how = describe(&outcome);
+            self.done += 1;
+            self.observer.event(Event::Solved {
+                done: self.done,
+                layer: &m.weight,
+                how: &how,
+                seconds: t_layer.elapsed().as_secs_f64(),
+            });
+            stop_point(self.observer)?;
+            if outcome.is_fallback() {
+                self.observer
+                    .event(Event::Warning(format!("{}: {how}", m.weight)));
+                self.fallbacks.push((m.weight.clone(), outcome));
+            }
+            // The solve gives [in, out]; nn.Linear stores [out, in].
+            let stored = if m.transposed {
+                transpose(&w, m.in_dim, m.out_dim)
+            } else {
+                w.clone()
+            };
+            write_timed(writer, &mut timings.writer_busy, &m.weight, &stored)?;
+            merged.linear_in_out.insert(m.weight.clone(), w);
+        }
+        Ok(())
+    }
+}
+
 /// Writes one merged tensor, counting the time spent writing.
 fn write_timed(
     writer: &mut ModelWriter,
@@ -552,15 +693,6 @@ fn write_timed(
     let r = write_finite(writer, name, values);
     *busy += t.elapsed();
     r
-}
-
-/// How a block runs on a cached batch.
-fn block_run<'a>(model_cfg: &ModelConfig, b: &'a CachedBatch) -> BlockRun<'a> {
-    match model_cfg {
-        ModelConfig::Gpt2(c) => c.block_run(b.batch, b.seq, b.mask.as_deref()),
-        ModelConfig::Clip(c) => c.block_run(b.batch),
-        ModelConfig::Llama(_) => unreachable!("choose_schedule keeps decoder LLMs model by model"),
-    }
 }
 
 /// The means over the tasks of the parameters `names`, summed in task order (each task's
