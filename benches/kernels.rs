@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
-use regmean_gpu::backend::cpu_gemm::{faer_gemm, gemm, Lhs, Part};
+use regmean_gpu::backend::cpu_gemm::{faer_gemm, gemm, gemm_split, Lhs, Part, Split};
 use regmean_gpu::backend::{Activation, Backend, CpuBackend, CpuTensor, GramUpdate};
 use regmean_gpu::config::Parameters;
 use regmean_gpu::data::Dataset;
@@ -127,11 +127,11 @@ fn gemm_bench() {
     let peak = fma_peak();
     println!("gemm: the packed AVX-512 GEMM against faer ({threads} threads), GFLOP/s; FMA peak {peak:.1}");
     println!(
-        "  {:<40} {:>7} {:>7} {:>7} {:>7}",
-        "product [m, n, k]", "ours", "faer", "ratio", "% peak"
+        "  {:<40} {:>7} {:>7} {:>7} {:>7} {:>9}",
+        "product [m, n, k]", "ours", "faer", "ratio", "% peak", "by columns"
     );
-    // (what, m, n, k, lhs transposed (a Gram), lower triangle)
-    let shapes: [(&str, usize, usize, usize, bool, bool); 9] = [
+    // (what, m, n, k, lhs transposed (a Gram), lower triangle): ViT-B/32's, then llama-small's
+    let shapes: [(&str, usize, usize, usize, bool, bool); 14] = [
         ("linear q|k|v", 1600, 2304, 768, false, false),
         ("linear out_proj", 1600, 768, 768, false, false),
         ("linear fc1", 1600, 3072, 768, false, false),
@@ -141,6 +141,11 @@ fn gemm_bench() {
         ("G'W 768 -> 3072", 768, 3072, 768, false, false),
         ("G'W 3072 -> 768", 3072, 768, 3072, false, false),
         ("square 2048", 2048, 2048, 2048, false, false),
+        ("llama q|k|v", 2048, 1024, 512, false, false),
+        ("llama gate|up", 2048, 3072, 512, false, false),
+        ("llama down", 2048, 512, 1536, false, false),
+        ("Gram 512 (2048 rows)", 512, 512, 2048, true, true),
+        ("Gram 1536 (2048 rows)", 1536, 1536, 2048, true, true),
     ];
     for (what, m, n, k, transposed, lower) in shapes {
         let a = values(m * k, 1);
@@ -156,22 +161,37 @@ fn gemm_bench() {
         };
         let part = if lower { Part::Lower } else { Part::Full };
         let mut c = vec![0.0f32; m * n];
-        // Interleaved: ours, faer, ours, faer, … so that a change of load hits both.
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-        for round in 0..4 {
+        // Interleaved: ours, faer, ours by columns, … so that a change of load hits all.
+        let (mut ours, mut theirs, mut columns) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..6 {
             let t = Instant::now();
             gemm((m, n, k), lhs, &b, n, &mut c, n, part, false);
             let t_ours = t.elapsed().as_secs_f64();
             let t = Instant::now();
             faer_gemm((m, n, k), lhs, &b, n, &mut c, n, part, false);
             let t_faer = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            gemm_split(
+                Split::Columns,
+                (m, n, k),
+                lhs,
+                &b,
+                n,
+                &mut c,
+                n,
+                part,
+                false,
+            );
+            let t_columns = t.elapsed().as_secs_f64();
             if round > 0 {
                 ours.push(t_ours);
                 theirs.push(t_faer);
+                columns.push(t_columns);
             }
         }
-        ours.sort_by(f64::total_cmp);
-        theirs.sort_by(f64::total_cmp);
+        for v in [&mut ours, &mut theirs, &mut columns] {
+            v.sort_by(f64::total_cmp);
+        }
         // FLOPs done: a triangle is half the full product (plus its diagonal).
         let flops = 2.0
             * (m * n * k) as f64
@@ -180,9 +200,10 @@ fn gemm_bench() {
             } else {
                 1.0
             };
-        let (o, f) = (flops / ours[1] / 1e9, flops / theirs[1] / 1e9);
+        let (o, f) = (flops / ours[2] / 1e9, flops / theirs[2] / 1e9);
+        let col = flops / columns[2] / 1e9;
         println!(
-            "  {:<40} {o:>7.1} {f:>7.1} {:>6.2}× {:>6.1}%",
+            "  {:<40} {o:>7.1} {f:>7.1} {:>6.2}× {:>6.1}% {col:>9.1}",
             format!("{what} [{m}, {n}, {k}]"),
             o / f,
             100.0 * o / peak

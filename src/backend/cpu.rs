@@ -308,20 +308,21 @@ impl Backend for CpuBackend {
         })?;
         // Padding rows are dropped by a copy of the real rows (rows·d against the product's
         // rows·d²); X itself is read as both operands of the packed GEMM, Xᵀ transposed.
+        if let Some(mask) = row_mask {
+            check(mask.len() == x.rows, || "gram_update: mask length".into())?;
+        }
         let real: Option<Vec<f32>> = match row_mask {
-            Some(mask) => {
-                check(mask.len() == x.rows, || "gram_update: mask length".into())?;
-                Some(span("cpu: Gram row selection", || {
-                    let mut real = Vec::with_capacity(x.data.len());
-                    for (r, &m) in mask.iter().enumerate() {
-                        if m != 0 {
-                            real.extend_from_slice(&x.data[r * d..(r + 1) * d]);
-                        }
+            // A mask without padding (every row real) selects nothing.
+            Some(mask) if mask.contains(&0) => Some(span("cpu: Gram row selection", || {
+                let mut real = Vec::with_capacity(x.data.len());
+                for (r, &m) in mask.iter().enumerate() {
+                    if m != 0 {
+                        real.extend_from_slice(&x.data[r * d..(r + 1) * d]);
                     }
-                    real
-                }))
-            }
-            None => None,
+                }
+                real
+            })),
+            _ => None,
         };
         let rows = real.as_deref().unwrap_or(&x.data);
         let n = rows.len() / d.max(1);
@@ -391,6 +392,9 @@ struct QkvLayout {
 /// Attention of every query head over its key/value head (query head h reads kv head
 /// h / (heads / kv_heads)), masked keys and (when causal) later keys excluded, softmax in
 /// f32: `[batch·seq, heads·head_dim]`.
+/// Queries per block in [`attend`].
+const QUERY_BLOCK: usize = 64;
+
 fn attend(qkv: &CpuTensor, s: QkvLayout, key_mask: Option<&[u8]>) -> Result<CpuTensor> {
     let d = s.heads * s.head_dim;
     let stride = qkv.cols;
@@ -406,51 +410,59 @@ fn attend(qkv: &CpuTensor, s: QkvLayout, key_mask: Option<&[u8]>) -> Result<CpuT
         .for_each(|(b, out_b)| {
             let block = &qkv.data[b * s.seq * stride..(b + 1) * s.seq * stride];
             let mask = key_mask.map(|m| &m[b * s.seq..(b + 1) * s.seq]);
-            let mut scores = vec![0.0f32; s.seq * s.seq];
+            let mut scores = vec![0.0f32; QUERY_BLOCK.min(s.seq) * s.seq];
             for h in 0..s.heads {
                 let kv = (h / group) * s.head_dim;
-                let view = |start: usize| {
+                let view = |start: usize, rows: std::ops::Range<usize>| {
                     MatRef::from_row_major_slice_with_stride(
-                        &block[start..],
-                        s.seq,
+                        &block[rows.start * stride + start..],
+                        rows.len(),
                         s.head_dim,
                         stride,
                     )
                 };
-                let (q, k, v) = (view(h * s.head_dim), view(k_start + kv), view(v_start + kv));
-                {
-                    let dst = MatMut::from_row_major_slice_mut(&mut scores, s.seq, s.seq);
-                    matmul(dst, Accum::Replace, q, k.transpose(), scale, Par::Seq);
-                }
-                for i in 0..s.seq {
-                    let row = &mut scores[i * s.seq..(i + 1) * s.seq];
-                    for (j, x) in row.iter_mut().enumerate() {
-                        let masked = (s.causal && j > i) || mask.is_some_and(|m| m[j] == 0);
-                        if masked {
-                            *x = f32::NEG_INFINITY;
+                // Queries a block at a time: under a causal mask a block's queries see only
+                // the keys up to its last one, so the masked half is never computed.
+                for i0 in (0..s.seq).step_by(QUERY_BLOCK) {
+                    let i1 = (i0 + QUERY_BLOCK).min(s.seq);
+                    let keys = if s.causal { i1 } else { s.seq };
+                    let q = view(h * s.head_dim, i0..i1);
+                    let (k, v) = (view(k_start + kv, 0..keys), view(v_start + kv, 0..keys));
+                    let scores = &mut scores[..(i1 - i0) * keys];
+                    {
+                        let dst = MatMut::from_row_major_slice_mut(scores, i1 - i0, keys);
+                        matmul(dst, Accum::Replace, q, k.transpose(), scale, Par::Seq);
+                    }
+                    for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
+                        let i = i0 + r;
+                        for (j, x) in row.iter_mut().enumerate() {
+                            let masked = (s.causal && j > i) || mask.is_some_and(|m| m[j] == 0);
+                            if masked {
+                                *x = f32::NEG_INFINITY;
+                            }
                         }
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        if max == f32::NEG_INFINITY {
+                            // Every key masked (an empty sequence): the output row is zero.
+                            row.iter_mut().for_each(|x| *x = 0.0);
+                            continue;
+                        }
+                        with_avx2!(softmax_exp(row, max));
+                        let sum: f32 = row.iter().sum();
+                        row.iter_mut().for_each(|x| *x /= sum);
                     }
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    if max == f32::NEG_INFINITY {
-                        // Every key masked (an empty sequence): the output row is zero.
-                        row.iter_mut().for_each(|x| *x = 0.0);
-                        continue;
-                    }
-                    with_avx2!(softmax_exp(row, max));
-                    let sum: f32 = row.iter().sum();
-                    row.iter_mut().for_each(|x| *x /= sum);
+                    // A strided row-major view built as the transpose of a column-major one:
+                    // faer 0.24's `from_row_major_slice_with_stride_mut` swaps the strides.
+                    let dst = MatMut::from_column_major_slice_with_stride_mut(
+                        &mut out_b[i0 * d + h * s.head_dim..],
+                        s.head_dim,
+                        i1 - i0,
+                        d,
+                    )
+                    .transpose_mut();
+                    let p = MatRef::from_row_major_slice(scores, i1 - i0, keys);
+                    matmul(dst, Accum::Replace, p, v, 1.0, Par::Seq);
                 }
-                // A strided row-major view built as the transpose of a column-major one:
-                // faer 0.24's `from_row_major_slice_with_stride_mut` swaps the strides.
-                let dst = MatMut::from_column_major_slice_with_stride_mut(
-                    &mut out_b[h * s.head_dim..],
-                    s.head_dim,
-                    s.seq,
-                    d,
-                )
-                .transpose_mut();
-                let p = MatRef::from_row_major_slice(&scores, s.seq, s.seq);
-                matmul(dst, Accum::Replace, p, v, 1.0, Par::Seq);
             }
         });
     Ok(CpuTensor::new(out, s.batch * s.seq, d))
@@ -554,6 +566,66 @@ mod tests {
                 let want = sum.data[i * d + j] / 11.0;
                 assert!((acc.data[i * d + j] - want).abs() < 1e-6, "({i},{j})");
             }
+        }
+    }
+
+    /// Several query blocks (seq past `QUERY_BLOCK`), GQA, causal and padded, against an
+    /// f64 softmax attention written out directly.
+    #[test]
+    fn blocked_attention_matches_f64_past_one_query_block() {
+        let (batch, seq, heads, kv_heads, hd) = (2, 2 * QUERY_BLOCK + 19, 4, 2, 8);
+        let cols = (heads + 2 * kv_heads) * hd;
+        let qkv = rand_vec(batch * seq * cols, 7);
+        let mut mask = vec![1u8; batch * seq];
+        mask[seq + seq - 30..].fill(0); // the second sequence right-padded
+        for causal in [true, false] {
+            let layout = QkvLayout {
+                batch,
+                seq,
+                heads,
+                kv_heads,
+                head_dim: hd,
+                causal,
+            };
+            let x = CpuTensor::new(qkv.clone(), batch * seq, cols);
+            let out = attend(&x, layout, Some(&mask)).unwrap();
+            let at = |b: usize, t: usize, c: usize| qkv[(b * seq + t) * cols + c] as f64;
+            let mut worst = 0.0f64;
+            for b in 0..batch {
+                for h in 0..heads {
+                    let (kc, vc) = (
+                        heads * hd + (h / 2) * hd,
+                        (heads + kv_heads) * hd + (h / 2) * hd,
+                    );
+                    for i in 0..seq {
+                        let keys: Vec<usize> = (0..seq)
+                            .filter(|&j| !(causal && j > i) && mask[b * seq + j] != 0)
+                            .collect();
+                        let logits: Vec<f64> = keys
+                            .iter()
+                            .map(|&j| {
+                                (0..hd)
+                                    .map(|c| at(b, i, h * hd + c) * at(b, j, kc + c))
+                                    .sum::<f64>()
+                                    / (hd as f64).sqrt()
+                            })
+                            .collect();
+                        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let w: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                        let z: f64 = w.iter().sum();
+                        for c in 0..hd {
+                            let want: f64 = keys
+                                .iter()
+                                .zip(&w)
+                                .map(|(&j, wj)| wj / z * at(b, j, vc + c))
+                                .sum();
+                            let got = out.data[(b * seq + i) * heads * hd + h * hd + c] as f64;
+                            worst = worst.max((got - want).abs());
+                        }
+                    }
+                }
+            }
+            assert!(worst < 1e-5, "causal {causal}: worst {worst:e}");
         }
     }
 

@@ -87,6 +87,36 @@ pub fn gemm(
     if !has_avx512() {
         return faer_gemm((m, n, k), a, b, ldb, c, ldc, part, accumulate);
     }
+    let split = split().unwrap_or(match part {
+        // Small triangles: their row chunks are uneven and each block of k is little work
+        // between two barriers; independent slabs ran them 13–31% faster at d = 512–1,536
+        // (`cargo bench --bench kernels gemm`, 2 threads), and slower at d = 3,072.
+        Part::Lower if m <= 2048 => Split::Columns,
+        _ => Split::Rows,
+    });
+    gemm_split(split, (m, n, k), a, b, ldb, c, ldc, part, accumulate)
+}
+
+/// `gemm` with a given split between threads (the benchmark compares them). The arguments
+/// must pass `gemm`'s checks and the CPU have AVX-512F; it panics otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_split(
+    split: Split,
+    (m, n, k): (usize, usize, usize),
+    a: Lhs<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    part: Part,
+    accumulate: bool,
+) {
+    assert!(has_avx512() && m > 0 && n > 0 && k > 0);
+    assert!(ldb >= n && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    if split == Split::Columns && rayon::current_num_threads() > 1 {
+        // SAFETY: AVX-512F was checked above, and the arguments by `gemm`'s checks.
+        return unsafe { gemm_column_slabs((m, n, k), a, b, ldb, c, ldc, part, accumulate) };
+    }
     let chunks = row_chunks(m, part, rayon::current_num_threads());
     // Each task gets its rows of C as one mutable slice: the chunks are contiguous from row 0.
     let mut rest = &mut c[..(m - 1) * ldc + n];
@@ -94,14 +124,14 @@ pub fn gemm(
     for &(r0, r1) in &chunks {
         let len = (r1 * ldc).min((m - 1) * ldc + n) - r0 * ldc;
         let (mine, after) = std::mem::take(&mut rest).split_at_mut(len);
-        let packed_a = vec![0.0f32; (r1 - r0).div_ceil(MR) * MR * KC];
+        let packed_a = scratch((r1 - r0).div_ceil(MR) * MR * KC);
         tasks.push((r0, r1, mine, packed_a));
         rest = after;
     }
     // B is packed once per block of k, by all threads, and shared: packing it per task
     // (its reads and writes are k·n each) cost as much as a fifth of a product at 2 threads.
     let panels = n.div_ceil(NR);
-    let mut packed_b = vec![0.0f32; panels * NR * KC];
+    let mut packed_b = scratch(panels * NR * KC);
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
         packed_b[..panels * NR * kc]
@@ -116,10 +146,10 @@ pub fn gemm(
             // sizes them.
             unsafe {
                 block(
-                    (*r0, *r1, n, kc),
+                    (*r0, *r1, 0, n, kc),
                     packed_a,
                     packed_b,
-                    rows,
+                    rows.as_mut_ptr(),
                     ldc,
                     part,
                     accumulate || pc > 0,
@@ -127,6 +157,33 @@ pub fn gemm(
             }
         });
     }
+    give_back(packed_b);
+    tasks
+        .into_iter()
+        .for_each(|(.., packed_a)| give_back(packed_a));
+}
+
+thread_local! {
+    /// Packing buffers kept for the next product on this thread: a fresh zeroed one per
+    /// product cost a memset of megabytes (the packing writes every element anyway).
+    static SCRATCH: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` floats (contents unspecified) from this thread's pool.
+fn scratch(len: usize) -> Vec<f32> {
+    let mut v = SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default();
+    v.resize(len, 0.0);
+    v
+}
+
+/// Returns a buffer to this thread's pool (a few are kept).
+fn give_back(v: Vec<f32>) {
+    SCRATCH.with(|s| {
+        let mut pool = s.borrow_mut();
+        if pool.len() < 8 {
+            pool.push(v);
+        }
+    });
 }
 
 /// Whether the packed kernel runs: AVX-512F detected, and `REGMEAN_CPU_GEMM` not `faer`
@@ -152,20 +209,30 @@ fn has_avx512() -> bool {
 fn row_chunks(m: usize, part: Part, threads: usize) -> Vec<(usize, usize)> {
     let tasks = if threads <= 1 { 1 } else { 2 * threads };
     let tasks = tasks.min(m.div_ceil(MR)).max(1);
+    split_bounds(m, tasks, MR, |f| match part {
+        Part::Full => f * m as f64,
+        Part::Lower => f.sqrt() * m as f64,
+    })
+}
+
+/// `tasks` ranges covering `0..len`, cut at `at(t / tasks)` rounded to multiples of `step`
+/// (empty ranges dropped).
+fn split_bounds(
+    len: usize,
+    tasks: usize,
+    step: usize,
+    at: impl Fn(f64) -> f64,
+) -> Vec<(usize, usize)> {
     let mut bounds = vec![0usize];
     for t in 1..tasks {
-        let f = t as f64 / tasks as f64;
-        let at = match part {
-            Part::Full => f * m as f64,
-            Part::Lower => f.sqrt() * m as f64,
-        };
-        let at = ((at / MR as f64).round() as usize * MR).min(m);
-        if at > *bounds.last().unwrap() {
-            bounds.push(at);
+        let cut = at(t as f64 / tasks as f64);
+        let cut = ((cut / step as f64).round() as usize * step).min(len);
+        if cut > *bounds.last().unwrap() {
+            bounds.push(cut);
         }
     }
-    if *bounds.last().unwrap() < m {
-        bounds.push(m);
+    if *bounds.last().unwrap() < len {
+        bounds.push(len);
     }
     bounds.windows(2).map(|w| (w[0], w[1])).collect()
 }
@@ -179,10 +246,10 @@ fn row_chunks(m: usize, part: Part, threads: usize) -> Vec<(usize, usize)> {
 /// `packed_a` holds the rows' micro-panels and `packed_b` every column's, `kc` deep.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
 unsafe fn block(
-    (r0, r1, n, kc): (usize, usize, usize, usize),
+    (r0, r1, col0, n, kc): (usize, usize, usize, usize, usize),
     packed_a: &[f32],
     packed_b: &[f32],
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
     part: Part,
     add: bool,
@@ -190,7 +257,11 @@ unsafe fn block(
     let rows = r1 - r0;
     let lower = part == Part::Lower;
     // A lower triangle's rows r0..r1 need only the columns below r1.
-    let n_here = if lower { n.min(r1) } else { n };
+    let n_here = if lower {
+        n.min(r1.saturating_sub(col0))
+    } else {
+        n
+    };
     for jc in (0..n_here).step_by(NC) {
         let nc = NC.min(n_here - jc);
         let block_b = &packed_b[jc * kc..(jc + nc.div_ceil(NR) * NR) * kc];
@@ -205,12 +276,14 @@ unsafe fn block(
             let gi0 = r0 + i0;
             for (t, panel_b) in block_b.chunks_exact(NR * kc).enumerate() {
                 let j0 = jc + t * NR;
+                // Global column of this tile's first column, for the triangle.
+                let gj0 = col0 + j0;
                 let nr = NR.min(nc - t * NR);
-                if lower && j0 > gi0 + mr - 1 {
+                if lower && gj0 > gi0 + mr - 1 {
                     break; // this and every later tile wholly above the diagonal
                 }
-                let cut = lower && j0 + nr - 1 > gi0;
-                let tile = c.as_mut_ptr().add(i0 * ldc + j0);
+                let cut = lower && gj0 + nr - 1 > gi0;
+                let tile = c.add(i0 * ldc + j0);
                 if mr == MR && nr == NR && !cut {
                     kernel(kc, panel_a.as_ptr(), panel_b.as_ptr(), tile, ldc, add);
                 } else {
@@ -225,7 +298,7 @@ unsafe fn block(
                     );
                     for i in 0..mr {
                         let cols = if lower {
-                            nr.min((gi0 + i + 1).saturating_sub(j0))
+                            nr.min((gi0 + i + 1).saturating_sub(gj0))
                         } else {
                             nr
                         };
@@ -358,6 +431,117 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usiz
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn kernel(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize, _: bool) {
     unreachable!("the packed kernel runs only where AVX-512F was detected")
+}
+
+/// C's base pointer, shared by tasks that write disjoint column slabs of it.
+#[derive(Clone, Copy)]
+struct SharedC(*mut f32);
+// SAFETY: only `gemm_column_slabs` makes one, and its tasks write disjoint columns.
+unsafe impl Send for SharedC {}
+unsafe impl Sync for SharedC {}
+
+impl SharedC {
+    /// C's element `offset` (a method, so that closures capture the wrapper, not its
+    /// pointer field).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Column ranges of C, one per task, multiples of `NR`, of about equal work: equal columns
+/// for a full product; for a lower triangle equal areas of the part left of each boundary
+/// (column c has m − c entries).
+fn column_slabs(n: usize, m: usize, part: Part, threads: usize) -> Vec<(usize, usize)> {
+    let tasks = threads.max(1).min(n.div_ceil(NR)).max(1);
+    split_bounds(n, tasks, NR, |f| match part {
+        Part::Full => f * n as f64,
+        // Area left of column c: m·c − c²/2 = f·m²/2  ⇒  c = m·(1 − √(1 − f)).
+        Part::Lower => m as f64 * (1.0 - (1.0 - f).sqrt()),
+    })
+}
+
+/// Rows of A packed at a time in the column-slab scheme (its packed block stays in L2).
+const MC: usize = 240;
+
+/// The packed product with C cut into column slabs, one per thread, each an independent
+/// single-threaded GEMM (its own packing of A and of its slab of B; no barrier between the
+/// blocks of k). A is packed once per thread instead of once in all.
+///
+/// # Safety
+/// The CPU must have AVX-512F, and the arguments must pass `gemm`'s checks.
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+unsafe fn gemm_column_slabs(
+    (m, n, k): (usize, usize, usize),
+    a: Lhs<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+    part: Part,
+    accumulate: bool,
+) {
+    let slabs = column_slabs(n, m, part, rayon::current_num_threads());
+    let shared = SharedC(c.as_mut_ptr());
+    slabs.par_iter().for_each(|&(j0, j1)| {
+        let w = j1 - j0;
+        let panels = w.div_ceil(NR);
+        let mut packed_b = scratch(panels * NR * KC);
+        let mut packed_a = scratch(MC.div_ceil(MR) * MR * KC);
+        // A lower triangle's columns j0.. need only the rows from j0 on.
+        let first_row = if part == Part::Lower { j0 / MR * MR } else { 0 };
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            for (t, panel) in packed_b[..panels * NR * kc]
+                .chunks_exact_mut(NR * kc)
+                .enumerate()
+            {
+                pack_b(b, ldb, pc, kc, j0 + t * NR, NR.min(w - t * NR), panel);
+            }
+            for r0 in (first_row..m).step_by(MC) {
+                let r1 = (r0 + MC).min(m);
+                pack_a(a, r0, r1 - r0, pc, kc, &mut packed_a);
+                // SAFETY: AVX-512F (the caller's contract); this task writes only columns
+                // j0..j1 of rows r0..r1 of C, which no other task writes, and `block` stays
+                // inside the packed buffers it is given.
+                unsafe {
+                    block(
+                        (r0, r1, j0, w, kc),
+                        &packed_a,
+                        &packed_b[..panels * NR * kc],
+                        shared.at(r0 * ldc + j0),
+                        ldc,
+                        part,
+                        accumulate || pc > 0,
+                    )
+                }
+            }
+        }
+        give_back(packed_a);
+        give_back(packed_b);
+    });
+}
+
+/// How `gemm` shares a product between threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Row chunks of C sharing each packed block of B (a barrier per block of k).
+    Rows,
+    /// Independent column slabs of C.
+    Columns,
+}
+
+/// The split `REGMEAN_CPU_GEMM_SPLIT=rows|columns` forces on every product (for
+/// comparisons); `None`: `gemm` picks per product.
+fn split() -> Option<Split> {
+    static SPLIT: std::sync::OnceLock<Option<Split>> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(
+        || match std::env::var("REGMEAN_CPU_GEMM_SPLIT").as_deref() {
+            Ok("columns") => Some(Split::Columns),
+            Ok("rows") => Some(Split::Rows),
+            _ => None,
+        },
+    )
 }
 
 /// The same product through faer, for CPUs without AVX-512 (and the benchmark's baseline).
@@ -493,40 +677,76 @@ mod tests {
             (40, 70, 400),
             (97, 545, 385),
             (200, 64, 800),
+            (500, 130, 50),
         ]
     }
 
     #[test]
     fn products_match_f64_in_every_layout_part_and_edge() {
-        for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
-                for (m, n, k) in shapes() {
-                    for transposed in [false, true] {
-                        for accumulate in [false, true] {
-                            let lds = (if transposed { m + 3 } else { k + 3 }, n + 5, n + 2);
-                            check(
-                                (m, n, k),
-                                transposed,
-                                lds,
-                                Part::Full,
-                                accumulate,
-                                |a, b, c| {
-                                    gemm((m, n, k), a, b, lds.1, c, lds.2, Part::Full, accumulate)
-                                },
-                            );
-                            let sq = (m, m, k);
-                            let lds = (if transposed { m + 1 } else { k + 1 }, m, m + 3);
-                            check(sq, transposed, lds, Part::Lower, accumulate, |a, b, c| {
-                                gemm(sq, a, b, lds.1, c, lds.2, Part::Lower, accumulate)
-                            });
+        // Both splits where the packed kernel runs (the faer fallback otherwise).
+        let splits: &[Option<Split>] = if has_avx512() {
+            &[Some(Split::Rows), Some(Split::Columns)]
+        } else {
+            &[None]
+        };
+        for &split in splits {
+            #[allow(clippy::too_many_arguments)]
+            fn run(
+                split: Option<Split>,
+                dims: (usize, usize, usize),
+                a: Lhs<'_>,
+                b: &[f32],
+                ldb: usize,
+                c: &mut [f32],
+                ldc: usize,
+                part: Part,
+                accumulate: bool,
+            ) {
+                match split {
+                    Some(s) => gemm_split(s, dims, a, b, ldb, c, ldc, part, accumulate),
+                    None => gemm(dims, a, b, ldb, c, ldc, part, accumulate),
+                }
+            }
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    for (m, n, k) in shapes() {
+                        for transposed in [false, true] {
+                            for accumulate in [false, true] {
+                                let lds = (if transposed { m + 3 } else { k + 3 }, n + 5, n + 2);
+                                check(
+                                    (m, n, k),
+                                    transposed,
+                                    lds,
+                                    Part::Full,
+                                    accumulate,
+                                    |a, b, c| {
+                                        run(
+                                            split,
+                                            (m, n, k),
+                                            a,
+                                            b,
+                                            lds.1,
+                                            c,
+                                            lds.2,
+                                            Part::Full,
+                                            accumulate,
+                                        )
+                                    },
+                                );
+                                let sq = (m, m, k);
+                                let lds = (if transposed { m + 1 } else { k + 1 }, m, m + 3);
+                                check(sq, transposed, lds, Part::Lower, accumulate, |a, b, c| {
+                                    run(split, sq, a, b, lds.1, c, lds.2, Part::Lower, accumulate)
+                                });
+                            }
                         }
                     }
-                }
-            });
+                });
+            }
         }
     }
 
