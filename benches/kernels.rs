@@ -22,13 +22,13 @@ use std::time::Instant;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use regmean_gpu::backend::cpu_gemm::{faer_gemm, gemm, gemm_split, Lhs, Part, Split};
+use regmean_gpu::backend::solve::solve_layer;
 use regmean_gpu::backend::{Activation, Backend, CpuBackend, CpuTensor, GramUpdate};
 use regmean_gpu::config::Parameters;
 use regmean_gpu::data::Dataset;
 use regmean_gpu::io::Checkpoint;
 use regmean_gpu::model::ModelConfig;
 use regmean_gpu::progress::{Event, Observer, Silent};
-use regmean_gpu::regmean::solve::solve_layer;
 
 fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
     f();

@@ -2,7 +2,9 @@
 //!
 //! Data flows one way: [`io`] reads checkpoints → [`model`] runs the forward pass on a
 //! [`backend`] → [`regmean`] accumulates Gram matrices, solves every linear layer and averages
-//! the rest → [`io::writer`] writes a model directory that `transformers` loads.
+//! the rest → [`io::writer`] writes a model directory that `transformers` loads. Beside the
+//! merge, [`accumulator`] takes Grams of a caller's own activations (the Python package and
+//! the C ABI use it), on the CPU or a GPU.
 //!
 //! ```no_run
 //! use regmean_gpu::{backend::CpuBackend, config::MergeConfig, progress::Silent, regmean};
@@ -12,6 +14,7 @@
 //! # Ok::<(), regmean_gpu::Error>(())
 //! ```
 
+pub mod accumulator;
 pub mod backend;
 pub mod compare;
 pub mod config;

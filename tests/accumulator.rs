@@ -1,17 +1,17 @@
-//! The Gram accumulator over a caller's rows (`regmean::accumulator`) against the merge's
+//! The Gram accumulator over a caller's rows (`accumulator`) against the merge's
 //! own Grams: fed the activations the merge's forward pass hands its accumulator, batch by
 //! batch with the same padding masks, it gives the merge's Grams bit for bit, in both modes.
 
 mod common;
 
 use common::fixtures;
+use regmean_gpu::accumulator::{Accumulator, AccumulatorDevice, HostRows};
 use regmean_gpu::backend::{CpuBackend, CpuTensor};
 use regmean_gpu::config::MergeConfig;
 use regmean_gpu::data::{select, Dataset};
 use regmean_gpu::io::Checkpoint;
 use regmean_gpu::model::{ForwardHooks, GramSink, Model, ModelConfig};
 use regmean_gpu::progress::Silent;
-use regmean_gpu::regmean::accumulator::{Accumulator, AccumulatorDevice, HostRows};
 use regmean_gpu::regmean::gram::{batch_of, compute_grams};
 
 /// Every site's activation batches, as the forward pass hands them over.

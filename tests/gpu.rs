@@ -562,7 +562,7 @@ fn patterned_rows(n: usize, seed: usize) -> Vec<f32> {
 #[test]
 #[ignore = "needs an NVIDIA GPU: run scripts/gpu_check.sh"]
 fn the_accumulator_on_a_callers_stream_matches_the_cpu_accumulator() {
-    use regmean_gpu::regmean::accumulator::{
+    use regmean_gpu::accumulator::{
         cuda_device_on_stream, Accumulator, AccumulatorDevice, HostRows, RowType,
     };
     if !gpu_or_skip("the_accumulator_on_a_callers_stream_matches_the_cpu_accumulator") {

@@ -1,7 +1,7 @@
 //! The C ABI of regmean-gpu (`include/regmean_gpu.h`, generated from this file by cbindgen):
 //! a Gram accumulator over a C, C++ or CUDA pipeline's own activations, on the CPU or on a
 //! GPU on the caller's `CUstream`, and the per-layer RegMean solve from sums the caller
-//! holds. It is a thin layer over `regmean_gpu::regmean::accumulator`, whose conventions
+//! holds. It is a thin layer over `regmean_gpu::accumulator`, whose conventions
 //! (row stride, mask, f32 accumulation, normalisation) it keeps.
 //!
 //! Every function returns a [`RegmeanStatus`]; [`regmean_error_message`] gives the message
@@ -22,10 +22,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use half::{bf16, f16};
-use regmean_gpu::regmean::accumulator::{
+use regmean_gpu::accumulator::{
     cuda_device_on_stream, solve, Accumulator, AccumulatorDevice, HostRows, RowType,
 };
-use regmean_gpu::regmean::solve::SolveOutcome;
+use regmean_gpu::backend::solve::SolveOutcome;
 use regmean_gpu::Error;
 
 /// What a call did.

@@ -1,11 +1,11 @@
 //! `GramAccumulator` and `solve` over the caller's own tensors (DLPack), bound to the
-//! library's `regmean::accumulator`: the Grams of the merge, of activations the caller
+//! library's `accumulator`: the Grams of the merge, of activations the caller
 //! computed, without copying them.
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
-use regmean_gpu::regmean::accumulator::{
+use regmean_gpu::accumulator::{
     self, cuda_device_on_stream, Accumulator, AccumulatorDevice, HostRows, RowType,
 };
 use regmean_gpu::regmean::describe;

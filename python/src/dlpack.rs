@@ -9,7 +9,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::{ffi, Bound, PyAny};
 
-use regmean_gpu::regmean::accumulator::RowType;
+use regmean_gpu::accumulator::RowType;
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -15,10 +15,10 @@
 //! pass's fused site weights from them ([`MergeArithmetic::site_weight_from`]) and hands
 //! them to [`MergeArithmetic::add_weighted`].
 
+use crate::backend::solve::SolveOutcome;
 use crate::error::Result;
 use crate::io::Checkpoint;
 use crate::model::site::{LinearModule, Site};
-use crate::regmean::solve::SolveOutcome;
 
 use super::Backend;
 
@@ -94,7 +94,7 @@ pub trait MergeArithmetic: Backend {
     fn model_added(&self, _site: &mut Self::SiteSums) {}
 
     /// W = (Σ G')⁻¹ Σ G'W of a module over `k` models, in f64 by Cholesky, with the fallback
-    /// towards the average Σ W / k of `regmean::solve` when the system cannot be trusted.
+    /// towards the average Σ W / k of `backend::solve` when the system cannot be trusted.
     fn solve(
         &self,
         site: &Self::SiteSums,

@@ -1,16 +1,16 @@
 //! The merge arithmetic on the CPU engine ([`MergeArithmetic`] for [`CpuBackend`]): the
-//! sums in host memory, folded in by `regmean::sums` and solved by `regmean::solve` (f64
+//! sums in host memory, folded in by `backend::sums` and solved by `backend::solve` (f64
 //! Cholesky with faer). Grams are finished on the host by the Gram accumulator itself.
 
 use super::arith::MergeArithmetic;
 use super::cpu::{CpuBackend, CpuTensor};
 use super::Backend;
+use crate::backend::solve::{solve_layer, SolveOutcome};
+use crate::backend::sums::{add_weighted, reduce_into};
 use crate::error::Result;
 use crate::io::Checkpoint;
 use crate::model::site::{fuse_in_out, linear_in_out, LinearModule, Site};
 use crate::profile::span;
-use crate::regmean::solve::{solve_layer, SolveOutcome};
-use crate::regmean::sums::{add_weighted, reduce_into};
 
 /// Σ G' of one site `[d, d]`, and this model's G' while its products are added.
 pub struct CpuSiteSums {

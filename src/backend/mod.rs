@@ -1,7 +1,8 @@
 //! Compute backends. Models are written once against [`Backend`]; the CPU backend is the
 //! f32 reference (and the oracle for the GPU one). Tensors are row-major 2-D matrices:
 //! a batch of sequences is `[batch·seq, features]`. The merge's own arithmetic (running
-//! sums, solve) is [`MergeArithmetic`], implemented by the same two backends.
+//! sums, solve) is [`MergeArithmetic`], implemented by the same two backends; [`solve`] is
+//! the f64 closed form and its fallback, [`sums`] the host-side sums the CPU keeps.
 
 mod arith;
 pub mod cpu;
@@ -12,6 +13,8 @@ mod cpu_math;
 mod cpu_tensor;
 pub mod cuda;
 mod ops;
+pub mod solve;
+pub(crate) mod sums;
 
 pub use arith::MergeArithmetic;
 pub use cpu::{CpuBackend, CpuTensor};

@@ -186,14 +186,6 @@ pub trait Backend {
             channels * patch * patch,
         )
     }
-    /// The tensor as an f32 buffer on a CUDA device, when that is what it is (Grams stay on
-    /// the GPU between the forward pass and the solve); the tensor back otherwise.
-    fn take_device_f32(
-        &self,
-        t: Self::Tensor,
-    ) -> std::result::Result<cudarc::driver::CudaSlice<f32>, Self::Tensor> {
-        Err(t)
-    }
     /// Device memory in use (bytes), where the backend has a device.
     fn memory_in_use(&self) -> Option<u64> {
         None

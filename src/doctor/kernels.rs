@@ -440,7 +440,7 @@ pub(super) fn check_sums_and_solve(dev: &Arc<CudaDevice>, rng: &mut Rng) -> Resu
     }
     let host_gw32: Vec<f32> = host_gw.iter().map(|v| *v as f32).collect();
     let w_mean: Vec<f32> = host_w.iter().map(|v| v / k as f32).collect();
-    let (want, _) = crate::regmean::solve::solve_layer(&host_g, &host_gw32, &w_mean, d_in, d_out);
+    let (want, _) = crate::backend::solve::solve_layer(&host_g, &host_gw32, &w_mean, d_in, d_out);
     let (x, outcome) = crate::backend::cuda::solve::solve_layer(
         dev,
         &site.gram_sum,

@@ -1,7 +1,6 @@
-//! RegMean: Gram accumulation (the merge's, and [`accumulator`] over a caller's own rows),
-//! statistics files, the per-layer solve and the streaming merge.
+//! RegMean: the merge's Gram accumulation, statistics files, the per-layer solve and the
+//! streaming merge (a caller's own rows are accumulated by [`crate::accumulator`]).
 
-pub mod accumulator;
 pub mod activations;
 mod card;
 pub mod gram;
@@ -15,9 +14,7 @@ mod prepare;
 pub mod report;
 mod run;
 mod running;
-pub mod solve;
 pub mod stats;
-pub(crate) mod sums;
 
 pub use gram::{compute_grams, BackendGrams, GramAccumulator, ModelGrams, SiteGram};
 pub use options::MergeOptions;

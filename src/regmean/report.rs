@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::activations::CacheStats;
-use super::solve::SolveOutcome;
+use crate::backend::solve::SolveOutcome;
 use crate::config::{MergeMethod, Schedule};
 use crate::error::{Error, Result};
 use crate::io::{Arch, Inputs, StagedOutput};

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::gram::{BackendGrams, ModelGrams};
 use super::model_weights::ModelWeights;
-use super::solve::SolveOutcome;
+use crate::backend::solve::SolveOutcome;
 use crate::backend::MergeArithmetic;
 use crate::config::ExcludeSet;
 use crate::error::Result;

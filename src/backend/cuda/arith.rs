@@ -11,12 +11,11 @@ use super::forward::{CudaBackend, CudaTensor};
 use super::gram::{mirror_scale, DeviceModuleSums, DeviceSiteSums};
 use super::{solve, weights};
 use crate::backend::arith::MergeArithmetic;
-use crate::backend::Backend;
+use crate::backend::solve::SolveOutcome;
 use crate::error::Result;
 use crate::io::Checkpoint;
 use crate::model::site::{LinearModule, Site};
 use crate::profile::span;
-use crate::regmean::solve::SolveOutcome;
 
 impl MergeArithmetic for CudaBackend {
     type SiteSums = DeviceSiteSums;

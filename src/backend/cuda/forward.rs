@@ -1006,15 +1006,22 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn take_device_f32(&self, t: CudaTensor) -> std::result::Result<CudaSlice<f32>, CudaTensor> {
+    fn memory_in_use(&self) -> Option<u64> {
+        let (free, total) = self.dev.stream().context().mem_get_info().ok()?;
+        Some(total.saturating_sub(free) as u64)
+    }
+}
+
+impl CudaBackend {
+    /// The tensor as its f32 device buffer, when that is what it is (Grams stay on the GPU
+    /// between the forward pass and the solve); the tensor back otherwise.
+    pub(crate) fn take_device_f32(
+        &self,
+        t: CudaTensor,
+    ) -> std::result::Result<CudaSlice<f32>, CudaTensor> {
         match t.buf {
             DeviceBuffer::F32(s) => Ok(s),
             buf => Err(CudaTensor { buf, ..t }),
         }
-    }
-
-    fn memory_in_use(&self) -> Option<u64> {
-        let (free, total) = self.dev.stream().context().mem_get_info().ok()?;
-        Some(total.saturating_sub(free) as u64)
     }
 }

@@ -1,5 +1,5 @@
 //! The per-layer RegMean solve on the device: f64 Cholesky with cuSOLVER (potrf, then potrs),
-//! every `info` checked, and the same fallback as the CPU engine (regmean::solve): damping
+//! every `info` checked, and the same fallback as the CPU engine (backend::solve): damping
 //! towards the average weights, then the plain average.
 
 use cudarc::cusolver::sys as cs;
@@ -8,8 +8,8 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, PushKernelArg};
 use super::convert::{any_nonfinite, transpose};
 use super::device::CudaDevice;
 use super::launch::{c_int, check_len, elementwise, mul};
+use crate::backend::solve::{SolveOutcome, MIN_RCOND};
 use crate::error::{Error, Result};
-use crate::regmean::solve::{SolveOutcome, MIN_RCOND};
 
 /// Solves (Σ G') W = Σ G'W for W `[d_in, d_out]` (row-major f32, on the device), given Σ W
 /// over `k` models for the fallback.

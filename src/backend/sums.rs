@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::backend::cpu_gemm::{gemm, Lhs, Part};
+use super::cpu_gemm::{gemm, Lhs, Part};
 
 /// G' = r·G off the diagonal, `diag_mult`·G on it (FusionBench's `reduce_non_diagonal`),
 /// in place in the `[d, d]` Gram `g`, and `sum += G'`. Returns G'.

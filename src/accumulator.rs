@@ -35,7 +35,7 @@
 //! the G of the merge's Gram files, before the `reduce_non_diagonal_ratio` step.
 //!
 //! ```
-//! use regmean_gpu::regmean::accumulator::{Accumulator, AccumulatorDevice, HostRows};
+//! use regmean_gpu::accumulator::{Accumulator, AccumulatorDevice, HostRows};
 //! let mut acc = Accumulator::new(&AccumulatorDevice::Cpu, 2, false)?;
 //! // Three rows of width 2, stored 3 apart; the middle one is padding.
 //! let x = [1.0, 2.0, 9.0, 7.0, 7.0, 9.0, 3.0, 4.0, 9.0];
@@ -53,13 +53,13 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 
-use super::gram::{GramAccumulator, SiteGram};
-use super::solve::{solve_layer, SolveOutcome};
 use crate::backend::cpu::{CpuBackend, CpuTensor};
 use crate::backend::cuda::gram::{Activations, DeviceGram, RowMask};
 use crate::backend::cuda::CudaDevice;
+use crate::backend::solve::{solve_layer, SolveOutcome};
 use crate::error::{Error, Result};
 use crate::model::{GramSink, Site};
+use crate::regmean::{GramAccumulator, SiteGram};
 
 /// The element type of a caller's rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -513,7 +513,7 @@ pub unsafe fn cuda_device_on_stream(
 /// `gram_sum` = Σ G'ᵢ `[d_in, d_in]` (symmetric), `gw_sum` = Σ G'ᵢWᵢ and `w_mean` = the
 /// average W̄ of the task weights (both `[d_in, d_out]`, the weights as `[in, out]`), all
 /// row-major f32. In f64 by Cholesky, with the merge's fallback towards W̄ (see
-/// [`super::solve`]); returns W `[d_in, d_out]` and how it was solved.
+/// [`crate::backend::solve`]); returns W `[d_in, d_out]` and how it was solved.
 pub fn solve(
     gram_sum: &[f32],
     gw_sum: &[f32],
