@@ -130,11 +130,10 @@ if [ -z "${SKIP_LLAMA_1B:-}" ]; then
   llama_bench llama-1b bench-llama-1b.log regmean-gpu,mergebench,skilled float32
 fi
 # llama-8b: MergeBench's per-module float32 Grams and Σ G'W would not fit beside the model
-# (≈ 140 GB), so only the skilled baseline runs, its model in bfloat16. regmean-gpu merges a
-# decoder one whole model at a time (the layer-wise schedule does not take decoders yet):
-# napkin math puts its device memory at 8B shapes (f32 Σ G' ≈ 33 GB, Σ G'W and Σ W ≈ 60 GB,
-# one model's Grams ≈ 33 GB, its fp16 weights 16 GB) near or past one H200's 139 GB, so
-# this run may end in the engine's out-of-memory line; that is a result worth recording.
+# (≈ 140 GB), so only the skilled baseline runs, its model in bfloat16. regmean-gpu's
+# `schedule: auto` takes the layer-wise schedule at 8B (one whole model's sums, ≈ 190 GB,
+# do not fit under half the host's memory): one layer of one model on the device, ≈ 9 GB by
+# `merge --plan`. Unverified on a GPU until this run; its log says which schedule ran.
 if [ -n "${LLAMA_8B:-}" ]; then
   llama_bench llama-8b bench-llama-8b.log regmean-gpu,skilled bfloat16
 fi

@@ -163,6 +163,28 @@ fn layer_schedule_equals_model_schedule() {
     }
 }
 
+/// `schedule: auto` on a decoder: one model at a time where its estimate fits the cap, one
+/// layer at a time where it does not, the same merge either way.
+#[test]
+fn auto_schedule_takes_layers_for_a_decoder_over_the_memory_cap() {
+    let mut cfg = MergeConfig::load(&fixtures().join("llm/llama_pool/default.yaml")).unwrap();
+    cfg.parameters.schedule = Schedule::Auto;
+    let tmp = tempfile::tempdir().unwrap();
+    let roomy = merge_into(&cfg, &tmp.path().join("roomy"), &MergeOptions::default());
+    assert_eq!(roomy.schedule, Schedule::Model);
+    let tight = MergeOptions {
+        max_memory: Some(1),
+        ..MergeOptions::default()
+    };
+    let report = merge_into(&cfg, &tmp.path().join("tight"), &tight);
+    assert_eq!(report.schedule, Schedule::Layer);
+    assert_model_matches(
+        &tmp.path().join("tight"),
+        &tmp.path().join("roomy/model.safetensors"),
+        1e-5,
+    );
+}
+
 /// Spill files anywhere under `dir` (the output included).
 fn spill_files(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();
