@@ -61,20 +61,7 @@ pub fn gemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        part == Part::Full || m == n,
-        "a lower triangle needs a square C"
-    );
-    assert!(ldb >= n && ldc >= n && c.len() >= (m - 1) * ldc + n);
-    match a {
-        Lhs::RowMajor { data, ld } => {
-            assert!(ld >= k && (k == 0 || data.len() >= (m - 1) * ld + k))
-        }
-        Lhs::Transposed { data, ld } => {
-            assert!(ld >= m && (k == 0 || data.len() >= (k - 1) * ld + m))
-        }
-    }
-    assert!(k == 0 || b.len() >= (k - 1) * ldb + n);
+    check_operands((m, n, k), a, b, ldb, c, ldc, part);
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -89,7 +76,7 @@ pub fn gemm(
     }
     let split = split().unwrap_or(match part {
         // Small triangles: their row chunks are uneven and each block of k is little work
-        // between two barriers; independent slabs ran them 13–31% faster at d = 512–1,536
+        // between two barriers; independent slabs ran them 5–31% faster at d = 512–1,536
         // (`cargo bench --bench kernels gemm`, 2 threads), and slower at d = 3,072.
         Part::Lower if m <= 2048 => Split::Columns,
         _ => Split::Rows,
@@ -97,8 +84,34 @@ pub fn gemm(
     gemm_split(split, (m, n, k), a, b, ldb, c, ldc, part, accumulate)
 }
 
-/// `gemm` with a given split between threads (the benchmark compares them). The arguments
-/// must pass `gemm`'s checks and the CPU have AVX-512F; it panics otherwise.
+/// Panics unless the operands hold the product's elements at their strides (m, n ≥ 1).
+fn check_operands(
+    (m, n, k): (usize, usize, usize),
+    a: Lhs<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: &[f32],
+    ldc: usize,
+    part: Part,
+) {
+    assert!(
+        part == Part::Full || m == n,
+        "a lower triangle needs a square C"
+    );
+    assert!(ldb >= n && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    match a {
+        Lhs::RowMajor { data, ld } => {
+            assert!(ld >= k && (k == 0 || data.len() >= (m - 1) * ld + k))
+        }
+        Lhs::Transposed { data, ld } => {
+            assert!(ld >= m && (k == 0 || data.len() >= (k - 1) * ld + m))
+        }
+    }
+    assert!(k == 0 || b.len() >= (k - 1) * ldb + n);
+}
+
+/// `gemm` with a given split between threads (the benchmark compares them), for k ≥ 1 on a
+/// CPU with AVX-512F; it panics otherwise, or when the operands are too short.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_split(
     split: Split,
@@ -112,7 +125,7 @@ pub fn gemm_split(
     accumulate: bool,
 ) {
     assert!(has_avx512() && m > 0 && n > 0 && k > 0);
-    assert!(ldb >= n && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    check_operands((m, n, k), a, b, ldb, c, ldc, part);
     if split == Split::Columns && rayon::current_num_threads() > 1 {
         // SAFETY: AVX-512F was checked above, and the arguments by `gemm`'s checks.
         return unsafe { gemm_column_slabs((m, n, k), a, b, ldb, c, ldc, part, accumulate) };
