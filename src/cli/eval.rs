@@ -70,8 +70,9 @@ pub fn eval_plan(
     Ok((tasks, opts))
 }
 
-/// `merge --eval [--compare-average]`: the merged model's accuracy per task, and optionally
-/// that of the simple average of the same models.
+/// `merge --eval [--compare-average]`: the merged model's accuracy per task (a decoder's:
+/// next-token loss and perplexity), and optionally that of the simple average of the same
+/// models.
 pub fn eval_after_merge<B: MergeArithmetic>(
     backend: &B,
     merge_opts: &MergeOptions,
@@ -82,12 +83,12 @@ pub fn eval_after_merge<B: MergeArithmetic>(
     ui: &Ui,
 ) -> Result<()> {
     use regmean_gpu::config::MergeMethod;
-    use regmean_gpu::eval;
+    use regmean_gpu::eval::request::{comparison_table, evaluate_model};
     ui.info(&format!(
         "evaluating the merged model on {}",
         ui::count(tasks.len(), "task")
     ));
-    let merged = eval::evaluate(backend, a.out(), tasks, opts, ui)?;
+    let merged = evaluate_model(backend, a.out(), tasks, opts, ui)?;
     ui.clear();
     let mut columns = vec![(cfg.merge_method.title(), merged)];
     if a.compare_average && cfg.merge_method != MergeMethod::SimpleAverage {
@@ -118,12 +119,11 @@ pub fn eval_after_merge<B: MergeArithmetic>(
         ui.info("evaluating the simple average");
         columns.push((
             MergeMethod::SimpleAverage.title(),
-            eval::evaluate(backend, &avg_dir, tasks, opts, ui)?,
+            evaluate_model(backend, &avg_dir, tasks, opts, ui)?,
         ));
         ui.clear();
     }
-    let view: Vec<(&str, &[eval::TaskAccuracy])> =
-        columns.iter().map(|(h, r)| (*h, r.as_slice())).collect();
-    print!("{}", eval::format_table(&view));
+    let view: Vec<(&str, &_)> = columns.iter().map(|(h, r)| (*h, r)).collect();
+    print!("{}", comparison_table(&view));
     Ok(())
 }

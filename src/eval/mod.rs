@@ -143,7 +143,16 @@ struct TaskProgress<'a> {
     observer: &'a dyn Observer,
 }
 
-impl TaskProgress<'_> {
+impl<'a> TaskProgress<'a> {
+    /// Task `index` of `total`.
+    fn of(index: usize, total: usize, observer: &'a dyn Observer) -> Self {
+        TaskProgress {
+            index,
+            total,
+            observer,
+        }
+    }
+
     /// The task's data is being read (tokenising a large set takes seconds).
     fn reading(&self, task: &EvalTask) {
         self.observer.event(Event::EvalCheck {
@@ -182,11 +191,7 @@ pub fn evaluate<B: Backend>(
     let config = ModelConfig::from_checkpoint(&ckpt)?;
     config.check_checkpoint(&ckpt)?;
     let model = Model::load(backend, &ckpt)?;
-    let progress = |index| TaskProgress {
-        index,
-        total: tasks.len(),
-        observer,
-    };
+    let progress = |index| TaskProgress::of(index, tasks.len(), observer);
     match ckpt.arch() {
         Arch::Gpt2 => tasks
             .iter()
@@ -202,14 +207,11 @@ pub fn evaluate<B: Backend>(
                 .map(|(i, t)| zs.evaluate(backend, &model, model_dir, t, opts, &progress(i)))
                 .collect()
         }
-        Arch::CausalLm(_) => Err(causal_lm_eval_unsupported()),
+        Arch::CausalLm(_) => Err(Error::file(
+            model_dir,
+            "a decoder LLM is evaluated by its next-token loss, not accuracy",
+        )),
     }
-}
-
-fn causal_lm_eval_unsupported() -> Error {
-    Error::invalid(
-        "merge --eval does not evaluate decoder LLMs yet: run `regmean-gpu eval MERGED --config CONFIG` (next-token loss per task)",
-    )
 }
 
 /// CLIP's base `CLIPModel`, which evaluation needs for the text tower.
@@ -563,6 +565,9 @@ pub fn check_tasks(
     observer: &dyn Observer,
 ) -> Result<()> {
     let arch = Checkpoint::open(model_dir)?.arch();
+    if let Arch::CausalLm(_) = arch {
+        return causal_lm::check_tasks(model_dir, tasks, opts, observer);
+    }
     for (index, task) in tasks.iter().enumerate() {
         observer.event(Event::EvalCheck {
             index,
@@ -573,7 +578,7 @@ pub fn check_tasks(
         let dirs = match arch {
             Arch::Gpt2 => [gpt2_head(task)?, model_dir],
             Arch::ClipVision => [model_dir, clip_base(opts)?],
-            Arch::CausalLm(_) => return Err(causal_lm_eval_unsupported()),
+            Arch::CausalLm(_) => unreachable!("checked above"),
         };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;

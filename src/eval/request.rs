@@ -112,23 +112,53 @@ pub fn run_eval<B: Backend>(
 ) -> Result<EvalOutcome> {
     let (tasks, opts) = plan(req)?;
     let model: &Path = &req.model;
-    let count = |what: &str| {
-        let n = tasks.len();
-        format!("{n} {what}{}", if n == 1 { "" } else { "s" })
-    };
-    if crate::model::llama_config::is_decoder_dir(model) {
-        observer.event(Event::Note(format!(
-            "next-token loss of {} on {} task(s)",
-            model.display(),
-            tasks.len()
-        )));
-        return causal_lm::evaluate(backend, model, &tasks, &opts).map(EvalOutcome::Loss);
+    if !crate::model::llama_config::is_decoder_dir(model) {
+        check_tasks(model, &tasks, &opts, observer)?;
     }
-    check_tasks(model, &tasks, &opts, observer)?;
+    let n = tasks.len();
     observer.event(Event::Note(format!(
-        "evaluating {} on {}",
+        "evaluating {} on {n} task{}",
         model.display(),
-        count("task")
+        if n == 1 { "" } else { "s" }
     )));
-    evaluate(backend, model, &tasks, &opts, observer).map(EvalOutcome::Accuracy)
+    evaluate_model(backend, model, &tasks, &opts, observer)
+}
+
+/// Evaluates the model in `model_dir` on every task: accuracy for GPT-2 and CLIP, the
+/// next-token loss for a decoder LLM (whose data is checked on the way).
+pub fn evaluate_model<B: Backend>(
+    backend: &B,
+    model_dir: &Path,
+    tasks: &[EvalTask],
+    opts: &EvalOptions,
+    observer: &dyn Observer,
+) -> Result<EvalOutcome> {
+    if crate::model::llama_config::is_decoder_dir(model_dir) {
+        causal_lm::evaluate(backend, model_dir, tasks, opts, observer).map(EvalOutcome::Loss)
+    } else {
+        evaluate(backend, model_dir, tasks, opts, observer).map(EvalOutcome::Accuracy)
+    }
+}
+
+/// `merge --eval`'s table of several models' outcomes over the same tasks (heading,
+/// outcome): accuracy per task, or loss and perplexity per task.
+pub fn comparison_table(columns: &[(&str, &EvalOutcome)]) -> String {
+    let accuracy: Option<Vec<(&str, &[TaskAccuracy])>> = columns
+        .iter()
+        .map(|(h, o)| match o {
+            EvalOutcome::Accuracy(r) => Some((*h, r.as_slice())),
+            EvalOutcome::Loss(_) => None,
+        })
+        .collect();
+    if let Some(view) = accuracy {
+        return super::format_table(&view);
+    }
+    let loss: Vec<(&str, &[TaskLoss])> = columns
+        .iter()
+        .filter_map(|(h, o)| match o {
+            EvalOutcome::Loss(r) => Some((*h, r.as_slice())),
+            EvalOutcome::Accuracy(_) => None,
+        })
+        .collect();
+    causal_lm::format_comparison(&loss)
 }
