@@ -21,13 +21,15 @@ use std::time::Instant;
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
-use regmean_gpu::backend::cpu_gemm::{faer_gemm, gemm_split, Lhs, Part, Split};
+use regmean_gpu::backend::cpu_gemm::{
+    faer_gemm, gemm, gemm_split, set_b_prefetch, Lhs, Part, Split,
+};
 use regmean_gpu::backend::solve::solve_layer;
 use regmean_gpu::backend::{Activation, Backend, CpuBackend, CpuTensor, GramUpdate};
 use regmean_gpu::config::Parameters;
-use regmean_gpu::data::Dataset;
+use regmean_gpu::data::{make_batch, Dataset, TextPadding};
 use regmean_gpu::io::Checkpoint;
-use regmean_gpu::model::ModelConfig;
+use regmean_gpu::model::{ForwardHooks, Model, ModelConfig};
 use regmean_gpu::progress::{Event, Observer, Silent};
 
 fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
@@ -127,10 +129,20 @@ fn gemm_bench() {
     let peak = fma_peak();
     println!("gemm: the packed AVX-512 GEMM against faer ({threads} threads), GFLOP/s; FMA peak {peak:.1}");
     println!("  (split: row chunks sharing B, or independent column slabs; `gemm` takes columns for triangles up to 2,048, rows otherwise)");
+    println!("  (no prefetch / gemm: the split `gemm` picks, without and with the kernel's prefetch of B)");
     println!(
-        "  {:<40} {:>7} {:>7} {:>7} {:>7} {:>9}",
-        "product [m, n, k]", "rows", "faer", "ratio", "% peak", "columns"
+        "  {:<40} {:>7} {:>7} {:>7} {:>7} {:>9} {:>9} {:>9} {:>7}",
+        "product [m, n, k]",
+        "rows",
+        "faer",
+        "ratio",
+        "% peak",
+        "columns",
+        "no pf",
+        "gemm",
+        "pf gain"
     );
+    let (mut total_picked, mut total_unfetched) = (0.0, 0.0);
     // (what, m, n, k, lhs transposed (a Gram), lower triangle): ViT-B/32's, then llama-small's
     let shapes: [(&str, usize, usize, usize, bool, bool); 14] = [
         ("linear q|k|v", 1600, 2304, 768, false, false),
@@ -164,6 +176,7 @@ fn gemm_bench() {
         let mut c = vec![0.0f32; m * n];
         // Interleaved: rows, faer, columns, … so that a change of load hits all.
         let (mut ours, mut theirs, mut columns) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut picked, mut unfetched) = (Vec::new(), Vec::new());
         for round in 0..6 {
             let t = Instant::now();
             gemm_split(Split::Rows, (m, n, k), lhs, &b, n, &mut c, n, part, false);
@@ -184,13 +197,30 @@ fn gemm_bench() {
                 false,
             );
             let t_columns = t.elapsed().as_secs_f64();
+            // The split `gemm` picks, without and with the kernel's prefetch of B.
+            set_b_prefetch(false);
+            let t = Instant::now();
+            gemm((m, n, k), lhs, &b, n, &mut c, n, part, false);
+            let t_unfetched = t.elapsed().as_secs_f64();
+            set_b_prefetch(true);
+            let t = Instant::now();
+            gemm((m, n, k), lhs, &b, n, &mut c, n, part, false);
+            let t_picked = t.elapsed().as_secs_f64();
             if round > 0 {
                 ours.push(t_ours);
                 theirs.push(t_faer);
                 columns.push(t_columns);
+                picked.push(t_picked);
+                unfetched.push(t_unfetched);
             }
         }
-        for v in [&mut ours, &mut theirs, &mut columns] {
+        for v in [
+            &mut ours,
+            &mut theirs,
+            &mut columns,
+            &mut picked,
+            &mut unfetched,
+        ] {
             v.sort_by(f64::total_cmp);
         }
         // FLOPs done: a triangle is half the full product (plus its diagonal).
@@ -203,13 +233,23 @@ fn gemm_bench() {
             };
         let (o, f) = (flops / ours[2] / 1e9, flops / theirs[2] / 1e9);
         let col = flops / columns[2] / 1e9;
+        let (p, u) = (flops / picked[2] / 1e9, flops / unfetched[2] / 1e9);
         println!(
-            "  {:<40} {o:>7.1} {f:>7.1} {:>6.2}× {:>6.1}% {col:>9.1}",
+            "  {:<40} {o:>7.1} {f:>7.1} {:>6.2}× {:>6.1}% {col:>9.1} {u:>9.1} {p:>9.1} {:>6.2}×",
             format!("{what} [{m}, {n}, {k}]"),
             o / f,
-            100.0 * o / peak
+            100.0 * o / peak,
+            p / u
         );
+        (total_picked, total_unfetched) =
+            (total_picked + picked[2], total_unfetched + unfetched[2]);
     }
+    println!(
+        "  all shapes, one product each: {:.1} ms without the prefetch of B, {:.1} ms with it ({:.2}×)",
+        1e3 * total_unfetched,
+        1e3 * total_picked,
+        total_unfetched / total_picked
+    );
 }
 
 fn cpu() {
@@ -364,6 +404,28 @@ fn forward() {
         gram_flops / 1e9,
         secs / floor,
         (forward_flops + gram_flops) / secs / 1e9
+    );
+    // The forward pass alone, on the same batch (benches/pytorch_forward.py times
+    // transformers' on it): the model loaded once, its batch made once.
+    let model = Model::load(&CpuBackend, &ckpt).expect("model");
+    let indices: Vec<usize> = (0..32).collect();
+    let images = TextPadding {
+        pad_id: 0,
+        max_length: 0,
+        to_max_length: false,
+    };
+    let batch = make_batch(&data, &indices, images).expect("batch");
+    let alone = median_secs(3, || {
+        model
+            .forward(&CpuBackend, &batch, ForwardHooks::default())
+            .expect("forward");
+    });
+    let floor = forward_flops / peak / 1e9;
+    println!(
+        "  forward alone: {alone:.3} s for {:.0} GFLOP; floor at the peak {floor:.2} s: {:.2}× the floor, {:.1} GFLOP/s",
+        forward_flops / 1e9,
+        alone / floor,
+        forward_flops / alone / 1e9
     );
     if regmean_gpu::profile::enabled() {
         println!("  where the time went, summed over the 4 runs:");

@@ -27,6 +27,18 @@ const MR: usize = 12;
 const NR: usize = 32;
 const KC: usize = 384;
 const NC: usize = 512;
+/// How far ahead in a B micro-panel the kernel prefetches: 24 steps of k (3 KB, about 300
+/// cycles of FMAs), more than a load from L3 takes.
+const B_AHEAD: usize = 24 * NR;
+
+/// Whether the kernel prefetches B (on; `set_b_prefetch` turns it off for a comparison).
+static B_PREFETCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the micro-kernel's prefetch of B on or off (on by default), for the benchmark that
+/// measures what it gains.
+pub fn set_b_prefetch(on: bool) {
+    B_PREFETCH.store(on, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// A GEMM operand A `[m, k]`: where its element (i, p) is in `data`.
 #[derive(Clone, Copy, Debug)]
@@ -269,6 +281,7 @@ unsafe fn block(
 ) {
     let rows = r1 - r0;
     let lower = part == Part::Lower;
+    let prefetch = B_PREFETCH.load(std::sync::atomic::Ordering::Relaxed);
     // A lower triangle's rows r0..r1 need only the columns below r1.
     let n_here = if lower {
         n.min(r1.saturating_sub(col0))
@@ -297,18 +310,19 @@ unsafe fn block(
                 }
                 let cut = lower && gj0 + nr - 1 > gi0;
                 let tile = c.add(i0 * ldc + j0);
+                let run = |c: *mut f32, ldc: usize, add: bool| {
+                    let (a, b) = (panel_a.as_ptr(), panel_b.as_ptr());
+                    if prefetch {
+                        kernel::<true>(kc, a, b, c, ldc, add)
+                    } else {
+                        kernel::<false>(kc, a, b, c, ldc, add)
+                    }
+                };
                 if mr == MR && nr == NR && !cut {
-                    kernel(kc, panel_a.as_ptr(), panel_b.as_ptr(), tile, ldc, add);
+                    run(tile, ldc, add);
                 } else {
                     let mut tmp = [0.0f32; MR * NR];
-                    kernel(
-                        kc,
-                        panel_a.as_ptr(),
-                        panel_b.as_ptr(),
-                        tmp.as_mut_ptr(),
-                        NR,
-                        false,
-                    );
+                    run(tmp.as_mut_ptr(), NR, false);
                     for i in 0..mr {
                         let cols = if lower {
                             nr.min((gi0 + i + 1).saturating_sub(gj0))
@@ -403,7 +417,14 @@ fn pack_b(b: &[f32], ldb: usize, pc: usize, kc: usize, j0: usize, nr: usize, pan
 /// `ldc` for 12 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, add: bool) {
+unsafe fn kernel<const PREFETCH: bool>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     if add {
@@ -416,6 +437,14 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usiz
     }
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {
+        // B streams through the kernel once per A micro-panel, from L2 or, where the other
+        // thread packed it, from L3: asking for it `B_AHEAD` ahead hides that latency
+        // (`cargo bench --bench kernels gemm` compares). A prefetch never faults, so
+        // running past the panel's end is harmless.
+        if PREFETCH {
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(B_AHEAD) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(B_AHEAD + 16) as *const i8);
+        }
         let b0 = _mm512_loadu_ps(b);
         let b1 = _mm512_loadu_ps(b.add(16));
         for (i, row) in acc.iter_mut().enumerate() {
@@ -442,7 +471,14 @@ unsafe fn kernel(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usiz
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize, _: bool) {
+unsafe fn kernel<const PREFETCH: bool>(
+    _: usize,
+    _: *const f32,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+) {
     unreachable!("the packed kernel runs only where AVX-512F was detected")
 }
 
