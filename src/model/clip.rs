@@ -212,9 +212,9 @@ impl<B: Backend> ClipEmbeddings<B> {
         )?;
         let class = src.tensor(&format!("{PREFIX}embeddings.class_embedding"), &[d])?;
         Ok(ClipEmbeddings {
-            patch_w: backend.upload(&super::transpose(&conv, d, k), k, d)?,
-            class: backend.upload(&class, 1, d)?,
-            pos: backend.upload(&pos, tokens, d)?,
+            patch_w: backend.upload_owned(super::transpose(&conv, d, k), k, d)?,
+            class: backend.upload_owned(class, 1, d)?,
+            pos: backend.upload_owned(pos, tokens, d)?,
             pre_ln: LayerNorm::load(backend, src, &format!("{PREFIX}pre_layrnorm"), d)?,
             config: config.clone(),
         })

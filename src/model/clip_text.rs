@@ -114,11 +114,11 @@ impl<B: Backend> ClipText<B> {
         let projection = ckpt.f32_shaped("text_projection.weight", &[p, d])?;
         let logit_scale = ckpt.f32_shaped("logit_scale", &[])?[0];
         Ok(ClipText {
-            token: backend.upload(&token, config.vocab_size, d)?,
-            pos: backend.upload(&pos, config.max_position_embeddings, d)?,
+            token: backend.upload_owned(token, config.vocab_size, d)?,
+            pos: backend.upload_owned(pos, config.max_position_embeddings, d)?,
             layers,
             final_ln: LayerNorm::load(backend, ckpt, &format!("{PREFIX}final_layer_norm"), d)?,
-            projection: backend.upload(&super::transpose(&projection, p, d), d, p)?,
+            projection: backend.upload_owned(super::transpose(&projection, p, d), d, p)?,
             logit_scale,
             config,
         })

@@ -124,9 +124,10 @@ impl<B: Backend> Gpt2Embeddings<B> {
         let d = c.n_embd;
         let wte = src.tensor("wte.weight", &[c.vocab_size, d])?;
         let wpe = src.tensor("wpe.weight", &[c.n_positions, d])?;
+        // Handed over, not copied: wte alone is 154 MB at GPT-2's vocabulary.
         Ok(Gpt2Embeddings {
-            wte: backend.upload(&wte, c.vocab_size, d)?,
-            wpe: backend.upload(&wpe, c.n_positions, d)?,
+            wte: backend.upload_owned(wte, c.vocab_size, d)?,
+            wpe: backend.upload_owned(wpe, c.n_positions, d)?,
             n_positions: c.n_positions,
         })
     }
