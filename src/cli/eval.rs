@@ -66,7 +66,7 @@ pub fn eval_plan(
         max_length: cfg.parameters.max_length,
         base: Some(cfg.base_model.clone()),
     };
-    eval::check_tasks(&cfg.base_model, &tasks, &opts, ui)?;
+    eval::request::check_model_tasks(&cfg.base_model, &tasks, &opts, ui)?;
     Ok((tasks, opts))
 }
 

@@ -136,6 +136,15 @@ fn argmax(row: &[f32]) -> usize {
     best
 }
 
+/// What the accuracy path says of a decoder LLM (`request::evaluate_model` and
+/// `request::check_model_tasks` send decoders to `causal_lm` instead).
+fn decoder_has_no_accuracy(model_dir: &Path) -> Error {
+    Error::file(
+        model_dir,
+        "a decoder LLM is evaluated by its next-token loss, not accuracy",
+    )
+}
+
 /// Where an evaluation reports: which task of how many, for [`Event::EvalStart`].
 struct TaskProgress<'a> {
     index: usize,
@@ -207,10 +216,7 @@ pub fn evaluate<B: Backend>(
                 .map(|(i, t)| zs.evaluate(backend, &model, model_dir, t, opts, &progress(i)))
                 .collect()
         }
-        Arch::CausalLm(_) => Err(Error::file(
-            model_dir,
-            "a decoder LLM is evaluated by its next-token loss, not accuracy",
-        )),
+        Arch::CausalLm(_) => Err(decoder_has_no_accuracy(model_dir)),
     }
 }
 
@@ -565,9 +571,6 @@ pub fn check_tasks(
     observer: &dyn Observer,
 ) -> Result<()> {
     let arch = Checkpoint::open(model_dir)?.arch();
-    if let Arch::CausalLm(_) = arch {
-        return causal_lm::check_tasks(model_dir, tasks, opts, observer);
-    }
     for (index, task) in tasks.iter().enumerate() {
         observer.event(Event::EvalCheck {
             index,
@@ -578,7 +581,7 @@ pub fn check_tasks(
         let dirs = match arch {
             Arch::Gpt2 => [gpt2_head(task)?, model_dir],
             Arch::ClipVision => [model_dir, clip_base(opts)?],
-            Arch::CausalLm(_) => unreachable!("checked above"),
+            Arch::CausalLm(_) => return Err(decoder_has_no_accuracy(model_dir)),
         };
         let labelled = open_labelled(&task.data, &dirs, opts.max_length)?;
         let labels = labels_of(&labelled, task)?;

@@ -124,6 +124,21 @@ pub fn run_eval<B: Backend>(
     evaluate_model(backend, model, &tasks, &opts, observer)
 }
 
+/// Checks every task's data against the model in `model_dir` (`merge --eval` gives the base)
+/// before anything runs: labels and heads for GPT-2 and CLIP, tokens for a decoder LLM.
+pub fn check_model_tasks(
+    model_dir: &Path,
+    tasks: &[EvalTask],
+    opts: &EvalOptions,
+    observer: &dyn Observer,
+) -> Result<()> {
+    if crate::model::llama_config::is_decoder_dir(model_dir) {
+        causal_lm::check_tasks(model_dir, tasks, opts, observer)
+    } else {
+        check_tasks(model_dir, tasks, opts, observer)
+    }
+}
+
 /// Evaluates the model in `model_dir` on every task: accuracy for GPT-2 and CLIP, the
 /// next-token loss for a decoder LLM (whose data is checked on the way).
 pub fn evaluate_model<B: Backend>(
