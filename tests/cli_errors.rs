@@ -99,6 +99,27 @@ fn nan_in_a_weight() {
 }
 
 #[test]
+fn nan_in_an_averaged_tensor() {
+    // An averaged tensor (not a linear weight): named as stored, whichever read meets it
+    // first (loading the model, or adding it to the sums).
+    let pool = Pool::new();
+    pool.edit("task_b/model.safetensors", |n, s, mut v| {
+        if n == "transformer.ln_f.weight" {
+            v[3] = f32::NAN;
+        }
+        Some((s, v))
+    });
+    assert_mentions(
+        &pool.merge_fails("compat.yaml"),
+        &[
+            "task_b/model.safetensors",
+            "transformer.ln_f.weight",
+            "non-finite value (NaN) at element 3",
+        ],
+    );
+}
+
+#[test]
 fn empty_data() {
     let pool = Pool::new();
     std::fs::write(pool.path("data/task_b.jsonl"), "").unwrap();
