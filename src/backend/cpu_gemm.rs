@@ -75,25 +75,75 @@ pub fn gemm(
     }
     check_operands((m, n, k), a, b, ldb, c, ldc, part);
     if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                let cols = if part == Part::Lower { i + 1 } else { n };
-                c[i * ldc..i * ldc + cols].fill(0.0);
-            }
-        }
-        return;
+        return empty_product((m, n), c, ldc, part, accumulate);
     }
     if !has_avx512() {
         return faer_gemm((m, n, k), a, b, ldb, c, ldc, part, accumulate);
     }
-    let split = split().unwrap_or(match part {
+    gemm_split(
+        chosen_split(m, part),
+        (m, n, k),
+        a,
+        b,
+        ldb,
+        c,
+        ldc,
+        part,
+        accumulate,
+    )
+}
+
+/// `A·B` `[m, n]` into a fresh row-major buffer (`ldc` = n). Where the packed kernel runs,
+/// the buffer is not zeroed first: the product stores every element before any is read
+/// (zeroing a linear layer's output was a single-threaded memset, 1% of a decoder merge).
+pub fn product((m, n, k): (usize, usize, usize), a: Lhs<'_>, b: &[f32], ldb: usize) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 || !has_avx512() {
+        let mut c = vec![0.0f32; m * n];
+        gemm((m, n, k), a, b, ldb, &mut c, n, Part::Full, false);
+        return c;
+    }
+    check_inputs((m, n, k), a, b, ldb, n, Part::Full);
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: AVX-512F was detected and the operands checked; `c` has room for m·n floats.
+    // With `accumulate` false a full product's first block of k stores every element of
+    // C's m rows × n columns without reading any (later blocks read what it stored), so
+    // all m·n are initialised when it returns.
+    unsafe {
+        gemm_raw(
+            chosen_split(m, Part::Full),
+            (m, n, k),
+            a,
+            b,
+            ldb,
+            SharedC(c.as_mut_ptr()),
+            n,
+            Part::Full,
+            false,
+        );
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// The split `gemm` uses for a product with `m` rows.
+fn chosen_split(m: usize, part: Part) -> Split {
+    split().unwrap_or(match part {
         // Small triangles: their row chunks are uneven and each block of k is little work
         // between two barriers; independent slabs ran them 5–31% faster at d = 512–1,536
         // (`cargo bench --bench kernels gemm`, 2 threads), and slower at d = 3,072.
         Part::Lower if m <= 2048 => Split::Columns,
         _ => Split::Rows,
-    });
-    gemm_split(split, (m, n, k), a, b, ldb, c, ldc, part, accumulate)
+    })
+}
+
+/// A product over k = 0: C (its part) zeroed, or kept when accumulating.
+fn empty_product((m, n): (usize, usize), c: &mut [f32], ldc: usize, part: Part, accumulate: bool) {
+    if !accumulate {
+        for i in 0..m {
+            let cols = if part == Part::Lower { i + 1 } else { n };
+            c[i * ldc..i * ldc + cols].fill(0.0);
+        }
+    }
 }
 
 /// Panics unless the operands hold the product's elements at their strides (m, n ≥ 1).
@@ -106,11 +156,24 @@ fn check_operands(
     ldc: usize,
     part: Part,
 ) {
+    check_inputs((m, n, k), a, b, ldb, ldc, part);
+    assert!(c.len() >= (m - 1) * ldc + n);
+}
+
+/// `check_operands` but for C's length.
+fn check_inputs(
+    (m, n, k): (usize, usize, usize),
+    a: Lhs<'_>,
+    b: &[f32],
+    ldb: usize,
+    ldc: usize,
+    part: Part,
+) {
     assert!(
         part == Part::Full || m == n,
         "a lower triangle needs a square C"
     );
-    assert!(ldb >= n && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    assert!(ldb >= n && ldc >= n);
     match a {
         Lhs::RowMajor { data, ld } => {
             assert!(ld >= k && (k == 0 || data.len() >= (m - 1) * ld + k))
@@ -138,21 +201,52 @@ pub fn gemm_split(
 ) {
     assert!(has_avx512() && m > 0 && n > 0 && k > 0);
     check_operands((m, n, k), a, b, ldb, c, ldc, part);
+    // SAFETY: AVX-512F and the operands were checked just above; C is `c`, borrowed
+    // mutably for the call.
+    unsafe {
+        gemm_raw(
+            split,
+            (m, n, k),
+            a,
+            b,
+            ldb,
+            SharedC(c.as_mut_ptr()),
+            ldc,
+            part,
+            accumulate,
+        )
+    }
+}
+
+/// The packed product into C at a raw pointer.
+///
+/// # Safety
+/// The CPU must have AVX-512F; m, n, k ≥ 1 and the operands must pass `check_inputs`; `c`
+/// must be valid for writes of `(m − 1)·ldc + n` floats that nothing else touches during
+/// the call, and initialised where the product reads it (everywhere it writes when
+/// `accumulate`; never otherwise: see `product`).
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
+unsafe fn gemm_raw(
+    split: Split,
+    (m, n, k): (usize, usize, usize),
+    a: Lhs<'_>,
+    b: &[f32],
+    ldb: usize,
+    c: SharedC,
+    ldc: usize,
+    part: Part,
+    accumulate: bool,
+) {
     if split == Split::Columns && rayon::current_num_threads() > 1 {
-        // SAFETY: AVX-512F was checked above, and the arguments by `gemm`'s checks.
+        // SAFETY: the caller's contract is this function's.
         return unsafe { gemm_column_slabs((m, n, k), a, b, ldb, c, ldc, part, accumulate) };
     }
     let chunks = row_chunks(m, part, rayon::current_num_threads());
-    // Each task gets its rows of C as one mutable slice: the chunks are contiguous from row 0.
-    let mut rest = &mut c[..(m - 1) * ldc + n];
-    let mut tasks = Vec::with_capacity(chunks.len());
-    for &(r0, r1) in &chunks {
-        let len = (r1 * ldc).min((m - 1) * ldc + n) - r0 * ldc;
-        let (mine, after) = std::mem::take(&mut rest).split_at_mut(len);
-        let packed_a = scratch((r1 - r0).div_ceil(MR) * MR * KC);
-        tasks.push((r0, r1, mine, packed_a));
-        rest = after;
-    }
+    let mut tasks: Vec<_> = chunks
+        .iter()
+        .map(|&(r0, r1)| (r0, r1, scratch((r1 - r0).div_ceil(MR) * MR * KC)))
+        .collect();
     // B is packed once per block of k, by all threads, and shared: packing it per task
     // (its reads and writes are k·n each) cost as much as a fifth of a product at 2 threads.
     let panels = n.div_ceil(NR);
@@ -164,17 +258,17 @@ pub fn gemm_split(
             .enumerate()
             .for_each(|(t, panel)| pack_b(b, ldb, pc, kc, t * NR, NR.min(n - t * NR), panel));
         let packed_b = &packed_b[..panels * NR * kc];
-        tasks.par_iter_mut().for_each(|(r0, r1, rows, packed_a)| {
-            pack_a(a, *r0, *r1 - *r0, pc, kc, packed_a);
-            // SAFETY: the CPU has AVX-512F (checked above); every pointer the kernel is
-            // given is inside `packed_a`, `packed_b` or this task's rows of C, as `block`
-            // sizes them.
+        tasks.par_iter_mut().for_each(|(r0, r1, packed_a)| {
+            // SAFETY: the CPU has AVX-512F (the caller's contract); each task writes only
+            // its own rows r0..r1 of C, and every pointer the kernel is given is inside
+            // `packed_a`, `packed_b` or those rows, as `block` sizes them.
             unsafe {
+                pack_a(a, *r0, *r1 - *r0, pc, kc, packed_a);
                 block(
                     (*r0, *r1, 0, n, kc),
                     packed_a,
                     packed_b,
-                    rows.as_mut_ptr(),
+                    c.at(*r0 * ldc),
                     ldc,
                     part,
                     accumulate || pc > 0,
@@ -345,7 +439,10 @@ unsafe fn block(
 
 /// Rows `r0..r0+rows`, columns `pc..pc+kc` of A into `MR`-row micro-panels `[kc][MR]`, the
 /// rows past the end zero.
-fn pack_a(a: Lhs<'_>, r0: usize, rows: usize, pc: usize, kc: usize, out: &mut [f32]) {
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+unsafe fn pack_a(a: Lhs<'_>, r0: usize, rows: usize, pc: usize, kc: usize, out: &mut [f32]) {
     for (q, panel) in out
         .chunks_exact_mut(MR * kc)
         .take(rows.div_ceil(MR))
@@ -355,28 +452,13 @@ fn pack_a(a: Lhs<'_>, r0: usize, rows: usize, pc: usize, kc: usize, out: &mut [f
         let mr = MR.min(rows - q * MR);
         match a {
             Lhs::RowMajor { data, ld } => {
-                // A transpose, 16 columns at a time through a small tile: writing the panel
-                // element by element at a stride of MR is compiled into scatters, which cost
-                // a sixth of a linear layer's time.
-                let mut tile = [[0.0f32; 16]; MR];
-                for p0 in (0..kc).step_by(16) {
-                    let w = 16.min(kc - p0);
-                    for (i, t) in tile.iter_mut().enumerate().take(mr) {
-                        let at = (i0 + i) * ld + pc + p0;
-                        // A fixed length where it can be: a copy of `w` is a memmove call.
-                        if w == 16 {
-                            *t = data[at..at + 16].try_into().unwrap();
-                        } else {
-                            t[..w].copy_from_slice(&data[at..at + w]);
-                        }
-                    }
-                    for pp in 0..w {
-                        let dst = &mut panel[(p0 + pp) * MR..(p0 + pp + 1) * MR];
-                        for (i, d) in dst.iter_mut().enumerate() {
-                            *d = if i < mr { tile[i][pp] } else { 0.0 };
-                        }
-                    }
-                }
+                // Bounds: rows i0..i0+mr < m and columns pc..pc+kc ≤ k, which `gemm`'s
+                // checks hold within `data`; the panel holds kc·MR floats.
+                assert!(mr >= 1 && (i0 + mr - 1) * ld + pc + kc <= data.len());
+                assert!(panel.len() >= kc * MR);
+                // SAFETY: AVX-512F is this function's contract, and the asserts above keep
+                // every load inside `data` and every store inside `panel`.
+                unsafe { pack_rows_transposed(&data[i0 * ld..], ld, mr, pc, kc, panel) }
             }
             Lhs::Transposed { data, ld } => {
                 for p in 0..kc {
@@ -393,6 +475,83 @@ fn pack_a(a: Lhs<'_>, r0: usize, rows: usize, pc: usize, kc: usize, out: &mut [f
             }
         }
     }
+}
+
+/// One A micro-panel from `mr` ≤ `MR` rows of a row-major A (`data` starts at its first
+/// row, stride `ld`), columns `pc..pc+kc`: 16 columns at a time, the rows (and 16 − MR rows
+/// of zeros) are loaded into registers and transposed there, and each column is stored as
+/// one step of k. Element by element, this transpose was a twentieth of a decoder merge's
+/// time (its `o_proj` and `down_proj` products are short in n, so packing A weighs).
+///
+/// # Safety
+/// AVX-512F; `data` must hold `(mr − 1)·ld + pc + kc` floats and `panel` `kc·MR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_rows_transposed(
+    data: &[f32],
+    ld: usize,
+    mr: usize,
+    pc: usize,
+    kc: usize,
+    panel: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (src, dst) = (data.as_ptr(), panel.as_mut_ptr());
+    for p0 in (0..kc).step_by(16) {
+        let w = 16.min(kc - p0);
+        let cols: __mmask16 = if w == 16 { 0xFFFF } else { (1u16 << w) - 1 };
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, row) in r.iter_mut().enumerate().take(mr) {
+            *row = _mm512_maskz_loadu_ps(cols, src.add(i * ld + pc + p0));
+        }
+        let r = transpose_16x16(r);
+        // Column pp of the tile is step p0 + pp of the panel: its MR rows, lanes 0..MR.
+        let rows: __mmask16 = (1u16 << MR) - 1;
+        for (pp, col) in r.iter().enumerate().take(w) {
+            _mm512_mask_storeu_ps(dst.add((p0 + pp) * MR), rows, *col);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pack_rows_transposed(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+    unreachable!("the packed kernel runs only where AVX-512F was detected")
+}
+
+/// The transpose of a 16 × 16 tile held as 16 rows: interleave pairs of rows, then pairs
+/// of pairs (within 128-bit lanes), then 128-bit lanes twice; `out[j]` is column j.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose_16x16(r: [std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let mut t = [_mm512_setzero_ps(); 16];
+    for q in 0..8 {
+        t[2 * q] = _mm512_unpacklo_ps(r[2 * q], r[2 * q + 1]);
+        t[2 * q + 1] = _mm512_unpackhi_ps(r[2 * q], r[2 * q + 1]);
+    }
+    // u[4g + c]: element c of each 128-bit lane of rows 4g..4g+4.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (lo, hi) = (4 * g, 4 * g + 1);
+        u[4 * g] = _mm512_shuffle_ps::<0x44>(t[lo], t[lo + 2]);
+        u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(t[lo], t[lo + 2]);
+        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t[hi], t[hi + 2]);
+        u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(t[hi], t[hi + 2]);
+    }
+    // v[c] (c < 4, groups 0 and 1; c ≥ 8 groups 2 and 3): lanes 0 and 2, or 1 and 3.
+    let mut v = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        v[c] = _mm512_shuffle_f32x4::<0x88>(u[c], u[4 + c]);
+        v[4 + c] = _mm512_shuffle_f32x4::<0xDD>(u[c], u[4 + c]);
+        v[8 + c] = _mm512_shuffle_f32x4::<0x88>(u[8 + c], u[12 + c]);
+        v[12 + c] = _mm512_shuffle_f32x4::<0xDD>(u[8 + c], u[12 + c]);
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..8 {
+        out[c] = _mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]);
+        out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v[c], v[8 + c]);
+    }
+    out
 }
 
 /// Rows `pc..pc+kc`, columns `j0..j0+nr` of B into one micro-panel `[kc][NR]`, the columns
@@ -484,10 +643,11 @@ unsafe fn kernel<const PREFETCH: bool>(
     unreachable!("the packed kernel runs only where AVX-512F was detected")
 }
 
-/// C's base pointer, shared by tasks that write disjoint column slabs of it.
+/// C's base pointer, shared by tasks that write disjoint rows or column slabs of it.
 #[derive(Clone, Copy)]
 struct SharedC(*mut f32);
-// SAFETY: only `gemm_column_slabs` makes one, and its tasks write disjoint columns.
+// SAFETY: only `gemm_split` and `product` make one, for `gemm_raw`, whose tasks write
+// disjoint parts of C.
 unsafe impl Send for SharedC {}
 unsafe impl Sync for SharedC {}
 
@@ -519,7 +679,7 @@ const MC: usize = 240;
 /// blocks of k). A is packed once per thread instead of once in all.
 ///
 /// # Safety
-/// The CPU must have AVX-512F, and the arguments must pass `gemm`'s checks.
+/// As for `gemm_raw`.
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f"))]
 unsafe fn gemm_column_slabs(
@@ -527,13 +687,12 @@ unsafe fn gemm_column_slabs(
     a: Lhs<'_>,
     b: &[f32],
     ldb: usize,
-    c: &mut [f32],
+    shared: SharedC,
     ldc: usize,
     part: Part,
     accumulate: bool,
 ) {
     let slabs = column_slabs(n, m, part, rayon::current_num_threads());
-    let shared = SharedC(c.as_mut_ptr());
     slabs.par_iter().for_each(|&(j0, j1)| {
         let w = j1 - j0;
         let panels = w.div_ceil(NR);
@@ -551,11 +710,11 @@ unsafe fn gemm_column_slabs(
             }
             for r0 in (first_row..m).step_by(MC) {
                 let r1 = (r0 + MC).min(m);
-                pack_a(a, r0, r1 - r0, pc, kc, &mut packed_a);
                 // SAFETY: AVX-512F (the caller's contract); this task writes only columns
                 // j0..j1 of rows r0..r1 of C, which no other task writes, and `block` stays
                 // inside the packed buffers it is given.
                 unsafe {
+                    pack_a(a, r0, r1 - r0, pc, kc, &mut packed_a);
                     block(
                         (r0, r1, j0, w, kc),
                         &packed_a,
@@ -798,6 +957,29 @@ mod tests {
                     }
                 });
             }
+        }
+    }
+
+    #[test]
+    fn a_fresh_product_writes_every_element() {
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                for (m, n, k) in shapes() {
+                    // A freed block of NaNs of the product's size, which the allocator
+                    // likely hands back: an element left unwritten stays NaN.
+                    drop(vec![f32::NAN; m * n]);
+                    let lds = (k + 1, n + 3, n);
+                    check((m, n, k), false, lds, Part::Full, false, |a, b, c| {
+                        let fresh = product((m, n, k), a, b, lds.1);
+                        assert_eq!(fresh.len(), m * n);
+                        c.copy_from_slice(&fresh);
+                    });
+                }
+            });
         }
     }
 
