@@ -6,12 +6,12 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::cpu_gemm::{gemm, Lhs, Part};
+use super::cpu_gemm::{gemm, product, Lhs, Part};
 use super::cpu_math::{
-    gelu_new_gate, layer_norm_row, quick_gelu_gate, sigmoid_gated, softmax_exp, with_avx2,
+    gelu_new_gate, layer_norm_row, quick_gelu_gate, sigmoid_gated, softmax_row, with_avx2,
 };
-use super::cpu_tensor::check;
 pub use super::cpu_tensor::CpuTensor;
+use super::cpu_tensor::{check, written_zeros};
 use super::{Activation, AttentionShape, Backend, GqaShape, GramUpdate};
 use crate::error::{Error, Result};
 use crate::profile::span;
@@ -57,7 +57,7 @@ impl Backend for CpuBackend {
     }
 
     fn zeros(&self, rows: usize, cols: usize) -> Result<CpuTensor> {
-        Ok(CpuTensor::new(vec![0.0; rows * cols], rows, cols))
+        Ok(CpuTensor::new(written_zeros(rows * cols), rows, cols))
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuTensor, bias: Option<&CpuTensor>) -> Result<CpuTensor> {
@@ -67,9 +67,8 @@ impl Backend for CpuBackend {
                 x.rows, x.cols, w.rows, w.cols
             )
         })?;
-        let mut out = vec![0.0f32; x.rows * w.cols];
-        span("cpu: linear GEMM", || {
-            gemm(
+        let mut out = span("cpu: linear GEMM", || {
+            product(
                 (x.rows, w.cols, x.cols),
                 Lhs::RowMajor {
                     data: &x.data,
@@ -77,10 +76,6 @@ impl Backend for CpuBackend {
                 },
                 &w.data,
                 w.cols,
-                &mut out,
-                w.cols,
-                Part::Full,
-                false,
             )
         });
         if let Some(b) = bias {
@@ -389,21 +384,24 @@ struct QkvLayout {
     causal: bool,
 }
 
-/// Attention of every query head over its key/value head (query head h reads kv head
-/// h / (heads / kv_heads)), masked keys and (when causal) later keys excluded, softmax in
-/// f32: `[batch·seq, heads·head_dim]`.
 /// Queries per block in [`attend`].
 const QUERY_BLOCK: usize = 64;
 
+/// Attention of every query head over its key/value head (query head h reads kv head
+/// h / (heads / kv_heads)), masked keys and (when causal) later keys excluded, softmax in
+/// f32: `[batch·seq, heads·head_dim]`. One sequence per task, its products single-threaded
+/// in faer: at these shapes (64 queries × up to 256 keys × 64) its unpacked kernels beat
+/// the packed GEMM, 8.6 against 11.0 ms for a batch of `llama-small` at 2 threads.
 fn attend(qkv: &CpuTensor, s: QkvLayout, key_mask: Option<&[u8]>) -> Result<CpuTensor> {
-    let d = s.heads * s.head_dim;
+    let hd = s.head_dim;
+    let d = s.heads * hd;
     let stride = qkv.cols;
     let group = s.heads / s.kv_heads.max(1);
-    let (k_start, v_start) = (d, d + s.kv_heads * s.head_dim);
+    let (k_start, v_start) = (d, d + s.kv_heads * hd);
     if let Some(m) = key_mask {
         check(m.len() == qkv.rows, || "attention: mask length".into())?;
     }
-    let scale = 1.0 / (s.head_dim as f32).sqrt();
+    let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0.0f32; s.batch * s.seq * d];
     out.par_chunks_mut(s.seq * d)
         .enumerate()
@@ -412,50 +410,48 @@ fn attend(qkv: &CpuTensor, s: QkvLayout, key_mask: Option<&[u8]>) -> Result<CpuT
             let mask = key_mask.map(|m| &m[b * s.seq..(b + 1) * s.seq]);
             let mut scores = vec![0.0f32; QUERY_BLOCK.min(s.seq) * s.seq];
             for h in 0..s.heads {
-                let kv = (h / group) * s.head_dim;
-                let view = |start: usize, rows: std::ops::Range<usize>| {
-                    MatRef::from_row_major_slice_with_stride(
-                        &block[rows.start * stride + start..],
-                        rows.len(),
-                        s.head_dim,
-                        stride,
-                    )
-                };
+                let kv = (h / group) * hd;
                 // Queries a block at a time: under a causal mask a block's queries see only
                 // the keys up to its last one, so the masked half is never computed.
                 for i0 in (0..s.seq).step_by(QUERY_BLOCK) {
                     let i1 = (i0 + QUERY_BLOCK).min(s.seq);
                     let keys = if s.causal { i1 } else { s.seq };
-                    let q = view(h * s.head_dim, i0..i1);
-                    let (k, v) = (view(k_start + kv, 0..keys), view(v_start + kv, 0..keys));
                     let scores = &mut scores[..(i1 - i0) * keys];
+                    let view = |start: usize, rows: std::ops::Range<usize>| {
+                        MatRef::from_row_major_slice_with_stride(
+                            &block[rows.start * stride + start..],
+                            rows.len(),
+                            hd,
+                            stride,
+                        )
+                    };
                     {
+                        let q = view(h * hd, i0..i1);
+                        let k = view(k_start + kv, 0..keys);
                         let dst = MatMut::from_row_major_slice_mut(scores, i1 - i0, keys);
                         matmul(dst, Accum::Replace, q, k.transpose(), scale, Par::Seq);
                     }
                     for (r, row) in scores.chunks_exact_mut(keys).enumerate() {
-                        let i = i0 + r;
-                        for (j, x) in row.iter_mut().enumerate() {
-                            let masked = (s.causal && j > i) || mask.is_some_and(|m| m[j] == 0);
-                            if masked {
-                                *x = f32::NEG_INFINITY;
+                        // Under a causal mask query i sees keys 0..=i: the rest weigh 0.
+                        let seen = if s.causal { i0 + r + 1 } else { keys };
+                        let (live, later) = row.split_at_mut(seen);
+                        later.fill(0.0);
+                        if let Some(m) = mask {
+                            for (x, &real) in live.iter_mut().zip(m) {
+                                if real == 0 {
+                                    *x = f32::NEG_INFINITY;
+                                }
                             }
                         }
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        if max == f32::NEG_INFINITY {
-                            // Every key masked (an empty sequence): the output row is zero.
-                            row.iter_mut().for_each(|x| *x = 0.0);
-                            continue;
-                        }
-                        with_avx2!(softmax_exp(row, max));
-                        let sum: f32 = row.iter().sum();
-                        row.iter_mut().for_each(|x| *x /= sum);
+                        // Every key masked (an empty sequence): the output row is zero.
+                        with_avx2!(softmax_row(live));
                     }
+                    let v = view(v_start + kv, 0..keys);
                     // A strided row-major view built as the transpose of a column-major one:
                     // faer 0.24's `from_row_major_slice_with_stride_mut` swaps the strides.
                     let dst = MatMut::from_column_major_slice_with_stride_mut(
-                        &mut out_b[i0 * d + h * s.head_dim..],
-                        s.head_dim,
+                        &mut out_b[i0 * d + h * hd..],
+                        hd,
                         i1 - i0,
                         d,
                     )

@@ -4,6 +4,7 @@
 
 use super::arith::MergeArithmetic;
 use super::cpu::{CpuBackend, CpuTensor};
+use super::cpu_tensor::written_zeros;
 use super::Backend;
 use crate::backend::solve::{solve_layer, SolveOutcome};
 use crate::backend::sums::{add_weighted, reduce_into};
@@ -37,7 +38,7 @@ impl MergeArithmetic for CpuBackend {
     fn site_sums(&self, d: usize) -> Result<CpuSiteSums> {
         Ok(CpuSiteSums {
             d,
-            gram_sum: vec![0.0f32; d * d],
+            gram_sum: written_zeros(d * d),
             reduced: Vec::new(),
         })
     }
@@ -46,8 +47,8 @@ impl MergeArithmetic for CpuBackend {
         Ok(CpuModuleSums {
             d_in,
             d_out,
-            gw_sum: vec![0.0f32; d_in * d_out],
-            w_sum: vec![0.0f32; d_in * d_out],
+            gw_sum: written_zeros(d_in * d_out),
+            w_sum: written_zeros(d_in * d_out),
         })
     }
 

@@ -92,6 +92,38 @@ pub(super) fn softmax_exp(row: &mut [f32], max: f32) {
     }
 }
 
+/// Softmax of one row of scores in place, masked scores (−∞) weighted exactly 0; a row
+/// whose every score is masked becomes zeros. The max and the sum run in 16 independent
+/// lanes: one running value is a chain of dependent operations that no compiler may
+/// reorder, and it was most of a decoder's attention outside its products.
+#[inline(always)]
+pub(super) fn softmax_row(row: &mut [f32]) {
+    let max = lanes_fold(row, f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    softmax_exp(row, max);
+    let sum = lanes_fold(row, 0.0, |a, b| a + b);
+    row.iter_mut().for_each(|x| *x /= sum);
+}
+
+/// `row` folded with `f` in 16 independent lanes, then the lanes and the tail.
+#[inline(always)]
+fn lanes_fold(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [init; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = f(*a, v);
+        }
+    }
+    let lanes = acc.into_iter().fold(init, &f);
+    tail.iter().fold(lanes, |a, &v| f(a, v))
+}
+
 /// Σ f(v) over `row` in f64, in eight independent partial sums: one running f64 sum is a
 /// chain of dependent adds (four cycles each) that no compiler may reorder, eight of them
 /// fill two vector registers.
