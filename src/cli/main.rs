@@ -293,14 +293,17 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 fn main() -> ExitCode {
     alloc::keep_freed_memory();
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-        {
-            eprintln!("error: --threads {n}: {e}");
-            return ExitCode::FAILURE;
-        }
+    // The main thread, which runs the forward pass and calls every parallel loop, is one of
+    // the pool's threads: from outside the pool each loop was handed to a sleeping worker
+    // and waited for on a futex, thousands of times per merge.
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads.unwrap_or(0))
+        .use_current_thread()
+        .build_global()
+    {
+        let n = cli.threads.unwrap_or(0);
+        eprintln!("error: --threads {n}: {e}");
+        return ExitCode::FAILURE;
     }
     regmean_gpu::io::pending::install_interrupt_cleanup();
     let ui = Ui::new(cli.quiet, cli.verbose);
