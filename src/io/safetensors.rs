@@ -316,7 +316,8 @@ fn transpose_each<const N: usize>(
 ///
 /// Why the tile: writing one element to each of 32 output rows per input row touches 32
 /// lines `rows·4` bytes apart, which for the usual widths (768, 3072: multiples of 1 KiB)
-/// fall into a few L1 sets and evict each other; this loop ran at a tenth of the tiled one.
+/// fall into a few L1 sets and evict each other (it was 3.3% of a CLIP merge's samples; the
+/// merge's decode-and-transpose time fell from 1.86 to 1.01 s with the tile).
 pub(crate) fn transpose_with<T: Sync>(
     src: &[T],
     rows: usize,
