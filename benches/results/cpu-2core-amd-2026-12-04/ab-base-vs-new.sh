@@ -1,5 +1,6 @@
 #!/bin/bash
-# usage: ab.sh config rounds binA binB...
+# The interleaved A/B of BENCHMARKS.md's eleventh measurement: runs each binary in turn, `rounds` times.
+# usage: bash ab-base-vs-new.sh CONFIG ROUNDS BIN_A BIN_B...   (outputs and report JSON go to /tmp)
 cfg=$1; rounds=$2; shift 2
 for r in $(seq $rounds); do
   for b in "$@"; do
