@@ -133,8 +133,11 @@ def test_progress_goes_to_stderr_unless_quiet(tmp_path, capfd):
     assert quiet.err == "" and quiet.out == ""
 
 
-def test_ctrl_c_raises_keyboard_interrupt_and_leaves_no_output(cli, tmp_path):
-    # A pool whose merge takes seconds: two 2-layer ViT-B/32 towers over 64 images each.
+def test_ctrl_c_raises_keyboard_interrupt_and_leaves_no_output(cli, tmp_path, monkeypatch):
+    # A pool whose merge takes seconds: two 2-layer ViT-B/32 towers over 64 images each, each
+    # model held open a second before its weights are read (the engine's test hook), so that
+    # the interrupt lands mid-merge however fast the machine is.
+    monkeypatch.setenv("REGMEAN_TEST_MODEL_DELAY_MS", "1000")
     pool = tmp_path / "pool"
     done = run_cli(cli, "synth", "-q", "--arch", "clip", "--layers", "2", "--models", "2",
                    "--examples", "64", "--out", pool)

@@ -4,7 +4,7 @@
 
 use super::arith::MergeArithmetic;
 use super::cpu::{CpuBackend, CpuTensor};
-use super::cpu_tensor::written_zeros;
+use super::cpu_tensor::written_zeros_small_pages;
 use super::Backend;
 use crate::backend::solve::{solve_layer, SolveOutcome};
 use crate::backend::sums::{add_weighted, reduce_into};
@@ -38,7 +38,7 @@ impl MergeArithmetic for CpuBackend {
     fn site_sums(&self, d: usize) -> Result<CpuSiteSums> {
         Ok(CpuSiteSums {
             d,
-            gram_sum: written_zeros(d * d),
+            gram_sum: written_zeros_small_pages(d * d),
             reduced: Vec::new(),
         })
     }
@@ -47,8 +47,8 @@ impl MergeArithmetic for CpuBackend {
         Ok(CpuModuleSums {
             d_in,
             d_out,
-            gw_sum: written_zeros(d_in * d_out),
-            w_sum: written_zeros(d_in * d_out),
+            gw_sum: written_zeros_small_pages(d_in * d_out),
+            w_sum: written_zeros_small_pages(d_in * d_out),
         })
     }
 

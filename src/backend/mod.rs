@@ -19,7 +19,7 @@ pub(crate) mod sums;
 pub use arith::MergeArithmetic;
 pub use cpu::{CpuBackend, CpuTensor};
 pub use cpu_arith::{CpuModuleSums, CpuSiteSums};
-pub(crate) use cpu_tensor::written_zeros;
+pub(crate) use cpu_tensor::written_zeros_small_pages;
 pub use cuda::fault::{LOWER_FORWARD, LOWER_SUMS};
 pub use cuda::forward::{CudaBackend, CudaTensor};
 pub use ops::{

@@ -44,8 +44,10 @@ pub(super) fn merge_by_model<B: MergeArithmetic>(
     let out = out_dir.final_path().to_path_buf();
     let out = out.as_path();
 
-    let mut sums = RunningSums::new(backend, &model_cfg, &sites, &exclude, regmean)
-        .map_err(|e| e.during("allocating the running sums on the GPU", LOWER_SUMS))?;
+    let mut sums = crate::profile::span("sums: allocate", || {
+        RunningSums::new(backend, &model_cfg, &sites, &exclude, regmean)
+    })
+    .map_err(|e| e.during("allocating the running sums on the GPU", LOWER_SUMS))?;
     let mut reports = Vec::with_capacity(cfg.models.len());
     let mut peak_device = backend.memory_in_use();
     let mut model_load = Duration::ZERO;

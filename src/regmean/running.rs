@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use super::gram::{BackendGrams, ModelGrams};
 use super::model_weights::ModelWeights;
 use crate::backend::solve::SolveOutcome;
-use crate::backend::{written_zeros, MergeArithmetic};
+use crate::backend::{written_zeros_small_pages, MergeArithmetic};
 use crate::config::ExcludeSet;
 use crate::error::Result;
 use crate::io::Checkpoint;
@@ -73,7 +73,7 @@ impl<B: MergeArithmetic> RunningSums<B> {
                 let solved_here = regmean && solved.contains(&name.as_str());
                 !(exclude.excludes(name) || solved_here)
             })
-            .map(|(name, shape)| (name, written_zeros(shape.iter().product())))
+            .map(|(name, shape)| (name, written_zeros_small_pages(shape.iter().product())))
             .collect();
         Ok(RunningSums {
             modules,
