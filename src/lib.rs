@@ -32,6 +32,7 @@ pub mod model;
 pub mod profile;
 pub mod progress;
 pub mod regmean;
+pub(crate) mod simd;
 pub mod ui;
 
 pub use error::{Error, Result};

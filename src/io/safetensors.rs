@@ -280,6 +280,11 @@ pub fn decode_f32_transposed(
     cols: usize,
 ) -> Option<Vec<f32>> {
     Some(match dtype {
+        #[cfg(target_arch = "x86_64")]
+        Dtype::F32 if std::is_x86_feature_detected!("avx512f") => {
+            // SAFETY: AVX-512F was just detected.
+            unsafe { transpose_f32_avx512(bytes, rows, cols) }
+        }
         Dtype::F32 => transpose_each::<4>(bytes, rows, cols, f32::from_le_bytes),
         Dtype::F16 => {
             transpose_each::<2>(bytes, rows, cols, |b| half::f16::from_le_bytes(b).to_f32())
@@ -290,6 +295,76 @@ pub fn decode_f32_transposed(
         Dtype::F64 => transpose_each::<8>(bytes, rows, cols, |b| f64::from_le_bytes(b) as f32),
         Dtype::Other(_) => return None,
     })
+}
+
+/// Stored little-endian f32 `[rows, cols]` as `[cols, rows]` through 16 × 16 register
+/// transposes: in parallel over strips of 16 input columns (16 whole output rows), 16 input
+/// rows at a time loaded as vectors, transposed, and stored as 16 contiguous elements of
+/// each output row; the edges past a multiple of 16 by masked loads and stores. The same
+/// values as [`transpose_with`], whose scalar tile moves one element at a time: a
+/// clip8-small merge's `load: decode + transpose` span fell from 1.35–1.87 s to 1.0 s.
+/// Panics if `bytes` holds fewer than `rows·cols` elements.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn transpose_f32_avx512(bytes: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    const STRIP: usize = 16;
+    assert!(
+        bytes.len() / 4 >= rows.saturating_mul(cols),
+        "{} bytes for a [{rows}, {cols}] f32 tensor",
+        bytes.len()
+    );
+    let fill = |strip: usize, dst: &mut [std::mem::MaybeUninit<f32>]| {
+        let width = dst.len() / rows;
+        // SAFETY: the CPU has AVX-512F (the caller's contract). Loads read rows r0.. of input columns
+        // 16·strip .. 16·strip + width, all inside `bytes` (checked: rows·cols f32s); stores
+        // write this strip's `width` output rows of `rows` each.
+        unsafe { transpose_strip(bytes.as_ptr(), rows, cols, STRIP * strip, width, dst) }
+    };
+    // SAFETY: the fill writes every element of its strip: block r0 stores elements
+    // r0..r0+h of each of the strip's `width` output rows, and the blocks cover 0..rows.
+    unsafe { by_strips(rows, cols, STRIP, fill) }
+}
+
+/// One strip of [`transpose_f32_avx512`]: input columns `c0..c0 + width` (≤ 16) of every
+/// row into `dst` (`width` output rows of `rows`).
+///
+/// # Safety
+/// AVX-512F; `src` must hold `rows·cols` f32s (any alignment), `c0 + width ≤ cols` and
+/// `dst` `width·rows` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_strip(
+    src: *const u8,
+    rows: usize,
+    cols: usize,
+    c0: usize,
+    width: usize,
+    dst: &mut [std::mem::MaybeUninit<f32>],
+) {
+    use std::arch::x86_64::*;
+    let in_cols: __mmask16 = if width == 16 {
+        0xFFFF
+    } else {
+        (1u16 << width) - 1
+    };
+    let (src, dst) = (src.cast::<f32>(), dst.as_mut_ptr().cast::<f32>());
+    for r0 in (0..rows).step_by(16) {
+        let h = 16.min(rows - r0);
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, row) in r.iter_mut().enumerate().take(h) {
+            // SAFETY (the caller's contract): element (r0 + i, c0..c0 + width) is inside
+            // `src`; masked-off lanes are not read.
+            *row = unsafe { _mm512_maskz_loadu_ps(in_cols, src.add((r0 + i) * cols + c0)) };
+        }
+        let t = crate::simd::transpose_16x16(r);
+        let out_rows: __mmask16 = if h == 16 { 0xFFFF } else { (1u16 << h) - 1 };
+        for (j, column) in t.iter().enumerate().take(width) {
+            // SAFETY: output row j of the strip, elements r0..r0 + h, inside `dst`.
+            unsafe { _mm512_mask_storeu_ps(dst.add(j * rows + r0), out_rows, *column) };
+        }
+    }
 }
 
 /// [`decode_each`] into the transposed layout. Panics if `bytes` holds fewer than
@@ -324,25 +399,18 @@ pub(crate) fn transpose_with<T: Sync>(
     cols: usize,
     convert: impl Fn(&T) -> f32 + Sync,
 ) -> Vec<f32> {
-    use rayon::prelude::*;
     const STRIP: usize = 32;
     const TILE: usize = 16;
-    let n = rows.checked_mul(cols).expect("tensor size overflows usize");
     assert!(
-        src.len() >= n,
+        src.len() >= rows.saturating_mul(cols),
         "{} elements for a [{rows}, {cols}] tensor",
         src.len()
     );
-    let mut out: Vec<f32> = Vec::with_capacity(n);
-    if n == 0 {
-        return out;
-    }
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(STRIP * rows)
-        .enumerate()
-        .for_each(|(strip, dst)| {
+    // SAFETY: the fill writes every element of its strip: each tile r0 writes elements
+    // r0..r0+height of each of the strip's `width` output rows, and the tiles cover 0..rows.
+    unsafe {
+        by_strips(rows, cols, STRIP, |strip, dst| {
             let c0 = strip * STRIP;
-            // Whole output rows: n is a multiple of rows, so is every chunk.
             let width = dst.len() / rows;
             let mut tile = [[0.0f32; TILE]; STRIP];
             for r0 in (0..rows).step_by(TILE) {
@@ -360,10 +428,34 @@ pub(crate) fn transpose_with<T: Sync>(
                     }
                 }
             }
-        });
-    // SAFETY: strip s holds output rows (input columns) 32s.. (`width` of them, all `rows`
-    // elements of each); every tile r0 writes elements r0..r0+height of each of them, and
-    // the tiles cover 0..rows: all n are written.
+        })
+    }
+}
+
+/// The `[cols, rows]` transpose of a `[rows, cols]` tensor, made in parallel by strips of
+/// `strip` output rows (input columns): `fill(s, dst)` writes strip s, `dst` being its
+/// output rows back to back (whole rows: fewer than `strip` in the last strip).
+///
+/// # Safety
+/// `fill` must write every element of the `dst` it is given.
+unsafe fn by_strips(
+    rows: usize,
+    cols: usize,
+    strip: usize,
+    fill: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let n = rows.checked_mul(cols).expect("tensor size overflows usize");
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    if n == 0 {
+        return out;
+    }
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(strip * rows)
+        .enumerate()
+        .for_each(|(s, dst)| fill(s, dst));
+    // SAFETY: the chunks cover the first n elements, and `fill` wrote each (the caller's
+    // contract).
     unsafe { out.set_len(n) };
     out
 }
@@ -550,7 +642,15 @@ mod tests {
                 (h.to_le_bytes().to_vec(), h.to_f32())
             }),
         ];
-        for (rows, cols) in [(70, 33), (1, 5), (5, 1), (32, 64), (0, 3), (3, 0)] {
+        for (rows, cols) in [
+            (70, 33),
+            (1, 5),
+            (5, 1),
+            (32, 64),
+            (0, 3),
+            (3, 0),
+            (300, 47),
+        ] {
             let m: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.75).collect();
             for (dtype, encode) in &encodings {
                 let (bytes, stored): (Vec<Vec<u8>>, Vec<f32>) =
@@ -562,6 +662,15 @@ mod tests {
                 assert_eq!(got, want, "{} [{rows}, {cols}]", dtype.name());
             }
         }
+        // Stored f32 need not be 4-byte aligned in the map.
+        let m: Vec<f32> = (0..37 * 19).map(|i| i as f32 - 100.0).collect();
+        let mut bytes = vec![0u8];
+        bytes.extend(m.iter().flat_map(|v| v.to_le_bytes()));
+        let want: Vec<f32> = (0..37 * 19).map(|i| m[(i % 37) * 19 + i / 37]).collect();
+        assert_eq!(
+            decode_f32_transposed(&Dtype::F32, &bytes[1..], 37, 19).unwrap(),
+            want
+        );
         assert!(decode_f32_transposed(&Dtype::Other("I64".into()), &[0; 16], 2, 1).is_none());
         // A trailing partial element is not a value.
         assert_eq!(
