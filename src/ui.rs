@@ -245,8 +245,13 @@ pub fn print_summary(r: &MergeReport, out: &Path, ui: &Ui) {
             }
         );
         if let Some(c) = r.activation_cache {
+            let on_device = if c.on_device_bytes > 0 {
+                format!("{} on the device, ", human_bytes(c.on_device_bytes))
+            } else {
+                String::new()
+            };
             eprintln!(
-                "  merged layer by layer · activation caches {} in memory, {} spilled to disk",
+                "  merged layer by layer · activation caches {on_device}{} in memory, {} spilled to disk",
                 human_bytes(c.in_memory_bytes),
                 human_bytes(c.spilled_bytes)
             );

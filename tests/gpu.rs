@@ -165,7 +165,11 @@ fn layerwise_merge_on_cuda_matches_the_cpu_engine() {
     ] {
         let label = format!("{:?}", cfg.merge_method);
         gpu_merges_match_the_cpu(&dev, cfg, &label, None, |report| {
-            assert!(report.activation_cache.is_some(), "ran layer by layer")
+            let cache = report.activation_cache.expect("ran layer by layer");
+            assert!(
+                cache.on_device_bytes > 0,
+                "no activation cache on the device: {cache:?}"
+            )
         });
     }
 }

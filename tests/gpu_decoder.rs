@@ -118,7 +118,11 @@ fn layerwise_decoder_merges_on_cuda_match_the_cpu_engine_and_the_f64_reference()
             let reference = dir.join(format!("expected/{reference}.safetensors"));
             let label = format!("{pool} {:?}", cfg.merge_method);
             gpu_merges_match_the_cpu(&dev, cfg, &label, Some(&reference), |report| {
-                assert!(report.activation_cache.is_some(), "ran layer by layer")
+                let cache = report.activation_cache.expect("ran layer by layer");
+                assert!(
+                    cache.on_device_bytes > 0,
+                    "no activation cache on the device: {cache:?}"
+                )
             });
         }
     }

@@ -133,6 +133,14 @@ pub trait Backend {
     }
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// A copy of `x`, on the backend.
+    fn copy(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// How many bytes of a layer-wise merge's activation caches may stay as this backend's
+    /// own tensors between layers, beyond the merge's host memory cap: `None` where its
+    /// tensors are host memory already (the cap is their budget).
+    fn activation_cache_budget(&self) -> Option<u64> {
+        None
+    }
 
     /// `x[rows, in] · w[in, out] + bias[out]`.
     fn linear(

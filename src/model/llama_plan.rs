@@ -1,8 +1,8 @@
 //! `merge --plan` for decoder LLMs: the memory, FLOPs and bytes read of a merge, from the
 //! shapes of config.json alone (no weights are opened), for both schedules: `model` (one
 //! whole model at a time, on the CPU) and `layer` (one layer of one model at a time, each
-//! task's activations cached on the host between layers; RegMean++ always runs so), on one
-//! GPU or on the CPU. Napkin math, stated with its assumptions; BENCHMARKS.md explains it.
+//! task's activations cached between layers, on a GPU in its memory where they fit in half
+//! of what is free; RegMean++ always runs so), on one GPU or on the CPU. Napkin math, stated with its assumptions; BENCHMARKS.md explains it.
 
 use std::fmt::Write;
 use std::path::Path;
@@ -104,6 +104,8 @@ pub struct Plan {
     pub engine_host_bytes: f64,
     pub layerwise_device_bytes: f64,
     pub layerwise_host_bytes: f64,
+    /// Of `layerwise_host_bytes`: every task's activations at a layer boundary.
+    pub layerwise_cache_bytes: f64,
     pub bytes_read: f64,
     pub forward_flops: f64,
     pub gram_flops: f64,
@@ -149,7 +151,8 @@ impl Plan {
         // Host: every task's activations at a layer boundary in f32 (each batch replaced in
         // place by the layer's output), and the averages of the non-linear parameters (the
         // embeddings).
-        let layerwise_host_bytes = F32 * k * tokens_per_model * d + F32 * other;
+        let layerwise_cache_bytes = F32 * k * tokens_per_model * d;
+        let layerwise_host_bytes = layerwise_cache_bytes + F32 * other;
         let attention = n_layers * 2.0 * (config.num_attention_heads * config.head_dim) as f64;
         let forward_flops = k
             * (2.0 * n_layers * s.layer_linear as f64 * tokens_per_model
@@ -158,6 +161,7 @@ impl Plan {
             engine_host_bytes,
             layerwise_device_bytes,
             layerwise_host_bytes,
+            layerwise_cache_bytes,
             bytes_read: k * s.params as f64 * w.stored_bytes as f64,
             forward_flops,
             gram_flops: k * grams * tokens_per_model,
@@ -213,9 +217,10 @@ impl Plan {
         );
         let _ = writeln!(
             r,
-            "schedule layer (one layer at a time, activations cached between layers; RegMean++ always): on one GPU device memory {} and host memory {}; on the CPU host memory {}",
+            "schedule layer (one layer at a time, activations cached between layers; RegMean++ always): on one GPU device memory {} and host memory {} (of which the activation caches, {}, stay on the GPU instead where they fit in half its free memory); on the CPU host memory {}",
             gb(self.layerwise_device_bytes),
             gb(self.layerwise_host_bytes),
+            gb(self.layerwise_cache_bytes),
             gb(self.layerwise_device_bytes + self.layerwise_host_bytes)
         );
         let _ = writeln!(

@@ -1,30 +1,39 @@
 //! The activation caches of a layer-wise merge: every task's inputs of the current layer,
-//! one buffer per batch. They live in host memory up to a budget; beyond it they spill to a
-//! temporary file next to the output, which is removed when the merge ends, fails or is
-//! interrupted (it is registered with the writer's interrupt cleanup).
+//! one buffer per batch. Each is kept where the first tier with room puts it:
+//!
+//! 1. on the backend, as its own tensor (on a GPU: device memory, so a layer's inputs are
+//!    never copied to the host and back), up to the backend's budget;
+//! 2. in host memory, up to the merge's memory cap (on the CPU, whose tensors are host
+//!    memory, tier 1 is this tier, under the same cap);
+//! 3. in a temporary file next to the output, which is removed when the merge ends, fails or
+//!    is interrupted (it is registered with the writer's interrupt cleanup).
 
-use std::borrow::Cow;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::io::pending::{register_scratch, Registered};
 
 /// How much the caches hold, and where.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheStats {
+    /// Kept on a device backend (a GPU), not counting host memory.
+    pub on_device_bytes: u64,
     pub in_memory_bytes: u64,
     pub spilled_bytes: u64,
 }
 
 impl CacheStats {
     pub fn total_bytes(&self) -> u64 {
-        self.in_memory_bytes + self.spilled_bytes
+        self.on_device_bytes + self.in_memory_bytes + self.spilled_bytes
     }
 }
 
-enum Slot {
+enum Slot<T> {
+    /// The backend's tensor; `None` while taken out ([`ActivationStore::take`]).
+    Backend(Option<T>),
     Memory(Vec<f32>),
     /// `len` f32 values at byte `offset` of the spill file.
     File {
@@ -65,21 +74,72 @@ impl Drop for SpillFile {
     }
 }
 
-/// Fixed-size f32 buffers, each in memory or in the spill file.
-pub struct ActivationStore {
-    slots: Vec<Slot>,
+/// A buffer's `(rows, cols)`.
+type Dims = (usize, usize);
+
+/// What the caches need of a backend: every [`Backend`] has it.
+pub trait CacheBackend {
+    type Tensor;
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
+    fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn upload_owned(&self, values: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn download_owned(&self, t: Self::Tensor) -> Result<Vec<f32>>;
+    fn activation_cache_budget(&self) -> Option<u64>;
+}
+
+impl<B: Backend> CacheBackend for B {
+    type Tensor = B::Tensor;
+    fn shape(&self, t: &B::Tensor) -> (usize, usize) {
+        Backend::shape(self, t)
+    }
+    fn copy(&self, t: &B::Tensor) -> Result<B::Tensor> {
+        Backend::copy(self, t)
+    }
+    fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<B::Tensor> {
+        Backend::upload(self, values, rows, cols)
+    }
+    fn upload_owned(&self, values: Vec<f32>, rows: usize, cols: usize) -> Result<B::Tensor> {
+        Backend::upload_owned(self, values, rows, cols)
+    }
+    fn download_owned(&self, t: B::Tensor) -> Result<Vec<f32>> {
+        Backend::download_owned(self, t)
+    }
+    fn activation_cache_budget(&self) -> Option<u64> {
+        Backend::activation_cache_budget(self)
+    }
+}
+
+/// Fixed-size `[rows, cols]` buffers, each on the backend, in host memory or in the spill
+/// file.
+pub struct ActivationStore<'b, B: CacheBackend> {
+    backend: &'b B,
+    /// Each buffer and its `(rows, cols)`.
+    slots: Vec<(Slot<B::Tensor>, Dims)>,
+    /// Bytes the backend's own tensors may hold, and whether they are host memory (counted
+    /// against `budget` with the host tier, which then has no room of its own).
+    backend_budget: u64,
+    backend_is_host: bool,
     budget: u64,
     stats: CacheStats,
     spill_path: PathBuf,
     spill: Option<SpillFile>,
 }
 
-impl ActivationStore {
-    /// Buffers stay in memory while they total at most `budget` bytes; the rest go to a file
-    /// at `spill_path`, created when first needed.
-    pub fn new(budget: u64, spill_path: PathBuf) -> Self {
+impl<'b, B: CacheBackend> ActivationStore<'b, B> {
+    /// Buffers stay on `backend` up to its [`CacheBackend::activation_cache_budget`], then in host
+    /// memory while those total at most `budget` bytes; the rest go to a file at
+    /// `spill_path`, created when first needed.
+    pub fn new(backend: &'b B, budget: u64, spill_path: PathBuf) -> Self {
+        let (backend_budget, backend_is_host) = match backend.activation_cache_budget() {
+            Some(device) => (device, false),
+            None => (budget, true),
+        };
         ActivationStore {
+            backend,
             slots: Vec::new(),
+            backend_budget,
+            backend_is_host,
             budget,
             stats: CacheStats::default(),
             spill_path,
@@ -92,50 +152,87 @@ impl ActivationStore {
     }
 
     /// Stores a new buffer and returns its id.
-    pub fn push(&mut self, values: Vec<f32>) -> Result<usize> {
-        let bytes = 4 * values.len() as u64;
-        let slot = if self.stats.in_memory_bytes + bytes <= self.budget {
-            self.stats.in_memory_bytes += bytes;
-            Slot::Memory(values)
+    pub fn push(&mut self, t: B::Tensor) -> Result<usize> {
+        let dims = self.backend.shape(&t);
+        let bytes = 4 * (dims.0 * dims.1) as u64;
+        let on_backend = if self.backend_is_host {
+            &mut self.stats.in_memory_bytes
         } else {
-            let spill = match &mut self.spill {
-                Some(s) => s,
-                None => self.spill.insert(SpillFile::create(&self.spill_path)?),
-            };
-            let offset = spill.len;
-            write_at(spill, offset, &values)?;
-            spill.len += bytes;
-            self.stats.spilled_bytes += bytes;
-            Slot::File {
-                offset,
-                len: values.len(),
+            &mut self.stats.on_device_bytes
+        };
+        let slot = if *on_backend + bytes <= self.backend_budget {
+            *on_backend += bytes;
+            Slot::Backend(Some(t))
+        } else {
+            let values = self.backend.download_owned(t)?;
+            if !self.backend_is_host && self.stats.in_memory_bytes + bytes <= self.budget {
+                self.stats.in_memory_bytes += bytes;
+                Slot::Memory(values)
+            } else {
+                let spill = match &mut self.spill {
+                    Some(s) => s,
+                    None => self.spill.insert(SpillFile::create(&self.spill_path)?),
+                };
+                let offset = spill.len;
+                write_at(spill, offset, &values)?;
+                spill.len += bytes;
+                self.stats.spilled_bytes += bytes;
+                Slot::File {
+                    offset,
+                    len: values.len(),
+                }
             }
         };
-        self.slots.push(slot);
+        self.slots.push((slot, dims));
         Ok(self.slots.len() - 1)
     }
 
-    /// Replaces buffer `id` with values of the same length.
-    pub fn replace(&mut self, id: usize, values: Vec<f32>) -> Result<()> {
-        match &mut self.slots[id] {
-            Slot::Memory(v) if v.len() == values.len() => *v = values,
-            Slot::File { offset, len } if *len == values.len() => {
-                let spill = self.spill.as_ref().expect("a spilled slot has a file");
-                write_at(spill, *offset, &values)?;
-            }
+    /// Buffer `id`, taken out for a pass that [`put`](Self::put)s its output back: a tensor
+    /// on the backend moves out without a copy.
+    pub fn take(&mut self, id: usize) -> Result<B::Tensor> {
+        let (slot, dims) = &mut self.slots[id];
+        match slot {
+            Slot::Backend(t) => t.take().ok_or_else(|| taken(id)),
             _ => {
-                return Err(Error::Backend(format!(
-                    "internal: activation buffer {id} changed size"
-                )))
+                let dims = *dims;
+                self.upload(id, dims)
+            }
+        }
+    }
+
+    /// A copy of buffer `id`, on the backend, for a pass that does not replace it.
+    pub fn copy(&self, id: usize) -> Result<B::Tensor> {
+        let (slot, dims) = &self.slots[id];
+        match slot {
+            Slot::Backend(Some(t)) => self.backend.copy(t),
+            Slot::Backend(None) => Err(taken(id)),
+            _ => self.upload(id, *dims),
+        }
+    }
+
+    /// Replaces buffer `id` (taken or not) with a tensor of the same shape.
+    pub fn put(&mut self, id: usize, t: B::Tensor) -> Result<()> {
+        let (slot, dims) = &mut self.slots[id];
+        if self.backend.shape(&t) != *dims {
+            return Err(Error::Backend(format!(
+                "internal: activation buffer {id} changed shape"
+            )));
+        }
+        match slot {
+            Slot::Backend(held) => *held = Some(t),
+            Slot::Memory(v) => *v = self.backend.download_owned(t)?,
+            Slot::File { offset, .. } => {
+                let spill = self.spill.as_ref().expect("a spilled slot has a file");
+                write_at(spill, *offset, &self.backend.download_owned(t)?)?;
             }
         }
         Ok(())
     }
 
-    /// The values of buffer `id`.
-    pub fn read(&self, id: usize) -> Result<Cow<'_, [f32]>> {
-        match &self.slots[id] {
-            Slot::Memory(v) => Ok(Cow::Borrowed(v)),
+    /// Buffer `id` from host memory or the spill file, uploaded.
+    fn upload(&self, id: usize, (rows, cols): (usize, usize)) -> Result<B::Tensor> {
+        match &self.slots[id].0 {
+            Slot::Memory(v) => self.backend.upload(v, rows, cols),
             Slot::File { offset, len } => {
                 let spill = self.spill.as_ref().expect("a spilled slot has a file");
                 let mut bytes = vec![0u8; 4 * len];
@@ -143,15 +240,21 @@ impl ActivationStore {
                     .file
                     .read_exact_at(&mut bytes, *offset)
                     .map_err(|e| Error::io(&spill.path, e))?;
-                Ok(Cow::Owned(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                ))
+                let values: Vec<f32> = bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                self.backend.upload_owned(values, rows, cols)
             }
+            Slot::Backend(_) => unreachable!("a tensor on the backend is not uploaded"),
         }
     }
+}
+
+fn taken(id: usize) -> Error {
+    Error::Backend(format!(
+        "internal: activation buffer {id} was taken and not put back"
+    ))
 }
 
 fn write_at(spill: &SpillFile, offset: u64, values: &[f32]) -> Result<()> {
@@ -165,28 +268,104 @@ fn write_at(spill: &SpillFile, offset: u64, values: &[f32]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{CpuBackend, CpuTensor};
+
+    fn t(values: &[f32]) -> CpuTensor {
+        CpuTensor::new(values.to_vec(), 1, values.len())
+    }
 
     #[test]
     fn buffers_over_the_budget_spill_and_read_back_and_the_file_goes_away() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(".spill");
-        let mut store = ActivationStore::new(8, path.clone());
-        let a = store.push(vec![1.0, 2.0]).unwrap();
-        let b = store.push(vec![3.0, 4.0, 5.0]).unwrap();
+        let mut store = ActivationStore::new(&CpuBackend, 8, path.clone());
+        let a = store.push(t(&[1.0, 2.0])).unwrap();
+        let b = store.push(t(&[3.0, 4.0, 5.0])).unwrap();
         assert_eq!(
             store.stats(),
             CacheStats {
+                on_device_bytes: 0,
                 in_memory_bytes: 8,
                 spilled_bytes: 12
             }
         );
         assert!(path.exists());
-        store.replace(b, vec![6.0, 7.0, 8.0]).unwrap();
-        store.replace(a, vec![0.5, 0.25]).unwrap();
-        assert_eq!(&*store.read(a).unwrap(), &[0.5, 0.25]);
-        assert_eq!(&*store.read(b).unwrap(), &[6.0, 7.0, 8.0]);
-        assert!(store.replace(b, vec![1.0]).is_err());
+        // A taken buffer comes back through `put`, a spilled one is rewritten in its place.
+        let taken = store.take(b).unwrap();
+        assert_eq!(taken.data, [3.0, 4.0, 5.0]);
+        store.put(b, t(&[6.0, 7.0, 8.0])).unwrap();
+        let taken = store.take(a).unwrap();
+        assert_eq!(taken.data, [1.0, 2.0]);
+        assert!(store.copy(a).is_err(), "a taken buffer was copied");
+        store.put(a, t(&[0.5, 0.25])).unwrap();
+        assert_eq!(store.copy(a).unwrap().data, [0.5, 0.25]);
+        assert_eq!(
+            store.copy(a).unwrap().data,
+            [0.5, 0.25],
+            "copy left the buffer"
+        );
+        assert_eq!(store.copy(b).unwrap().data, [6.0, 7.0, 8.0]);
+        assert_eq!(store.take(b).unwrap().data, [6.0, 7.0, 8.0]);
+        assert!(store.put(b, t(&[1.0])).is_err());
+        assert!(
+            store.put(a, CpuTensor::new(vec![0.0; 2], 2, 1)).is_err(),
+            "a transposed shape was taken"
+        );
         drop(store);
         assert!(!path.exists(), "the spill file outlived the store");
+    }
+
+    /// A backend whose tensors are host memory but which reports a device budget: the
+    /// three tiers in order, as a GPU fills them.
+    struct Device(u64);
+
+    impl CacheBackend for Device {
+        type Tensor = CpuTensor;
+        fn shape(&self, t: &CpuTensor) -> (usize, usize) {
+            (t.rows, t.cols)
+        }
+        fn copy(&self, t: &CpuTensor) -> Result<CpuTensor> {
+            Ok(t.clone())
+        }
+        fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
+            Ok(CpuTensor::new(values.to_vec(), rows, cols))
+        }
+        fn upload_owned(&self, values: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
+            Ok(CpuTensor::new(values, rows, cols))
+        }
+        fn download_owned(&self, t: CpuTensor) -> Result<Vec<f32>> {
+            Ok(t.data)
+        }
+        fn activation_cache_budget(&self) -> Option<u64> {
+            Some(self.0)
+        }
+    }
+
+    #[test]
+    fn a_device_holds_buffers_up_to_its_budget_then_host_memory_then_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".spill");
+        let backend = Device(8);
+        let mut store = ActivationStore::new(&backend, 12, path.clone());
+        let ids: Vec<usize> = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]
+            .iter()
+            .map(|v| store.push(t(v)).unwrap())
+            .collect();
+        assert_eq!(
+            store.stats(),
+            CacheStats {
+                on_device_bytes: 8,
+                in_memory_bytes: 8,
+                spilled_bytes: 24
+            }
+        );
+        assert_eq!(store.stats().total_bytes(), 40);
+        for (i, &id) in ids.iter().enumerate() {
+            let v = store.take(id).unwrap();
+            let x = 2.0 * i as f32 + 1.0;
+            assert_eq!(v.data, [x, x + 1.0]);
+            store.put(id, t(&[-x, -x - 1.0])).unwrap();
+            assert_eq!(store.copy(id).unwrap().data, [-x, -x - 1.0]);
+        }
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! The forward passes, the statistics and the solve run on the backend (its
 //! [`MergeArithmetic`]), through the steps the model-by-model merge uses
-//! ([`super::running::add_grams`]); the activation caches are in host memory.
+//! ([`super::running::add_grams`]); the activation caches stay on the backend where it has
+//! room for them (a GPU's memory), else in host memory or a spill file.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -251,7 +252,7 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
     let mut writer = ModelWriter::create(out_dir.path(), &planned, opts.out_shard_bytes)?;
 
     let cap = opts.max_memory.unwrap_or_else(default_max_memory);
-    let mut store = ActivationStore::new(cap, out_dir.path().join(SPILL_FILE));
+    let mut store = ActivationStore::new(backend, cap, out_dir.path().join(SPILL_FILE));
     let k = cfg.models.len() as f32;
     let mut timings = Timings::default();
     let mut peak_device = backend.memory_in_use();
@@ -335,7 +336,7 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
                     Batch::Tokens { seq, mask, .. } => (seq, Some(mask)),
                     Batch::Pixels { .. } => (backend.shape(&h).0 / chunk.len().max(1), None),
                 };
-                let id = store.push(backend.download_owned(h)?)?;
+                let id = store.push(h)?;
                 task.batches.push(CachedBatch {
                     id,
                     batch: chunk.len(),
@@ -395,16 +396,18 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
             |weights, task, store, acc| {
                 let block = model_cfg.load_block(backend, weights, l)?;
                 for b in &task.batches {
-                    let mut h = cached_input(backend, store, b, layer_sites[0].dim)?;
                     let run = model_cfg.layer_run(b.batch, b.seq, b.mask.as_deref())?;
                     if plus_plus {
-                        // Only the Grams: the merged layer makes the next inputs.
+                        // Only the Grams: the merged layer makes the next inputs (from
+                        // these, so the pass runs on a copy).
+                        let mut h = store.copy(b.id)?;
                         block.observe_sites(acc, backend, &mut h, &run)?;
                     } else {
                         // The task's own layer makes its next inputs.
+                        let mut h = store.take(b.id)?;
                         let mut sink: Option<&mut dyn GramSink<B>> = Some(acc);
                         block.forward(backend, &mut h, &run, 0, &mut sink)?;
-                        store.replace(b.id, backend.download_owned(h)?)?;
+                        store.put(b.id, h)?;
                     }
                 }
                 Ok(())
@@ -440,10 +443,10 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
             let block = model_cfg.load_block(backend, &merged, l)?;
             for task in &tasks {
                 for b in &task.batches {
-                    let mut h = cached_input(backend, &store, b, layer_sites[0].dim)?;
+                    let mut h = store.take(b.id)?;
                     let run = model_cfg.layer_run(b.batch, b.seq, b.mask.as_deref())?;
                     block.forward(backend, &mut h, &run, 0, &mut None)?;
-                    store.replace(b.id, backend.download_owned(h)?)?;
+                    store.put(b.id, h)?;
                 }
             }
         }
@@ -452,7 +455,6 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
     // The head: its Grams from each task's own final norm over the last layer's outputs.
     if !head_solved.is_empty() {
         let head_sites = &sites[first_head_site..];
-        let d = head_sites[0].dim;
         let (site_sums, module_sums) = stats.collect(
             &mut tasks,
             &mut store,
@@ -467,8 +469,9 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
                         Error::Backend("internal: sites after the layers but no head input".into())
                     })?;
                 for b in &task.batches {
-                    let h = cached_input(backend, store, b, d)?;
+                    let h = store.take(b.id)?;
                     acc.observe(0, &head.apply(backend, &h)?, b.mask.as_deref())?;
+                    store.put(b.id, h)?;
                 }
                 Ok(())
             },
@@ -543,17 +546,6 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
     })
 }
 
-/// A cached batch's activations, on the backend as `[rows, d]`.
-fn cached_input<B: MergeArithmetic>(
-    backend: &B,
-    store: &ActivationStore,
-    b: &CachedBatch,
-    d: usize,
-) -> Result<B::Tensor> {
-    let x = store.read(b.id)?;
-    backend.upload(&x, x.len() / d, d)
-}
-
 /// Σ G' per site and Σ G'W per solved module of one group of sites.
 type GroupSums<B> = (
     Vec<<B as MergeArithmetic>::SiteSums>,
@@ -575,7 +567,7 @@ impl<B: MergeArithmetic> GroupStats<'_, B> {
     fn collect(
         &self,
         tasks: &mut [Task],
-        store: &mut ActivationStore,
+        store: &mut ActivationStore<'_, B>,
         group_sites: &[Site],
         solved: &[(usize, &LinearModule)],
         timings: &mut Timings,
@@ -583,7 +575,7 @@ impl<B: MergeArithmetic> GroupStats<'_, B> {
         mut run: impl FnMut(
             &ModelWeights<'_, B>,
             &Task,
-            &mut ActivationStore,
+            &mut ActivationStore<'_, B>,
             &mut GramAccumulator<'_, B>,
         ) -> Result<()>,
     ) -> Result<GroupSums<B>> {

@@ -88,7 +88,7 @@ pub fn report_json(r: &MergeReport, total: Duration) -> serde_json::Value {
         "peak_device_bytes": r.peak_device_bytes,
         "layers_solved": r.layers_solved,
         "schedule": format!("{:?}", r.schedule).to_lowercase(),
-        "activation_cache_bytes": r.activation_cache.map(|c| serde_json::json!({"in_memory": c.in_memory_bytes, "spilled": c.spilled_bytes})),
+        "activation_cache_bytes": r.activation_cache.map(|c| serde_json::json!({"on_device": c.on_device_bytes, "in_memory": c.in_memory_bytes, "spilled": c.spilled_bytes})),
         "fallbacks": r.fallbacks.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
         "models": r.models.iter().map(|m| serde_json::json!({"name": m.name, "examples": m.examples, "rows": m.rows})).collect::<Vec<_>>(),
     })

@@ -1010,6 +1010,29 @@ impl Backend for CudaBackend {
         let (free, total) = self.dev.stream().context().mem_get_info().ok()?;
         Some(total.saturating_sub(free) as u64)
     }
+
+    fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        let stream = self.dev.stream();
+        let buf = match &x.buf {
+            DeviceBuffer::F32(s) => DeviceBuffer::F32(stream.clone_dtod(s)?),
+            DeviceBuffer::F16(s) => DeviceBuffer::F16(stream.clone_dtod(s)?),
+        };
+        Ok(CudaTensor { buf, ..*x })
+    }
+
+    /// Half of the device memory free when the caches are set up: the other half is left
+    /// to one layer's weights, statistics and working buffers (a layer of an 8B decoder over
+    /// its batches needs about 1 GB of them; see `merge --plan`). None kept there when the
+    /// free memory cannot be read.
+    fn activation_cache_budget(&self) -> Option<u64> {
+        let free = self
+            .dev
+            .stream()
+            .context()
+            .mem_get_info()
+            .map_or(0, |(free, _)| free);
+        Some(free as u64 / 2)
+    }
 }
 
 impl CudaBackend {
