@@ -469,9 +469,9 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
                         Error::Backend("internal: sites after the layers but no head input".into())
                     })?;
                 for b in &task.batches {
-                    let h = store.take(b.id)?;
+                    // A copy, not take and put back: a spilled batch would be written again.
+                    let h = store.copy(b.id)?;
                     acc.observe(0, &head.apply(backend, &h)?, b.mask.as_deref())?;
-                    store.put(b.id, h)?;
                 }
                 Ok(())
             },
