@@ -22,7 +22,11 @@ impl CpuTensor {
 /// then reads each page (mapping the shared zero page) before writing it, which costs a
 /// second fault, a page copy and a TLB shoot-down across the worker threads per page.
 pub(crate) fn written_zeros(n: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(n);
+    zeros_into(Vec::with_capacity(n), n)
+}
+
+/// `v` (empty, with room for `n`) filled with `n` zeros written one by one.
+fn zeros_into(mut v: Vec<f32>, n: usize) -> Vec<f32> {
     // Keeps the compiler from folding the allocation and the fill into one zeroed allocation.
     std::hint::black_box(v.as_mut_ptr());
     v.resize(n, 0.0f32);
@@ -55,9 +59,7 @@ pub(crate) fn written_zeros_small_pages(n: usize) -> Vec<f32> {
             };
         }
     }
-    std::hint::black_box(v.as_mut_ptr());
-    v.resize(n, 0.0f32);
-    v
+    zeros_into(v, n)
 }
 
 /// `Ok` when `cond` holds, else a backend error saying `what`.

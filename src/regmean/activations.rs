@@ -77,42 +77,9 @@ impl Drop for SpillFile {
 /// A buffer's `(rows, cols)`.
 type Dims = (usize, usize);
 
-/// What the caches need of a backend: every [`Backend`] has it.
-pub trait CacheBackend {
-    type Tensor;
-    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
-    fn copy(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
-    fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
-    fn upload_owned(&self, values: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
-    fn download_owned(&self, t: Self::Tensor) -> Result<Vec<f32>>;
-    fn activation_cache_budget(&self) -> Option<u64>;
-}
-
-impl<B: Backend> CacheBackend for B {
-    type Tensor = B::Tensor;
-    fn shape(&self, t: &B::Tensor) -> (usize, usize) {
-        Backend::shape(self, t)
-    }
-    fn copy(&self, t: &B::Tensor) -> Result<B::Tensor> {
-        Backend::copy(self, t)
-    }
-    fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<B::Tensor> {
-        Backend::upload(self, values, rows, cols)
-    }
-    fn upload_owned(&self, values: Vec<f32>, rows: usize, cols: usize) -> Result<B::Tensor> {
-        Backend::upload_owned(self, values, rows, cols)
-    }
-    fn download_owned(&self, t: B::Tensor) -> Result<Vec<f32>> {
-        Backend::download_owned(self, t)
-    }
-    fn activation_cache_budget(&self) -> Option<u64> {
-        Backend::activation_cache_budget(self)
-    }
-}
-
 /// Fixed-size `[rows, cols]` buffers, each on the backend, in host memory or in the spill
 /// file.
-pub struct ActivationStore<'b, B: CacheBackend> {
+pub struct ActivationStore<'b, B: Backend> {
     backend: &'b B,
     /// Each buffer and its `(rows, cols)`.
     slots: Vec<(Slot<B::Tensor>, Dims)>,
@@ -126,12 +93,13 @@ pub struct ActivationStore<'b, B: CacheBackend> {
     spill: Option<SpillFile>,
 }
 
-impl<'b, B: CacheBackend> ActivationStore<'b, B> {
-    /// Buffers stay on `backend` up to its [`CacheBackend::activation_cache_budget`], then in host
-    /// memory while those total at most `budget` bytes; the rest go to a file at
-    /// `spill_path`, created when first needed.
-    pub fn new(backend: &'b B, budget: u64, spill_path: PathBuf) -> Self {
-        let (backend_budget, backend_is_host) = match backend.activation_cache_budget() {
+impl<'b, B: Backend> ActivationStore<'b, B> {
+    /// Buffers stay on `backend` up to `on_backend` bytes (its
+    /// [`Backend::activation_cache_budget`]; `None`: its tensors are host memory, under
+    /// `budget`), then in host memory while those total at most `budget` bytes; the rest go to
+    /// a file at `spill_path`, created when first needed.
+    pub fn new(backend: &'b B, on_backend: Option<u64>, budget: u64, spill_path: PathBuf) -> Self {
+        let (backend_budget, backend_is_host) = match on_backend {
             Some(device) => (device, false),
             None => (budget, true),
         };
@@ -278,7 +246,7 @@ mod tests {
     fn buffers_over_the_budget_spill_and_read_back_and_the_file_goes_away() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(".spill");
-        let mut store = ActivationStore::new(&CpuBackend, 8, path.clone());
+        let mut store = ActivationStore::new(&CpuBackend, None, 8, path.clone());
         let a = store.push(t(&[1.0, 2.0])).unwrap();
         let b = store.push(t(&[3.0, 4.0, 5.0])).unwrap();
         assert_eq!(
@@ -315,38 +283,12 @@ mod tests {
         assert!(!path.exists(), "the spill file outlived the store");
     }
 
-    /// A backend whose tensors are host memory but which reports a device budget: the
-    /// three tiers in order, as a GPU fills them.
-    struct Device(u64);
-
-    impl CacheBackend for Device {
-        type Tensor = CpuTensor;
-        fn shape(&self, t: &CpuTensor) -> (usize, usize) {
-            (t.rows, t.cols)
-        }
-        fn copy(&self, t: &CpuTensor) -> Result<CpuTensor> {
-            Ok(t.clone())
-        }
-        fn upload(&self, values: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
-            Ok(CpuTensor::new(values.to_vec(), rows, cols))
-        }
-        fn upload_owned(&self, values: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
-            Ok(CpuTensor::new(values, rows, cols))
-        }
-        fn download_owned(&self, t: CpuTensor) -> Result<Vec<f32>> {
-            Ok(t.data)
-        }
-        fn activation_cache_budget(&self) -> Option<u64> {
-            Some(self.0)
-        }
-    }
-
     #[test]
     fn a_device_holds_buffers_up_to_its_budget_then_host_memory_then_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(".spill");
-        let backend = Device(8);
-        let mut store = ActivationStore::new(&backend, 12, path.clone());
+        // A device budget of 8 bytes (the CPU's tensors standing in for a GPU's).
+        let mut store = ActivationStore::new(&CpuBackend, Some(8), 12, path.clone());
         let ids: Vec<usize> = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]
             .iter()
             .map(|v| store.push(t(v)).unwrap())

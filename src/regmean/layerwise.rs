@@ -252,7 +252,12 @@ pub(super) fn merge_by_layer<B: MergeArithmetic>(
     let mut writer = ModelWriter::create(out_dir.path(), &planned, opts.out_shard_bytes)?;
 
     let cap = opts.max_memory.unwrap_or_else(default_max_memory);
-    let mut store = ActivationStore::new(backend, cap, out_dir.path().join(SPILL_FILE));
+    let mut store = ActivationStore::new(
+        backend,
+        backend.activation_cache_budget(),
+        cap,
+        out_dir.path().join(SPILL_FILE),
+    );
     let k = cfg.models.len() as f32;
     let mut timings = Timings::default();
     let mut peak_device = backend.memory_in_use();
